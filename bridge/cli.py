@@ -1,0 +1,275 @@
+"""`bridge serve | check | dry-run | dlq list | dlq replay`: one async function per command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.config import LoadedConfig, config_path, load_config
+from bridge.errors import ConfigError, PayloadError
+from bridge.logs import setup_logging
+from bridge.models import Batch
+from bridge.outbox import from_url
+from bridge.parse import Verification, parse_request
+from bridge.redact import MASK
+from bridge.routing.router import Router, compile_routes
+from bridge.runtime import build_runtime, build_sinks, register_secrets
+
+log = logging.getLogger("bridge")
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    return load_config(config_path(getattr(args, "config", None)))
+
+
+# ---- serve ---------------------------------------------------------------------------------
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.http.app import create_app
+
+    loaded = _load(args)
+    cfg = loaded.config
+    rt = build_runtime(cfg)
+    app = create_app(rt)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    host, port = cfg.server.host_port()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    shown_path = loaded.source.raw.get(("server", "webhook_path"), cfg.server.webhook_path)
+    log.info("bridge serving", extra={
+        "listen": f"{host}:{port}", "webhook_path": shown_path,
+        "storage": _storage_label(cfg.storage),
+        "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new requests; finishing sends in flight (up to 10s)")
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+def _storage_label(url: str) -> str:
+    # A PostgreSQL URL may carry a password; SQLite paths do not.
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{MASK}@{rest.split('@', 1)[1]}"
+    return url
+
+
+# ---- check ---------------------------------------------------------------------------------
+
+async def cmd_check(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    cfg = loaded.config
+    raw = loaded.source.raw
+    print(f"{loaded.source.file}: OK")
+    print(f"server: listen {cfg.server.listen}, webhook_path "
+          f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
+          f"max_body_bytes {cfg.server.max_body_bytes}")
+    print(f"storage: {_storage_label(cfg.storage)}")
+    keys = ", ".join(i.key_id for i in cfg.integrations)
+    print(f"integrations: {keys or '(none: every verification is answered 403)'}")
+    print("sinks:")
+    for name, sink in cfg.sinks.items():
+        fields = sink.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in fields.items())
+        print(f"  {name} ({sink.type}){': ' + shown if shown else ''}")
+    print("routes:")
+    for route in cfg.routes:
+        scope = route.kind or "order+tracking"
+        when = "always" if route.when is None else "when " + json.dumps(
+            _condition_json(route.when), ensure_ascii=False)
+        stop = ", stop" if route.stop else ""
+        print(f"  {route.name} [{scope}] {when} -> {', '.join(route.to)}{stop}")
+    if not cfg.routes:
+        print("  (none: every batch is accepted and nothing is sent)")
+    return 0
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _condition_json(c: Any) -> Any:
+    if isinstance(c, list):
+        return [_condition_json(x) for x in c]
+    data = c.model_dump(by_alias=True, exclude_unset=True)
+    return data
+
+
+# ---- dry-run -------------------------------------------------------------------------------
+
+async def cmd_dry_run(args: argparse.Namespace) -> int:
+    cfg = _load(args).config
+    sinks = build_sinks(cfg)
+    register_secrets(cfg, sinks)
+    router = Router(compile_routes(cfg, sinks))
+    try:
+        body = Path(args.payload).read_bytes()  # noqa: ASYNC240 - a CLI reading one local file
+    except OSError as exc:
+        print(f"error: cannot read {args.payload}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        parsed = parse_request(body)
+    except PayloadError as exc:
+        print(f"error: {args.payload}: {exc.where}: {exc.message} (isendu would get HTTP 400)",
+              file=sys.stderr)
+        return 1
+    if isinstance(parsed, Verification):
+        known = parsed.key_id in {i.key_id for i in cfg.integrations}
+        print(f"verification request for keyId {parsed.key_id!r}: "
+              + ("would answer 200 with its secret" if known
+                 else "unknown keyId, would answer 403"))
+        return 0
+    report = dry_run(router, parsed)
+    if args.json:
+        for row in report:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        for row in report:
+            print(f"{row['kind']} {row['uuid']}: "
+                  + (", ".join(row["routes"]) if row["routes"] else "no route matches"))
+            for d in row["deliveries"]:
+                if d["error"]:
+                    print(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: {d['error']}")
+                else:
+                    print(f"  -> {d['sink']} via {d['route']}:")
+                    for key, value in d["payload"].items():
+                        print(f"     {key}: {value}")
+    print(f"{len(parsed.items)} items, {sum(len(r['deliveries']) for r in report)} deliveries; "
+          "nothing sent, nothing stored", file=sys.stderr)
+    return 0
+
+
+def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:
+    rows = []
+    for item in batch.items:
+        deliveries = router.route_item(item, batch)
+        rows.append({
+            "kind": item.kind, "uuid": item.uuid,
+            "routes": list(dict.fromkeys(d.route for d in deliveries))
+            or [r.name for r in router.matching(item)],
+            "deliveries": [{"route": d.route, "sink": d.sink, "id": d.id, "payload": d.payload,
+                            "error": d.error} for d in deliveries],
+        })
+    return rows
+
+
+# ---- dlq -----------------------------------------------------------------------------------
+
+async def cmd_dlq_list(args: argparse.Namespace) -> int:
+    cfg = _load(args).config
+    outbox = from_url(cfg.storage)
+    await outbox.open()
+    try:
+        dead = await outbox.list_dead(args.limit)
+    finally:
+        await outbox.close()
+    if args.json:
+        for d in dead:
+            print(json.dumps({"id": d.id, "sink": d.sink, "route": d.route, "kind": d.kind,
+                              "item_uuid": d.item_uuid, "attempts": d.attempts,
+                              "reason": d.last_error, "dead_at": _iso(d.updated_at)},
+                             ensure_ascii=False))
+        return 0
+    if not dead:
+        print("no dead deliveries")
+        return 0
+    for d in dead:
+        print(f"{d.id}  {_iso(d.updated_at)}  sink={d.sink} route={d.route} "
+              f"{d.kind}={d.item_uuid} attempts={d.attempts}\n    reason: {d.last_error}")
+    return 0
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.all):
+        print("error: give delivery ids or --all (not both)", file=sys.stderr)
+        return 2
+    cfg = _load(args).config
+    outbox = from_url(cfg.storage)
+    await outbox.open()
+    try:
+        count = await outbox.replay(None if args.all else args.ids, time.time())
+    finally:
+        await outbox.close()
+    print(f"{count} deliveries back to pending")
+    if args.ids and count < len(args.ids):
+        print(f"{len(args.ids) - count} ids were not dead deliveries", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- wiring --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="routes.yaml (default: $BRIDGE_CONFIG or config/routes.yaml)")
+    parser = argparse.ArgumentParser(prog="bridge", parents=[common],
+                                     description="isendu webhooks in, notifications out.")
+    parser.add_argument("--version", action="version", version=f"bridge {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the bridge").set_defaults(fn=cmd_serve)
+    sub.add_parser("check", parents=[common], help="validate the config").set_defaults(fn=cmd_check)
+    p = sub.add_parser("dry-run", parents=[common],
+                       help="show what a payload would cause; sends and stores nothing")
+    p.add_argument("payload", help="an isendu JSON body, e.g. a saved batch")
+    p.add_argument("--json", action="store_true", help="one JSON object per item")
+    p.set_defaults(fn=cmd_dry_run)
+    dlq = sub.add_parser("dlq", parents=[common], help="dead-letter queue")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    p = dsub.add_parser("list", parents=[common], help="dead deliveries, newest first")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(fn=cmd_dlq_list)
+    p = dsub.add_parser("replay", parents=[common], help="send dead deliveries again")
+    p.add_argument("ids", nargs="*", help="delivery ids (see `bridge dlq list`)")
+    p.add_argument("--all", action="store_true", help="replay every dead delivery")
+    p.set_defaults(fn=cmd_dlq_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    fn: Command = args.fn
+    try:
+        return asyncio.run(fn(args))
+    except ConfigError as exc:
+        print("config error" + ("s" if len(exc.problems) > 1 else "") + ":", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

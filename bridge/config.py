@@ -1,0 +1,409 @@
+"""routes.yaml: strict pydantic models, loading, and the cross-checks pydantic cannot do alone.
+
+Every problem is reported as `<file>:<line>: <key path>: <what is wrong; what was expected>`,
+all problems at once, and the bridge refuses to start.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, Union
+
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import TypeAliasType
+
+from bridge.config_types import (
+    ByteSize,
+    Duration,
+    RetryPolicy,
+    SinkConfigBase,
+    StrictModel,
+    TemplateField,
+)
+from bridge.errors import ConfigError
+from bridge.models import Kind
+from bridge.routing import conditions as cond
+from bridge.sinks import SINK_TYPES
+from bridge.yamlsource import KeyPath, Source, format_path, load_yaml
+
+DEFAULT_CONFIG_PATH = "config/routes.yaml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ServerConfig(StrictModel):
+    listen: str = "0.0.0.0:8080"
+    webhook_path: str = "/isendu/webhook"
+    max_body_bytes: ByteSize = 1 << 20
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @field_validator("webhook_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or " " in v:
+            raise ValueError("expected a URL path starting with '/', e.g. /isendu/webhook")
+        if v in ("/healthz", "/readyz", "/metrics"):
+            raise ValueError(f"{v} is the bridge's own endpoint; choose another webhook_path")
+        return v
+
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    m = re.match(r"^\[?([^\]]*?)\]?:(\d{1,5})$", value)
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ValueError(f"expected host:port such as 0.0.0.0:8080 or [::]:8080, got {value!r}")
+    return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+class Integration(StrictModel):
+    key_id: str = Field(min_length=1)
+    secret: SecretStr
+
+    @field_validator("key_id", mode="before")
+    @classmethod
+    def _key_id(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Defaults(StrictModel):
+    retry: RetryPolicy = RetryPolicy()
+    # How long delivered rows are kept: they let a repeated isendu item be recognised.
+    delivered_retention: Duration = 7 * 86400.0
+
+
+# ---- conditions ---------------------------------------------------------------------------
+
+class Leaf(StrictModel):
+    path: str
+    equals: Any = None
+    not_equals: Any = None
+    in_: Any = Field(None, alias="in")
+    not_in: Any = None
+    matches: Any = None
+    exists: Any = None
+    gt: Any = None
+    gte: Any = None
+    lt: Any = None
+    lte: Any = None
+    contains: Any = None
+    _predicate: cond.Predicate = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _compile(self) -> Leaf:
+        ops = [f for f in self.model_fields_set if f != "path"]
+        names = [("in" if f == "in_" else f) for f in ops]
+        if len(ops) != 1:
+            got = ", ".join(sorted(names)) or "none"
+            raise ValueError(
+                f"a condition needs exactly one operator next to `path` (got {got}); "
+                f"expected one of: {', '.join(cond.OPS)}"
+            )
+        op = names[0]
+        self._predicate = cond.compile_leaf(self.path, op, getattr(self, ops[0]))
+        return self
+
+    def predicate(self) -> cond.Predicate:
+        return self._predicate
+
+
+class AllOf(StrictModel):
+    all: list[Condition] = Field(min_length=1)
+
+    def predicate(self) -> cond.Predicate:
+        return cond.all_of([predicate_of(c) for c in self.all])
+
+
+class AnyOf(StrictModel):
+    any: list[Condition] = Field(min_length=1)
+
+    def predicate(self) -> cond.Predicate:
+        return cond.any_of([predicate_of(c) for c in self.any])
+
+
+class NotOf(StrictModel):
+    not_: Condition = Field(alias="not")
+
+    def predicate(self) -> cond.Predicate:
+        return cond.not_(predicate_of(self.not_))
+
+
+def _condition_tag(v: Any) -> str | None:
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, dict):
+        for key in ("all", "any", "not"):
+            if key in v:
+                return key
+        return "leaf"
+    if isinstance(v, AllOf | AnyOf | NotOf | Leaf):
+        return {AllOf: "all", AnyOf: "any", NotOf: "not", Leaf: "leaf"}[type(v)]
+    return None
+
+
+# A recursive alias: pydantic resolves it lazily, which a plain Annotated alias cannot do.
+if TYPE_CHECKING:
+    Condition: TypeAlias = Any
+else:
+    Condition = TypeAliasType(
+        "Condition",
+        Annotated[
+        Union[  # noqa: UP007 - a tagged union needs the explicit form
+            Annotated[AllOf, Tag("all")],
+            Annotated[AnyOf, Tag("any")],
+            Annotated[NotOf, Tag("not")],
+            Annotated[Leaf, Tag("leaf")],
+            Annotated[list["Condition"], Tag("list")],
+        ],
+        Discriminator(
+            _condition_tag,
+            custom_error_type="condition",
+            custom_error_message=(
+                "expected a condition: {path: ..., <operator>: ...}, a list of conditions, "
+                "or one of all: / any: / not:"
+            ),
+        ),
+        ],
+    )
+
+
+def predicate_of(c: Any) -> cond.Predicate:
+    if isinstance(c, list):
+        return cond.all_of([predicate_of(x) for x in c]) if c else cond.always
+    pred: cond.Predicate = c.predicate()
+    return pred
+
+
+# ---- routes and the whole file -------------------------------------------------------------
+
+def _one_or_many(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class Route(StrictModel):
+    name: str = Field(min_length=1)
+    kind: Kind | None = None
+    when: Condition | None = None
+    to: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)
+    message: Annotated[
+        Union[  # noqa: UP007
+            Annotated[TemplateField, Tag("one")],
+            Annotated[dict[str, TemplateField], Tag("per_sink")],
+        ],
+        Discriminator(lambda v: "per_sink" if isinstance(v, dict) else "one"),
+    ] | None = None
+    stop: bool = False
+
+
+if TYPE_CHECKING:
+    SinkConfig = SinkConfigBase
+else:  # a union of every registered sink type's model, told apart by `type`
+    SinkConfig = Annotated[
+        Union[tuple(cls.config_model for cls in SINK_TYPES.values())],  # noqa: UP007
+        Field(discriminator="type"),
+    ]
+
+STORAGE_SCHEMES = ("sqlite", "memory")
+
+
+class BridgeConfig(StrictModel):
+    server: ServerConfig = ServerConfig()
+    integrations: list[Integration] = Field(default_factory=list)
+    storage: str = "sqlite:///data/bridge.db"
+    defaults: Defaults = Defaults()
+    sinks: dict[str, SinkConfig] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0] if ":" in v else ""
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                "expected a storage URL such as sqlite:///data/bridge.db (relative), "
+                "sqlite:////var/lib/bridge/bridge.db (absolute) or memory:// (tests only); "
+                f"got scheme {scheme or v!r}"
+            )
+        return v
+
+    def retry_for(self, sink: str) -> RetryPolicy:
+        own = self.sinks[sink].retry
+        return own if own is not None else self.defaults.retry
+
+
+Leaf.model_rebuild()
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+NotOf.model_rebuild()
+Route.model_rebuild()
+BridgeConfig.model_rebuild()
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: BridgeConfig
+    source: Source
+
+
+def cross_check(cfg: BridgeConfig) -> list[tuple[KeyPath, str]]:
+    """What a single field's validator cannot see: names that must refer to each other."""
+    problems: list[tuple[KeyPath, str]] = []
+    seen_keys: set[str] = set()
+    for i, integ in enumerate(cfg.integrations):
+        if integ.key_id in seen_keys:
+            problems.append((("integrations", i, "key_id"),
+                             "duplicate key_id; each may appear once"))
+        seen_keys.add(integ.key_id)
+    for name in cfg.sinks:
+        if not _NAME.match(name):
+            problems.append((("sinks", name), "a sink name uses letters, digits, '_', '-', '.'"))
+    known = sorted(cfg.sinks)
+    seen_routes: dict[str, int] = {}
+    for i, route in enumerate(cfg.routes):
+        if route.name in seen_routes:
+            first = seen_routes[route.name]
+            problems.append((("routes", i, "name"),
+                             f"route name {route.name!r} is already used by routes[{first}]"))
+        seen_routes.setdefault(route.name, i)
+        for j, sink in enumerate(route.to):
+            if sink not in cfg.sinks:
+                hint = difflib.get_close_matches(sink, known, n=1)
+                expected = f"did you mean {hint[0]!r}?" if hint else (
+                    f"expected one of: {', '.join(known)}" if known else "no sinks are defined")
+                problems.append((("routes", i, "to", j), f"unknown sink {sink!r}; {expected}"))
+        if isinstance(route.message, dict):
+            for sink in route.message:
+                if sink not in route.to:
+                    problems.append((("routes", i, "message", sink),
+                                     f"message for {sink!r}, but the route does not send to it; "
+                                     f"expected one of: {', '.join(route.to)}"))
+    return problems
+
+
+def _expected_keys(path: KeyPath, data: Any) -> list[str]:
+    """Keys allowed at `path`, to tell a person what they could have meant."""
+    def fields(model: type[StrictModel]) -> list[str]:
+        return [f.alias or n for n, f in model.model_fields.items()]
+
+    if not path:
+        return fields(BridgeConfig)
+    head = path[0]
+    if path == ("server",):
+        return fields(ServerConfig)
+    if path == ("defaults",):
+        return fields(Defaults)
+    if path[-1] == "retry":
+        return fields(RetryPolicy)
+    if head == "integrations" and len(path) == 2:
+        return fields(Integration)
+    if head == "sinks" and len(path) == 2:
+        node = data.get("sinks", {}).get(path[1]) if isinstance(data, dict) else None
+        sink_type = node.get("type") if isinstance(node, dict) else None
+        if isinstance(sink_type, str) and sink_type in SINK_TYPES:
+            return fields(SINK_TYPES[sink_type].config_model)
+    if head == "routes" and len(path) == 2:
+        return fields(Route)
+    if head == "routes" and "when" in path:
+        return ["path", *cond.OPS, "all", "any", "not"]
+    return []
+
+
+def _clean_loc(loc: tuple[Any, ...], data: Any, names_key: bool) -> KeyPath:
+    """Drop pydantic's union tags from an error location, keeping real YAML keys."""
+    out: list[str | int] = []
+    node = data
+    for n, part in enumerate(loc):
+        last = n == len(loc) - 1
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_dict or in_list:
+            out.append(part)
+            node = node[part]
+        elif last and names_key and isinstance(part, str | int) and isinstance(node, dict):
+            out.append(part)  # a missing key: name it
+            node = None
+    return tuple(out)
+
+
+def _message(err: Any, path: KeyPath, data: Any) -> str:
+    etype = err["type"]
+    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if etype == "missing":
+        return f"missing required key {path[-1]!r}" if path else "missing required key"
+    if etype == "extra_forbidden":
+        allowed = _expected_keys(path[:-1], data)
+        key = str(path[-1])
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        text = f"unknown key {key!r}"
+        if hint:
+            text += f"; did you mean {hint[0]!r}?"
+        if allowed:
+            text += f" Expected one of: {', '.join(allowed)}"
+        return text
+    if etype == "union_tag_invalid" and path and path[0] == "sinks":
+        return (f"unknown sink type {err['ctx'].get('tag')!r}; expected one of: "
+                f"{', '.join(SINK_TYPES)}")
+    if etype == "union_tag_not_found" and path and path[0] == "sinks":
+        return f"missing required key 'type'; expected one of: {', '.join(SINK_TYPES)}"
+    given = err.get("input")
+    if etype not in ("condition",) and given is not None and not isinstance(given, dict | list):
+        secretish = any(w in format_path(path) for w in ("secret", "password", "token"))
+        if not secretish and repr(given) not in msg:
+            msg += f" (got {given!r})"
+    return msg
+
+
+def parse_config(source: Source) -> BridgeConfig:
+    data = source.data
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
+                           f"(server, integrations, storage, defaults, sinks, routes)"])
+    try:
+        cfg = BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            names_key = err["type"] in ("missing", "extra_forbidden")
+            path = _clean_loc(err["loc"], data, names_key)
+            problems.append(f"{source.where(path)}: {_message(err, path, data)}")
+        raise ConfigError(list(dict.fromkeys(problems))) from None
+    crossed = cross_check(cfg)
+    if crossed:
+        raise ConfigError([f"{source.where(p)}: {m}" for p, m in crossed])
+    return cfg
+
+
+def config_path(explicit: str | None) -> str:
+    return explicit or os.environ.get("BRIDGE_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
+    file = str(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{file}: config file not found (set --config or BRIDGE_CONFIG)"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read config file: {exc}"]) from None
+    source = load_yaml(text, file, env)
+    return LoadedConfig(config=parse_config(source), source=source)

@@ -1,0 +1,1 @@
+"""Dispatch: the pure retry policy and the loop that drains the outbox into sinks."""

@@ -1,0 +1,68 @@
+"""Retry decisions, as pure functions: given what happened, when to try again or give up.
+
+The answer is written to the outbox; nothing sleeps in memory, so decisions survive restarts.
+tenacity supplies the wait strategy (exponential backoff with full jitter).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import tenacity
+
+from bridge.config_types import RetryPolicy, format_duration
+from bridge.errors import PermanentSinkError, SinkError, TransientSinkError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAt:
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    reason: str
+
+
+Decision = RetryAt | GiveUp
+
+
+def backoff(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff for the `attempt`-th failure (1-based)."""
+    wait = tenacity.wait_random_exponential(multiplier=policy.initial_delay, max=policy.max_delay)
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = attempt
+    if rng is None:
+        return float(wait(state))
+    # Deterministic variant for tests: same bound as tenacity, our own random source.
+    high = min(policy.max_delay, policy.initial_delay * 2 ** (attempt - 1))
+    return rng.uniform(0, high)
+
+
+def decide(
+    policy: RetryPolicy,
+    error: SinkError,
+    attempts: int,
+    enqueued_at: float,
+    now: float,
+    rng: random.Random | None = None,
+) -> Decision:
+    """What to do after attempt number `attempts` failed with `error`."""
+    reason = error.reason
+    if isinstance(error, PermanentSinkError) or not isinstance(error, TransientSinkError):
+        return GiveUp(reason)
+    if attempts >= policy.max_attempts:
+        return GiveUp(f"gave up after {attempts} attempts; last error: {reason}")
+    if error.retry_after is not None:
+        delay = min(error.retry_after, policy.max_age)  # the receiver's own hint wins
+    else:
+        delay = backoff(policy, attempts, rng)
+    at = now + delay
+    if at - enqueued_at > policy.max_age:
+        return GiveUp(
+            f"gave up: next attempt would be past max_age {format_duration(policy.max_age)}; "
+            f"last error: {reason}"
+        )
+    return RetryAt(at, reason)

@@ -1,0 +1,59 @@
+"""One hierarchy for everything the bridge refuses or fails at."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# A closed set, so dashboards and dead-letter reasons stay comparable across sinks.
+FailureKind = Literal[
+    "auth_error", "rate_limited", "client_error", "server_error", "timeout", "connection_error",
+    "template_error", "config_error", "broker_error",
+]
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """routes.yaml is wrong. Holds every problem found, each speaking to a person."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class PayloadError(BridgeError):
+    """An isendu request the bridge refuses (HTTP 400); nothing of it is stored."""
+
+    def __init__(self, message: str, where: str = "$") -> None:
+        self.message = message
+        self.where = where
+        super().__init__(f"{where}: {message}")
+
+
+class TemplateRenderError(BridgeError):
+    """A template failed for one item; that one delivery is dead-lettered."""
+
+
+class SinkError(BridgeError):
+    """A send failed. The message must never contain a secret."""
+
+    def __init__(self, reason: str, kind: FailureKind = "client_error") -> None:
+        self.reason = reason
+        self.kind = kind
+        super().__init__(reason)
+
+
+class TransientSinkError(SinkError):
+    """Worth retrying later. `retry_after` (seconds) is the receiver's own hint, if any."""
+
+    def __init__(
+        self, reason: str, kind: FailureKind = "server_error", retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason, kind)
+        self.retry_after = retry_after
+
+
+class PermanentSinkError(SinkError):
+    """Retrying cannot help; the delivery goes to the dead-letter queue at once."""

@@ -1,0 +1,1 @@
+"""The HTTP face: isendu intake and verification, health, readiness, metrics."""

@@ -1,0 +1,178 @@
+"""create_app(): intake + verification, /healthz, /readyz, /metrics, one JSON error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge.errors import PayloadError
+from bridge.models import Batch, NewDelivery
+from bridge.parse import Verification, parse_request
+from bridge.runtime import Runtime
+
+log = logging.getLogger("bridge.http")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+ROUTE_CHUNK = 100  # items routed between yields, so verification is never kept waiting
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PayloadError as exc:
+        return web.json_response({"error": exc.message, "where": exc.where}, status=400)
+    except BodyTooLarge as exc:
+        return web.json_response({"error": str(exc)}, status=413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body: dict[str, object] = {"error": exc.reason}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            body["allowed"] = sorted(exc.allowed_methods)
+        return web.json_response(body, status=exc.status, headers={
+            k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+    except Exception:
+        log.exception("request failed", extra={"path_kind": request.match_info.route.name})
+        return web.json_response({"error": "internal error; nothing was accepted"}, status=500)
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """Read the body, refusing as soon as it passes `limit` (never buffering beyond it)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds max_body_bytes {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds max_body_bytes {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def webhook(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = await read_limited(request, rt.config.server.max_body_bytes)
+    try:
+        parsed = parse_request(body)
+    except PayloadError as exc:
+        rt.metrics.batches.labels("rejected").inc()
+        log.info("refused request", extra={"error": exc.message, "where": exc.where})
+        raise
+    if isinstance(parsed, Verification):
+        return verify(rt, parsed)
+    return await accept(rt, parsed)
+
+
+def verify(rt: Runtime, v: Verification) -> web.Response:
+    """Answered from memory: a slow disk must never make isendu reject the URL."""
+    secret = rt.secrets_by_key.get(v.key_id)
+    if secret is None:
+        rt.metrics.verifications.labels("unknown_key").inc()
+        log.warning("verification for unknown keyId", extra={"key_id": v.key_id})
+        return web.json_response(
+            {"error": f"unknown keyId {v.key_id!r}; add it under integrations in routes.yaml"},
+            status=403)
+    rt.metrics.verifications.labels("ok").inc()
+    log.info("verification answered", extra={"key_id": v.key_id})
+    return web.json_response({"response": secret})
+
+
+async def accept(rt: Runtime, batch: Batch) -> web.Response:
+    deliveries: list[NewDelivery] = []
+    for start in range(0, len(batch.items), ROUTE_CHUNK):
+        for item in batch.items[start:start + ROUTE_CHUNK]:
+            deliveries.extend(rt.router.route_item(item, batch))
+        if start + ROUTE_CHUNK < len(batch.items):
+            await asyncio.sleep(0)
+    new = await rt.outbox.enqueue(deliveries, time.time()) if deliveries else 0
+    # Only now, with the deliveries committed, may isendu hear 200.
+    rt.metrics.batches.labels("accepted").inc()
+    for item in batch.items:
+        rt.metrics.items.labels(item.kind).inc()
+    failed = [d for d in deliveries if d.error]
+    for d in failed:
+        rt.metrics.dead_letters.labels(d.sink, "template_error").inc()
+        log.warning("template failed; delivery dead-lettered",
+                    extra={"batch_id": batch.batch_id, "delivery_id": d.id, "reason": d.error})
+    if new:
+        rt.dispatcher.wake()
+    log.info("batch accepted", extra={"batch_id": batch.batch_id, "items": len(batch.items),
+                                      "deliveries": new, "duplicates": len(deliveries) - new})
+    return web.json_response({
+        "accepted": len(batch.items), "deliveries": new,
+        "duplicates": len(deliveries) - new, "batch_id": batch.batch_id,
+    })
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    try:
+        await asyncio.wait_for(rt.outbox.ping(), timeout=2.0)
+    except Exception as exc:
+        return web.json_response(
+            {"status": "not ready", "storage": f"not writable: {exc.__class__.__name__}"},
+            status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    try:
+        for status, n in (await rt.outbox.counts()).items():
+            rt.metrics.outbox.labels(status).set(n)
+    except Exception:
+        log.exception("reading outbox depth failed")
+    body = generate_latest(rt.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
+    """The app; with `own_lifecycle` its startup/cleanup hooks open the outbox and run the
+    dispatcher (tests and `serve` both use this)."""
+    app = web.Application(middlewares=[json_errors],
+                          client_max_size=rt.config.server.max_body_bytes)
+    app[RUNTIME] = rt
+    app.router.add_post(rt.config.server.webhook_path, webhook, name="webhook")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    if own_lifecycle:
+        app.on_startup.append(_startup)
+        app.on_shutdown.append(_shutdown)
+        app.on_cleanup.append(_cleanup)
+    return app
+
+
+async def _startup(app: web.Application) -> None:
+    rt = app[RUNTIME]
+    await rt.outbox.open(recover=True)
+    await rt.dispatcher.start()
+
+
+async def _shutdown(app: web.Application) -> None:
+    # Runs after the listener stopped accepting: finish in-flight sends, leave the rest pending.
+    await app[RUNTIME].dispatcher.stop(grace=10.0)
+
+
+async def _cleanup(app: web.Application) -> None:
+    await app[RUNTIME].outbox.close()

@@ -1,0 +1,70 @@
+"""The few shapes data takes on its way through the bridge."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["order", "tracking"]
+KINDS: tuple[Kind, ...] = ("order", "tracking")
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One order or tracking snapshot from a batch; `data` passes through untouched."""
+
+    kind: Kind
+    uuid: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: str
+    received_at: str  # ISO 8601, UTC
+    items: list[Item]
+
+
+@dataclass(slots=True)
+class NewDelivery:
+    """What routing produces and the outbox stores in the intake's transaction.
+
+    `payload` holds the sink's rendered fields (e.g. {"body": ...}); `error` set means
+    rendering failed and the delivery is stored dead with that reason.
+    """
+
+    id: str
+    sink: str
+    route: str
+    item_uuid: str
+    kind: Kind
+    payload: dict[str, str]
+    batch_id: str
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A delivery as stored in the outbox."""
+
+    id: str
+    sink: str
+    route: str
+    item_uuid: str
+    kind: Kind
+    payload: dict[str, str]
+    status: Status
+    attempts: int
+    next_attempt_at: float  # unix seconds
+    created_at: float
+    updated_at: float
+    enqueued_at: float  # when it last became pending from scratch; `max_age` counts from here
+    last_error: str | None = None
+    batch_id: str | None = None

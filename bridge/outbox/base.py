@@ -1,0 +1,93 @@
+"""The outbox interface. Every backend passes tests/integration/test_outbox_contract.py.
+
+Retries are decisions stored here (`next_attempt_at`, or dead), never sleeps in memory, so a
+restart resumes exactly where the last process stopped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from bridge.models import Delivery, NewDelivery
+
+
+class Outbox(ABC):
+    @abstractmethod
+    async def open(self, *, recover: bool = False) -> None:
+        """Create the schema if needed. `recover` (the serving process only): take ownership
+        and release leases that a dead process of ours left behind."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
+        """Store all of one intake's deliveries in one transaction; durable on return.
+
+        A delivery whose id is already stored (a repeated isendu item) is skipped.
+        Returns how many were new.
+        """
+
+    @abstractmethod
+    async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
+        """Take up to `limit` due pending deliveries of `sink`, oldest first, for `lease` seconds.
+
+        Claiming counts an attempt: a send cut off by a crash was, for all we know, made.
+        """
+
+    @abstractmethod
+    async def complete(self, ids: list[str], now: float) -> None: ...
+
+    @abstractmethod
+    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None: ...
+
+    @abstractmethod
+    async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None: ...
+
+    @abstractmethod
+    async def release(self, ids: list[str], now: float) -> None:
+        """Give claimed deliveries back untouched (graceful stop), undoing the attempt count."""
+
+    @abstractmethod
+    async def next_due(self, sink: str) -> float | None:
+        """When the earliest pending delivery of `sink` becomes due (leases included)."""
+
+    @abstractmethod
+    async def get(self, delivery_id: str) -> Delivery | None: ...
+
+    @abstractmethod
+    async def list_dead(self, limit: int = 100) -> list[Delivery]:
+        """Dead deliveries, newest first."""
+
+    @abstractmethod
+    async def replay(self, ids: list[str] | None, now: float) -> int:
+        """Dead -> pending with attempts and age reset; `None` means all dead deliveries."""
+
+    @abstractmethod
+    async def sweep(self, delivered_before: float) -> int:
+        """Forget delivered rows older than the retention; returns how many."""
+
+    @abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Number of deliveries per status (pending, delivered, dead)."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the storage cannot be written right now."""
+
+
+def from_url(url: str) -> Outbox:
+    """`sqlite:///rel/path.db`, `sqlite:////abs/path.db` or `memory://`."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        from bridge.outbox.sqlite import SqliteOutbox
+
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            raise ValueError("sqlite storage URL needs a file path, e.g. sqlite:///data/bridge.db")
+        return SqliteOutbox(path)
+    if scheme == "memory":
+        from bridge.outbox.memory import MemoryOutbox
+
+        return MemoryOutbox()
+    raise ValueError(f"unsupported storage URL scheme {scheme!r}; expected sqlite:// or memory://")

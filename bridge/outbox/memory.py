@@ -1,0 +1,126 @@
+"""An in-memory outbox: same contract, no durability. For tests and `memory://` trials."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from bridge.models import Delivery, NewDelivery, Status
+from bridge.outbox.base import Outbox
+
+
+class MemoryOutbox(Outbox):
+    def __init__(self) -> None:
+        self._rows: dict[str, Delivery] = {}
+        self._seq: dict[str, int] = {}
+        self._lease: dict[str, float] = {}
+
+    async def open(self, *, recover: bool = False) -> None:
+        if recover:
+            self._lease.clear()
+
+    async def close(self) -> None:
+        pass
+
+    async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
+        new = 0
+        for d in deliveries:
+            if d.id in self._rows:
+                continue
+            self._rows[d.id] = Delivery(
+                id=d.id, sink=d.sink, route=d.route, item_uuid=d.item_uuid, kind=d.kind,
+                payload=dict(d.payload), status=Status.DEAD if d.error else Status.PENDING,
+                attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
+                enqueued_at=now, last_error=d.error, batch_id=d.batch_id,
+            )
+            self._seq[d.id] = len(self._seq)
+            new += 1
+        return new
+
+    def _due(self, sink: str, now: float) -> list[Delivery]:
+        rows = [
+            r for r in self._rows.values()
+            if r.sink == sink and r.status is Status.PENDING and r.next_attempt_at <= now
+            and self._lease.get(r.id, 0.0) <= now
+        ]
+        rows.sort(key=lambda r: (r.next_attempt_at, self._seq[r.id]))
+        return rows
+
+    async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
+        out = []
+        for row in self._due(sink, now)[:limit]:
+            row.attempts += 1
+            row.updated_at = now
+            self._lease[row.id] = now + lease
+            out.append(replace(row, payload=dict(row.payload)))
+        return out
+
+    def _finish(self, delivery_id: str, now: float, **changes: object) -> None:
+        row = self._rows.get(delivery_id)
+        if row is None:
+            return
+        for key, value in changes.items():
+            setattr(row, key, value)
+        row.updated_at = now
+        self._lease.pop(delivery_id, None)
+
+    async def complete(self, ids: list[str], now: float) -> None:
+        for delivery_id in ids:
+            self._finish(delivery_id, now, status=Status.DELIVERED, last_error=None)
+
+    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None:
+        self._finish(delivery_id, now, next_attempt_at=when, last_error=error)
+
+    async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
+        self._finish(delivery_id, now, status=Status.DEAD, last_error=reason)
+
+    async def release(self, ids: list[str], now: float) -> None:
+        for delivery_id in ids:
+            row = self._rows.get(delivery_id)
+            if row is not None and row.status is Status.PENDING:
+                row.attempts = max(0, row.attempts - 1)
+                self._lease.pop(delivery_id, None)
+
+    async def next_due(self, sink: str) -> float | None:
+        times = [
+            max(r.next_attempt_at, self._lease.get(r.id, 0.0))
+            for r in self._rows.values() if r.sink == sink and r.status is Status.PENDING
+        ]
+        return min(times) if times else None
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        row = self._rows.get(delivery_id)
+        return replace(row) if row else None
+
+    async def list_dead(self, limit: int = 100) -> list[Delivery]:
+        dead = [r for r in self._rows.values() if r.status is Status.DEAD]
+        dead.sort(key=lambda r: (r.updated_at, self._seq[r.id]), reverse=True)
+        return [replace(r) for r in dead[:limit]]
+
+    async def replay(self, ids: list[str] | None, now: float) -> int:
+        targets = self._rows.keys() if ids is None else [i for i in ids if i in self._rows]
+        count = 0
+        for delivery_id in list(targets):
+            row = self._rows[delivery_id]
+            if row.status is Status.DEAD:
+                row.status, row.attempts, row.next_attempt_at = Status.PENDING, 0, now
+                row.updated_at = row.enqueued_at = now
+                count += 1
+        return count
+
+    async def sweep(self, delivered_before: float) -> int:
+        old = [
+            i for i, r in self._rows.items()
+            if r.status is Status.DELIVERED and r.updated_at < delivered_before
+        ]
+        for delivery_id in old:
+            del self._rows[delivery_id]
+        return len(old)
+
+    async def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in Status}
+        for row in self._rows.values():
+            out[row.status.value] += 1
+        return out
+
+    async def ping(self) -> None:
+        pass

@@ -1,0 +1,306 @@
+"""SQLite outbox (WAL): the embedded default. One writer thread, group commit.
+
+Every operation is queued to one thread that owns the connection. The thread drains the
+queue, runs everything it found in ONE transaction (each operation in its own savepoint, so
+one failure cannot undo another's work), commits once and wakes all callers: concurrent
+intakes share an fsync instead of paying one each. SQLite storage is for one bridge process;
+several replicas share PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bridge.models import Delivery, NewDelivery, Status
+from bridge.outbox.base import Outbox
+
+T = TypeVar("T")
+MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    sink TEXT NOT NULL,
+    route TEXT NOT NULL,
+    item_uuid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    batch_id TEXT,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (sink, next_attempt_at, seq) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (status, updated_at);
+"""
+
+_COLUMNS = (
+    "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
+    "next_attempt_at, last_error, created_at, enqueued_at, updated_at"
+)
+
+
+def _row(r: tuple[Any, ...]) -> Delivery:
+    return Delivery(
+        id=r[0], sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
+        payload=json.loads(r[6]), status=Status(r[7]), attempts=r[8], next_attempt_at=r[9],
+        last_error=r[10], created_at=r[11], enqueued_at=r[12], updated_at=r[13],
+    )
+
+
+class _Op:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any],
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.fn, self.loop, self.future = fn, loop, future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SqliteOutbox(Outbox):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    # ---- the writer thread -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        folder = os.path.dirname(self.path)
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a 200 to isendu must survive a power cut, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            ops = [first]
+            stop = False
+            while len(ops) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                ops.append(nxt)
+            self._run_group(conn, ops)
+            if stop:
+                break
+        conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((op.fn(conn), None))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            results = [(None, exc) for _ in ops]
+        for op, (result, error) in zip(ops, results, strict=True):
+            op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise RuntimeError("outbox is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, loop, future))
+        return await future
+
+    # ---- the interface -----------------------------------------------------------------
+
+    async def open(self, *, recover: bool = False) -> None:
+        if self._thread is not None:
+            return
+        if recover:
+            self._lock_exclusively()
+        conn = await asyncio.to_thread(self._connect)
+        self._thread = threading.Thread(target=self._serve, args=(conn,), name="outbox-sqlite",
+                                        daemon=True)
+        self._thread.start()
+        if recover:
+            # We hold the lock, so any lease left is from a process of ours that died
+            # mid-send: its deliveries are due again now (at-least-once).
+            await self._call(lambda c: c.execute(
+                "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL"))
+
+    def _lock_exclusively(self) -> None:
+        """One serving process per SQLite file: a second would double-send leased work."""
+        folder = os.path.dirname(self.path)
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"another bridge process is serving {self.path}; SQLite storage is for one "
+                "process (several replicas need PostgreSQL)") from None
+        self._lock_fd = fd
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
+        rows = [
+            (d.id, d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
+             json.dumps(d.payload, ensure_ascii=False, separators=(",", ":")),
+             Status.DEAD.value if d.error else Status.PENDING.value,
+             now, d.error, now, now, now)
+            for d in deliveries
+        ]
+
+        def write(c: sqlite3.Connection) -> int:
+            before = c.total_changes
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, "
+                "payload, status, next_attempt_at, last_error, created_at, enqueued_at, "
+                "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            return c.total_changes - before
+
+        return await self._call(write)
+
+    async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
+        def take(c: sqlite3.Connection) -> list[Delivery]:
+            rows = c.execute(
+                f"UPDATE deliveries SET attempts = attempts + 1, lease_until = ?, updated_at = ? "
+                f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = ? "
+                f"AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
+                f"ORDER BY next_attempt_at, seq LIMIT ?) RETURNING {_COLUMNS}, seq",
+                (now + lease, now, sink, now, now, limit),
+            ).fetchall()
+            rows.sort(key=lambda r: (r[9], r[-1]))  # RETURNING order is unspecified
+            return [_row(r) for r in rows]
+
+        return await self._call(take)
+
+    async def complete(self, ids: list[str], now: float) -> None:
+        await self._call(lambda c: c.executemany(
+            "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
+            "updated_at = ? WHERE id = ?", [(now, i) for i in ids]))
+
+    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None:
+        await self._call(lambda c: c.execute(
+            "UPDATE deliveries SET next_attempt_at = ?, last_error = ?, lease_until = NULL, "
+            "updated_at = ? WHERE id = ? AND status = 'pending'",
+            (when, error, now, delivery_id)))
+
+    async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
+        await self._call(lambda c: c.execute(
+            "UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = NULL, "
+            "updated_at = ? WHERE id = ?", (reason, now, delivery_id)))
+
+    async def release(self, ids: list[str], now: float) -> None:
+        await self._call(lambda c: c.executemany(
+            "UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL "
+            "WHERE id = ? AND status = 'pending'", [(i,) for i in ids]))
+
+    async def next_due(self, sink: str) -> float | None:
+        def read(c: sqlite3.Connection) -> float | None:
+            row = c.execute(
+                "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries "
+                "WHERE status = 'pending' AND sink = ?", (sink,)).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._call(read)
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        def read(c: sqlite3.Connection) -> Delivery | None:
+            row = c.execute(f"SELECT {_COLUMNS} FROM deliveries WHERE id = ?",
+                            (delivery_id,)).fetchone()
+            return _row(row) if row else None
+
+        return await self._call(read)
+
+    async def list_dead(self, limit: int = 100) -> list[Delivery]:
+        return await self._call(lambda c: [_row(r) for r in c.execute(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE status = 'dead' "
+            f"ORDER BY updated_at DESC, seq DESC LIMIT ?", (limit,)).fetchall()])
+
+    async def replay(self, ids: list[str] | None, now: float) -> int:
+        sql = ("UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+               "enqueued_at = ?, lease_until = NULL, updated_at = ? WHERE status = 'dead'")
+
+        def write(c: sqlite3.Connection) -> int:
+            before = c.total_changes
+            if ids is None:
+                c.execute(sql, (now, now, now))
+            else:
+                c.executemany(sql + " AND id = ?", [(now, now, now, i) for i in ids])
+            return c.total_changes - before
+
+        return await self._call(write)
+
+    async def sweep(self, delivered_before: float) -> int:
+        return await self._call(lambda c: c.execute(
+            "DELETE FROM deliveries WHERE status = 'delivered' AND updated_at < ?",
+            (delivered_before,)).rowcount)
+
+    async def counts(self) -> dict[str, int]:
+        def read(c: sqlite3.Connection) -> dict[str, int]:
+            out = {s.value: 0 for s in Status}
+            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status"):
+                out[status] = n
+            return out
+
+        return await self._call(read)
+
+    async def ping(self) -> None:
+        # A real write (rolled back by nobody; it changes nothing) proves the file is writable.
+        await self._call(lambda c: c.execute("CREATE TABLE IF NOT EXISTS ping (x)")
+                         and c.execute("DELETE FROM ping"))

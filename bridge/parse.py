@@ -1,0 +1,72 @@
+"""Parse an isendu request body: a verification, or a batch of items. Refuse, never guess."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.errors import PayloadError
+from bridge.models import KINDS, Batch, Item
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    key_id: str
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
+    except json.JSONDecodeError as exc:
+        raise PayloadError(
+            f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise PayloadError("JSON nested too deeply") from None
+
+
+def parse_request(body: bytes, received_at: str | None = None) -> Verification | Batch:
+    """Turn a request body into a Verification or a Batch; PayloadError says what and where."""
+    doc = _decode(body)
+    if not isinstance(doc, dict):
+        raise PayloadError(f"expected a JSON object, got {_json_type(doc)}")
+    if "keyId" in doc and "order" not in doc and "tracking" not in doc:
+        key_id = doc["keyId"]
+        if not isinstance(key_id, str) or not key_id:
+            raise PayloadError("expected keyId to be a non-empty string", "$.keyId")
+        return Verification(key_id)
+    items: list[Item] = []
+    for kind in KINDS:
+        entries = doc.get(kind)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise PayloadError(f"expected a list of {kind} items, got {_json_type(entries)}",
+                               f"$.{kind}")
+        for i, entry in enumerate(entries):
+            where = f"$.{kind}[{i}]"
+            if not isinstance(entry, dict):
+                raise PayloadError(f"expected an object, got {_json_type(entry)}", where)
+            item_uuid = entry.get("uuid")
+            if not isinstance(item_uuid, str) or not item_uuid.strip():
+                problem = "missing" if "uuid" not in entry else "expected a non-empty string"
+                raise PayloadError(f"uuid {problem}", f"{where}.uuid")
+            items.append(Item(kind=kind, uuid=item_uuid, data=entry))
+    return Batch(
+        batch_id=uuid.uuid4().hex,
+        received_at=received_at or datetime.now(UTC).isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        items=items,
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)

@@ -1,0 +1,1 @@
+"""Routing: conditions compiled once at load, and the router that turns items into deliveries."""

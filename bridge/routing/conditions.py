@@ -1,0 +1,178 @@
+"""Route conditions, compiled once into plain Python predicates.
+
+A leaf is `{path: <JSONPath>, <op>: <value>}`. A path that yields several values satisfies a
+leaf when any of them does; the negative ops (`not_equals`, `not_in`) are the negation of
+their positive op, so `steps[*].status not_equals EXCEPTION` means "no step is EXCEPTION".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
+from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
+
+Predicate = Callable[[dict[str, Any]], bool]
+Getter = Callable[[dict[str, Any]], list[Any]]
+
+OPS = (
+    "equals", "not_equals", "in", "not_in", "matches", "exists",
+    "gt", "gte", "lt", "lte", "contains",
+)
+
+# `$.a.b`, `a.b` and `$['a']`-free dotted paths are plain key lookups: most routes use them,
+# and a dict lookup is ~50x cheaper than a jsonpath-ng walk.
+_SIMPLE_PATH = re.compile(r"^(?:\$\.)?[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def compile_path(path: str) -> Getter:
+    """Return a function item -> list of values found at `path`. Raises ValueError."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError("expected a JSONPath such as $.status or $.steps[*].status")
+    if _SIMPLE_PATH.match(path):
+        keys = tuple(path.removeprefix("$.").split("."))
+        return _key_getter(keys)
+    try:
+        expr = jsonpath_parse(path)
+    except (JsonPathLexerError, JsonPathParserError, Exception) as exc:
+        raise ValueError(f"not a valid JSONPath: {path!r} ({exc})") from None
+
+    def find(item: dict[str, Any]) -> list[Any]:
+        return [match.value for match in expr.find(item)]
+
+    return find
+
+
+def _key_getter(keys: tuple[str, ...]) -> Getter:
+    if len(keys) == 1:
+        key = keys[0]
+
+        def one(item: dict[str, Any]) -> list[Any]:
+            return [item[key]] if key in item else []
+
+        return one
+
+    def walk(item: dict[str, Any]) -> list[Any]:
+        node: Any = item
+        for key in keys:
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            else:
+                return []
+        return [node]
+
+    return walk
+
+
+def _same(a: Any, b: Any) -> bool:
+    # YAML `true` must not equal isendu's 1, nor `1` equal true.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return bool(a == b)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _comparable(a: Any, b: Any) -> bool:
+    return (_is_number(a) and _is_number(b)) or (isinstance(a, str) and isinstance(b, str))
+
+
+def compile_leaf(path: str, op: str, value: Any) -> Predicate:
+    """Compile one leaf. Raises ValueError with a message for people."""
+    get = compile_path(path)
+    test: Callable[[Any], bool]
+    negate = False
+    if op in ("equals", "not_equals"):
+        negate = op == "not_equals"
+
+        def test(v: Any) -> bool:
+            return _same(v, value)
+    elif op in ("in", "not_in"):
+        if not isinstance(value, list):
+            raise ValueError(f"`{op}` expects a list of values, got {type(value).__name__}")
+        negate = op == "not_in"
+        options = list(value)
+
+        def test(v: Any) -> bool:
+            return any(_same(v, o) for o in options)
+    elif op == "matches":
+        if not isinstance(value, str):
+            raise ValueError("`matches` expects a regular expression string")
+        try:
+            rx = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {value!r} ({exc})") from None
+
+        def test(v: Any) -> bool:
+            if isinstance(v, str):
+                return rx.search(v) is not None
+            if _is_number(v):
+                return rx.search(str(v)) is not None
+            return False
+    elif op == "exists":
+        if not isinstance(value, bool):
+            raise ValueError("`exists` expects true or false")
+        want = value
+
+        def exists(item: dict[str, Any]) -> bool:
+            return bool(get(item)) is want
+
+        return exists
+    elif op in ("gt", "gte", "lt", "lte"):
+        if not (_is_number(value) or isinstance(value, str)):
+            raise ValueError(f"`{op}` expects a number or a string (e.g. an ISO timestamp)")
+        cmp: Callable[[Any], bool] = {
+            "gt": lambda a: a > value,
+            "gte": lambda a: a >= value,
+            "lt": lambda a: a < value,
+            "lte": lambda a: a <= value,
+        }[op]
+
+        def test(v: Any) -> bool:
+            return _comparable(v, value) and bool(cmp(v))
+    elif op == "contains":
+        if isinstance(value, dict | list):
+            raise ValueError("`contains` expects a single value (a substring or a list element)")
+
+        def test(v: Any) -> bool:
+            if isinstance(v, str) and isinstance(value, str):
+                return value in v
+            if isinstance(v, list):
+                return any(_same(e, value) for e in v)
+            return False
+    else:
+        raise ValueError(f"unknown operator {op!r}; expected one of: {', '.join(OPS)}")
+
+    if negate:
+
+        def negative(item: dict[str, Any]) -> bool:
+            return not any(test(v) for v in get(item))
+
+        return negative
+
+    def positive(item: dict[str, Any]) -> bool:
+        return any(test(v) for v in get(item))
+
+    return positive
+
+
+def all_of(preds: list[Predicate]) -> Predicate:
+    if len(preds) == 1:
+        return preds[0]
+    return lambda item: all(p(item) for p in preds)
+
+
+def any_of(preds: list[Predicate]) -> Predicate:
+    return lambda item: any(p(item) for p in preds)
+
+
+def not_(pred: Predicate) -> Predicate:
+    return lambda item: not pred(item)
+
+
+def always(item: dict[str, Any]) -> bool:
+    return True

@@ -1,0 +1,61 @@
+"""Wires a loaded config into the running parts: sinks, router, outbox, dispatcher, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.config import BridgeConfig
+from bridge.dispatch.dispatcher import Dispatcher
+from bridge.metrics import Metrics
+from bridge.outbox import Outbox, from_url
+from bridge.redact import REDACTOR
+from bridge.routing.router import Router, compile_routes
+from bridge.sinks import SINK_TYPES
+from bridge.sinks.base import Sink
+
+
+def build_sinks(config: BridgeConfig) -> dict[str, Sink]:
+    sinks: dict[str, Sink] = {}
+    for name, sink_config in config.sinks.items():
+        cls = SINK_TYPES[sink_config.type]
+        sinks[name] = cls(name, sink_config)
+    return sinks
+
+
+def register_secrets(config: BridgeConfig, sinks: dict[str, Sink]) -> None:
+    REDACTOR.add(*(i.secret.get_secret_value() for i in config.integrations))
+    for sink in sinks.values():
+        REDACTOR.add(*sink.secrets())
+    # A token in the webhook path is a secret too: access to intake is access to isendu data.
+    path = config.server.webhook_path
+    for segment in path.strip("/").split("/")[1:]:
+        if len(segment) >= 16:
+            REDACTOR.add(segment)
+
+
+@dataclass
+class Runtime:
+    config: BridgeConfig
+    sinks: dict[str, Sink]
+    router: Router
+    outbox: Outbox
+    dispatcher: Dispatcher
+    metrics: Metrics
+    secrets_by_key: dict[str, str]
+
+
+def build_runtime(config: BridgeConfig, outbox: Outbox | None = None) -> Runtime:
+    sinks = build_sinks(config)
+    register_secrets(config, sinks)
+    metrics = Metrics()
+    metrics.add_sinks(sinks)
+    outbox = outbox or from_url(config.storage)
+    return Runtime(
+        config=config,
+        sinks=sinks,
+        router=Router(compile_routes(config, sinks)),
+        outbox=outbox,
+        dispatcher=Dispatcher(outbox, sinks, config, metrics),
+        metrics=metrics,
+        secrets_by_key={i.key_id: i.secret.get_secret_value() for i in config.integrations},
+    )

@@ -1,0 +1,176 @@
+"""What every sink shares: the interface, the render context and the HTTP answer classifier."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+
+from bridge.config_types import SinkConfigBase
+from bridge.errors import PermanentSinkError, SinkError, TransientSinkError
+from bridge.models import Delivery, Kind
+from bridge.redact import redact
+from bridge.templates import Template, last_step
+
+
+class RenderContext:
+    """Everything a template may see about one item on one route; built once per item."""
+
+    __slots__ = ("_last_step", "item", "item_json", "kind", "received_at")
+
+    def __init__(self, item: dict[str, Any], kind: Kind, received_at: str, item_json: str) -> None:
+        self.item = item
+        self.kind = kind
+        self.received_at = received_at
+        self.item_json = item_json
+        self._last_step: Any = ...
+
+    @property
+    def last_step(self) -> dict[str, Any] | None:
+        if self._last_step is ...:
+            self._last_step = last_step(self.item) if self.kind == "tracking" else None
+        result: dict[str, Any] | None = self._last_step
+        return result
+
+    def vars(self, route: str, delivery_id: str) -> dict[str, Any]:
+        return {
+            "item": self.item,
+            "kind": self.kind,
+            "route": route,
+            "received_at": self.received_at,
+            "last_step": self.last_step,
+            "delivery_id": delivery_id,
+        }
+
+
+class Sink(ABC):
+    """A destination. `send` returns on success and raises Transient/PermanentSinkError."""
+
+    type_name: ClassVar[str]
+    config_model: ClassVar[type[SinkConfigBase]]
+    # >1: the dispatcher hands `send_many` up to this many deliveries at once (e.g. Kafka,
+    # whose producer batches them); a concurrency slot then holds one such batch.
+    batch_size: int = 1
+
+    def __init__(self, name: str, config: SinkConfigBase) -> None:
+        self.name = name
+        self.config = config
+
+    @abstractmethod
+    def render(
+        self, ctx: RenderContext, route: str, delivery_id: str, message: Template | None
+    ) -> dict[str, str]:
+        """The rendered fields stored with the delivery; `message` is a route's override."""
+
+    @abstractmethod
+    async def send(self, delivery: Delivery) -> None: ...
+
+    async def send_many(self, deliveries: list[Delivery]) -> list[SinkError | None]:
+        """One outcome per delivery, in order: None for sent, or the error it failed with."""
+        results = await asyncio.gather(*(self.send(d) for d in deliveries),
+                                       return_exceptions=True)
+        out: list[SinkError | None] = []
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, SinkError):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                out.append(TransientSinkError(f"unexpected {r.__class__.__name__} in sink"))
+            else:
+                out.append(r)
+        return out
+
+    async def start(self) -> None:
+        """Open connections; called once before the first send."""
+
+    async def close(self) -> None:
+        """Flush and release connections; called on shutdown."""
+
+    def secrets(self) -> list[str]:
+        """Secret values this sink holds, so logs and stored reasons can be scrubbed."""
+        return []
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """`Retry-After` as seconds or an HTTP date -> seconds from now (None if absent/garbage)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def excerpt(text: str, limit: int = 200) -> str:
+    one_line = " ".join(text.split())
+    return redact(one_line[:limit] + ("..." if len(one_line) > limit else ""))
+
+
+def classify_http(
+    status: int, headers: Mapping[str, str], body: str, what: str = "receiver"
+) -> None:
+    """One rule for every HTTP-based sink: 2xx ok; 408/429/5xx transient; other 4xx permanent."""
+    if 200 <= status < 300:
+        return
+    detail = f"{what} answered HTTP {status}"
+    if body:
+        detail += f": {excerpt(body)}"
+    if status == 429:
+        hint = parse_retry_after(headers.get("Retry-After"))
+        raise TransientSinkError(detail, "rate_limited", hint)
+    if status == 408:
+        raise TransientSinkError(detail, "timeout")
+    if status >= 500:
+        hint = parse_retry_after(headers.get("Retry-After"))
+        raise TransientSinkError(detail, "server_error", hint)
+    if status in (401, 403):
+        raise PermanentSinkError(detail, "auth_error")
+    raise PermanentSinkError(detail, "client_error")
+
+
+async def post_and_classify(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: bytes | str,
+    headers: Mapping[str, str],
+    timeout: float,
+    what: str = "receiver",
+) -> tuple[int, str]:
+    """Send one request; map network failures to transient errors without leaking the URL.
+
+    URLs of chat webhooks carry their secret, so errors describe the failure, not the target.
+    """
+    try:
+        async with session.request(
+            method, url, data=data, headers=dict(headers),
+            timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+        ) as resp:
+            text = await resp.text(errors="replace")
+            classify_http(resp.status, resp.headers, text, what)
+            return resp.status, text
+    except TimeoutError:
+        raise TransientSinkError(f"{what} did not answer within {timeout:g}s", "timeout") from None
+    except aiohttp.ClientConnectionError as exc:
+        raise TransientSinkError(
+            f"cannot connect to {what}: {exc.__class__.__name__}", "connection_error"
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise TransientSinkError(f"{what} request failed: {exc.__class__.__name__}",
+                                 "connection_error") from None
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

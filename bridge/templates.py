@@ -1,0 +1,123 @@
+"""Jinja2 in a sandbox: templates compiled once at load, rendered per delivery.
+
+Users write templates in routes.yaml, so they run sandboxed; unknown fields render
+empty (isendu sends whatever fields it has, and a missing one must not kill a message).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from bridge.errors import TemplateRenderError
+
+
+def _json_filter(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _make_env() -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        undefined=jinja2.ChainableUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["json"] = _json_filter
+    return env
+
+
+ENV = _make_env()
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled template that remembers its source (for `check` and error messages)."""
+
+    source: str
+    compiled: jinja2.Template
+    is_static: bool  # no `{{`/`{%`: rendering is just returning the source
+
+    def render(self, ctx: dict[str, Any]) -> str:
+        if self.is_static:
+            return self.source
+        try:
+            return self.compiled.render(ctx)
+        except jinja2.TemplateError as exc:
+            raise TemplateRenderError(f"template failed: {exc.__class__.__name__}: {exc}") from exc
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+            raise TemplateRenderError(f"template failed: {exc.__class__.__name__}: {exc}") from exc
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def compile_template(source: str) -> Template:
+    """Parse now, so a broken template is a config error at load, not a surprise later."""
+    if not isinstance(source, str):
+        raise ValueError(f"expected a template string, got {type(source).__name__}")
+    try:
+        compiled = ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(
+            f"template does not parse: {exc.message} (template line {exc.lineno})"
+        ) from None
+    static = "{{" not in source and "{%" not in source and "{#" not in source
+    return Template(source=source, compiled=compiled, is_static=static)
+
+
+def last_step(item: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest step by UTC `timestamp`; isendu does not promise steps are sorted."""
+    steps = item.get("steps")
+    if not isinstance(steps, list):
+        return None
+    best: dict[str, Any] | None = None
+    best_ts = ""
+    for step in steps:
+        if not isinstance(step, dict):
+            continue
+        ts = step.get("timestamp")
+        ts = ts if isinstance(ts, str) else ""
+        if best is None or ts >= best_ts:
+            best, best_ts = step, ts
+    return best
+
+
+def envelope(delivery_id: str, kind: str, route: str, received_at: str, item_json: str) -> str:
+    """The default JSON body: {"id","kind","route","received_at","data"}.
+
+    Spliced from the item's already-serialised JSON, so the item is encoded once per batch
+    however many routes and sinks it goes to.
+    """
+    return (
+        '{"id":' + json.dumps(delivery_id) + ',"kind":' + json.dumps(kind)
+        + ',"route":' + json.dumps(route) + ',"received_at":' + json.dumps(received_at)
+        + ',"data":' + item_json + "}"
+    )
+
+
+# Default one-line messages (console, and the fallback text of chat sinks later).
+DEFAULT_TEXT = {
+    "order": compile_template(
+        "[{{ route }}] order {{ item.reference or item.uuid }}"
+        "{% if item.status %}: {{ item.status }}{% endif %}"
+        "{% if item.recipient and item.recipient.city %} -> {{ item.recipient.city }}"
+        "{% if item.recipient.country %}, {{ item.recipient.country }}{% endif %}{% endif %}"
+    ),
+    "tracking": compile_template(
+        "[{{ route }}] {{ item.trackingNumber or item.uuid }}: {{ item.status or 'UNKNOWN' }}"
+        "{% if last_step %}"
+        "{% if last_step.description %} - {{ last_step.description }}{% endif %}"
+        "{% if last_step.location %} ({{ last_step.location }}){% endif %}"
+        "{% if last_step.datetime %} at {{ last_step.datetime }}{% endif %}"
+        "{% if last_step.error %} [error {{ last_step.error.code }}: "
+        "{{ last_step.error.message }}]{% endif %}"
+        "{% endif %}"
+        "{% if item.trackingUrl %} {{ item.trackingUrl }}{% endif %}"
+    ),
+}

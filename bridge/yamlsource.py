@@ -1,0 +1,131 @@
+"""YAML with line numbers and ${VAR} substitution, so config errors can point at a line."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from bridge.errors import ConfigError
+
+KeyPath = tuple[str | int, ...]
+
+# ${VAR} or ${VAR:-default}; $${ is a literal "${".
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def format_path(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+@dataclass
+class Source:
+    """Parsed YAML plus where each key path came from."""
+
+    file: str
+    data: Any
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    raw: dict[KeyPath, str] = field(default_factory=dict)  # strings as written, before ${VAR}
+
+    def line_of(self, path: KeyPath) -> int | None:
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+    def where(self, path: KeyPath) -> str:
+        line = self.line_of(path)
+        loc = f"{self.file}:{line}" if line is not None else self.file
+        return f"{loc}: {format_path(path)}"
+
+
+class _Builder:
+    def __init__(self, file: str, env: Mapping[str, str]) -> None:
+        self.file = file
+        self.env = env
+        self.lines: dict[KeyPath, int] = {}
+        self.raw: dict[KeyPath, str] = {}
+        self.problems: list[str] = []
+        self._scalars = yaml.SafeLoader("")  # only its scalar constructors are used
+
+    def build(self, node: yaml.Node, path: KeyPath) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            self._scalars.flatten_mapping(node)  # YAML merge keys (<<: *anchor)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.build(key_node, (*path, "<key>"))
+                if not isinstance(key, str | int | float | bool) or key is None:
+                    self._problem(key_node, path, "a mapping key must be a plain value")
+                    continue
+                key = str(key) if not isinstance(key, str) else key
+                if key in out:
+                    self._problem(key_node, (*path, key), f"duplicate key {key!r}")
+                child = (*path, key)
+                self.lines[child] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, child)
+            self.lines.pop((*path, "<key>"), None)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(child, (*path, i)) for i, child in enumerate(node.value)]
+        value = self._scalars.construct_object(node)
+        if isinstance(value, str) and "$" in value:
+            return self._substitute(value, path, node)
+        return value
+
+    def _substitute(self, text: str, path: KeyPath, node: yaml.Node) -> str:
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            self._problem(
+                node, path,
+                f"environment variable {name} is not set; set it, or write "
+                f"${{{name}:-default}} to give a default",
+            )
+            return ""
+
+        result = _VAR.sub(repl, text)
+        if result != text:
+            self.raw[path] = text
+        return result
+
+    def _problem(self, node: yaml.Node, path: KeyPath, message: str) -> None:
+        line = node.start_mark.line + 1
+        self.problems.append(f"{self.file}:{line}: {format_path(path)}: {message}")
+
+
+def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Source:
+    """Parse `text`; raise ConfigError naming the file and line of any YAML problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(
+            [f"{file}{line}: not valid YAML: {exc.problem or exc.context}"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
+    if node is None:
+        return Source(file=file, data={})
+    builder = _Builder(file, os.environ if env is None else env)
+    data = builder.build(node, ())
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    return Source(file=file, data=data, lines=builder.lines, raw=builder.raw)
