@@ -1,0 +1,28 @@
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY bridge ./bridge
+# Runtime dependencies only (no dev extras); a system user owns nothing but /data.
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bridge \
+    && mkdir -p /data /config \
+    && chown bridge /data
+
+COPY config/routes.yaml /config/routes.yaml
+
+ENV BRIDGE_CONFIG=/config/routes.yaml \
+    BRIDGE_STORAGE=sqlite:////data/bridge.db
+
+USER 10001
+VOLUME ["/data"]
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+ENTRYPOINT ["bridge"]
+CMD ["serve"]
