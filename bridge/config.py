@@ -108,6 +108,25 @@ class Leaf(StrictModel):
     contains: Any = None
     _predicate: cond.Predicate = PrivateAttr()
 
+    # Field-level checks first, so an error points at the offending key's own line.
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        cond.compile_path(v)
+        return v
+
+    @field_validator("matches")
+    @classmethod
+    def _regex(cls, v: Any) -> Any:
+        cond.compile_leaf("x", "matches", v)
+        return v
+
+    @field_validator("in_", "not_in")
+    @classmethod
+    def _list(cls, v: Any, info: Any) -> Any:
+        cond.compile_leaf("x", "in" if info.field_name == "in_" else "not_in", v)
+        return v
+
     @model_validator(mode="after")
     def _compile(self) -> Leaf:
         ops = [f for f in self.model_fields_set if f != "path"]
@@ -365,7 +384,8 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
     if etype == "union_tag_not_found" and path and path[0] == "sinks":
         return f"missing required key 'type'; expected one of: {', '.join(SINK_TYPES)}"
     given = err.get("input")
-    if etype not in ("condition",) and given is not None and not isinstance(given, dict | list):
+    builtin = not str(err["msg"]).startswith("Value error")
+    if builtin and given is not None and not isinstance(given, dict | list):
         secretish = any(w in format_path(path) for w in ("secret", "password", "token"))
         if not secretish and repr(given) not in msg:
             msg += f" (got {given!r})"
@@ -384,6 +404,8 @@ def parse_config(source: Source) -> BridgeConfig:
         for err in exc.errors():
             names_key = err["type"] in ("missing", "extra_forbidden")
             path = _clean_loc(err["loc"], data, names_key)
+            if err["type"] == "union_tag_invalid" and path[:1] == ("sinks",):
+                path = (*path, "type")  # point at the `type:` line itself
             problems.append(f"{source.where(path)}: {_message(err, path, data)}")
         raise ConfigError(list(dict.fromkeys(problems))) from None
     crossed = cross_check(cfg)

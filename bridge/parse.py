@@ -19,7 +19,8 @@ class Verification:
 
 def _decode(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        # Decoded explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes.
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
     except json.JSONDecodeError as exc:

@@ -1,0 +1,191 @@
+"""One contract, every outbox backend. A new backend adds itself to BACKENDS and must pass."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from bridge.models import NewDelivery, Status
+from bridge.outbox import Outbox, from_url
+
+OutboxFactory = Callable[[], Awaitable[Outbox]]
+BACKENDS = ["memory", "sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OutboxFactory]:
+    """A factory opening the backend on the same storage each time (a process restart)."""
+    opened: list[Outbox] = []
+    memory = from_url("memory://")
+
+    async def make() -> Outbox:
+        box = memory if request.param == "memory" else from_url(f"sqlite:///{tmp_path}/o.db")
+        await box.open(recover=True)
+        opened.append(box)
+        return box
+
+    yield make
+    for box in opened:
+        await box.close()
+
+
+@pytest.fixture
+async def box(reopen: OutboxFactory) -> Outbox:
+    return await reopen()
+
+
+def new(i: int, sink: str = "s", error: str | None = None) -> NewDelivery:
+    return NewDelivery(id=f"d{i:04d}", sink=sink, route="r", item_uuid=f"u{i}", kind="tracking",
+                       payload={"body": f"payload {i}", "x": "ü"}, batch_id="b1", error=error)
+
+
+async def test_enqueue_stores_once_per_id(box: Outbox) -> None:
+    assert await box.enqueue([new(1), new(2)], 100.0) == 2
+    assert await box.enqueue([new(2), new(3)], 101.0) == 1  # a repeated item is not stored twice
+    assert await box.counts() == {"pending": 3, "delivered": 0, "dead": 0}
+    row = await box.get("d0001")
+    assert row is not None
+    assert row.payload == {"body": "payload 1", "x": "ü"}
+    assert (row.status, row.attempts, row.created_at, row.enqueued_at) == (
+        Status.PENDING, 0, 100.0, 100.0)
+
+
+async def test_claim_is_oldest_first_bounded_and_counts_an_attempt(box: Outbox) -> None:
+    await box.enqueue([new(i) for i in range(5)], 100.0)
+    first = await box.claim("s", 2, 100.0, lease=30)
+    assert [d.id for d in first] == ["d0000", "d0001"]
+    assert all(d.attempts == 1 for d in first)
+    second = await box.claim("s", 10, 100.0, lease=30)
+    assert [d.id for d in second] == ["d0002", "d0003", "d0004"]  # leased ones are skipped
+    assert await box.claim("s", 10, 120.0, lease=30) == []
+    again = await box.claim("s", 10, 131.0, lease=30)  # leases ran out: due again
+    assert [d.id for d in again] == [f"d000{i}" for i in range(5)]
+    assert all(d.attempts == 2 for d in again)
+
+
+async def test_claim_only_takes_its_own_sink_and_due_rows(box: Outbox) -> None:
+    await box.enqueue([new(1, "a"), new(2, "b")], 100.0)
+    assert [d.id for d in await box.claim("a", 10, 100.0, 30)] == ["d0001"]
+    assert await box.claim("a", 10, 99.0, 30) == []
+
+
+async def test_complete(box: Outbox) -> None:
+    await box.enqueue([new(1), new(2)], 100.0)
+    await box.claim("s", 10, 100.0, 30)
+    await box.complete(["d0001", "d0002"], 101.0)
+    assert await box.counts() == {"pending": 0, "delivered": 2, "dead": 0}
+    assert await box.claim("s", 10, 1000.0, 30) == []
+
+
+async def test_retry_at_defers_and_keeps_the_reason(box: Outbox) -> None:
+    await box.enqueue([new(1)], 100.0)
+    await box.claim("s", 1, 100.0, 30)
+    await box.retry_at("d0001", 150.0, "HTTP 503", 101.0)
+    assert await box.next_due("s") == 150.0
+    assert await box.claim("s", 1, 149.0, 30) == []
+    [row] = await box.claim("s", 1, 150.0, 30)
+    assert row.attempts == 2 and row.last_error == "HTTP 503"
+
+
+async def test_dead_letters_newest_first_and_replay(box: Outbox) -> None:
+    await box.enqueue([new(1), new(2), new(3)], 100.0)
+    await box.claim("s", 3, 100.0, 30)
+    await box.dead_letter("d0001", "HTTP 400: bad", 101.0)
+    await box.dead_letter("d0002", "HTTP 404", 102.0)
+    await box.complete(["d0003"], 102.0)
+    dead = await box.list_dead()
+    assert [(d.id, d.last_error) for d in dead] == [
+        ("d0002", "HTTP 404"), ("d0001", "HTTP 400: bad")]
+    assert await box.replay(["d0001", "d0003", "nope"], 200.0) == 1  # d0003 was delivered
+    row = await box.get("d0001")
+    assert row is not None
+    assert (row.status, row.attempts, row.enqueued_at) == (Status.PENDING, 0, 200.0)
+    assert [d.id for d in await box.claim("s", 10, 200.0, 30)] == ["d0001"]
+    assert await box.replay(None, 300.0) == 1  # --all: d0002
+    assert await box.list_dead() == []
+
+
+async def test_a_failed_render_is_stored_dead(box: Outbox) -> None:
+    await box.enqueue([new(1, error="template failed: ZeroDivisionError")], 100.0)
+    [row] = await box.list_dead()
+    assert row.last_error == "template failed: ZeroDivisionError"
+    assert await box.claim("s", 10, 100.0, 30) == []
+
+
+async def test_release_gives_work_back_untouched(box: Outbox) -> None:
+    await box.enqueue([new(1)], 100.0)
+    await box.claim("s", 1, 100.0, 300)
+    await box.release(["d0001"], 101.0)
+    [row] = await box.claim("s", 1, 101.0, 300)
+    assert row.attempts == 1
+
+
+async def test_sweep_forgets_only_old_delivered_rows(box: Outbox) -> None:
+    await box.enqueue([new(1), new(2), new(3)], 100.0)
+    await box.claim("s", 3, 100.0, 30)
+    await box.complete(["d0001"], 100.0)
+    await box.complete(["d0002"], 500.0)
+    await box.dead_letter("d0003", "x", 100.0)
+    assert await box.sweep(400.0) == 1
+    assert await box.get("d0001") is None
+    assert await box.counts() == {"pending": 0, "delivered": 1, "dead": 1}
+
+
+async def test_next_due_counts_leases(box: Outbox) -> None:
+    assert await box.next_due("s") is None
+    await box.enqueue([new(1)], 100.0)
+    assert await box.next_due("s") == 100.0
+    await box.claim("s", 1, 100.0, 30)
+    assert await box.next_due("s") == 130.0
+
+
+async def test_restart_keeps_everything_and_recovers_leases(reopen: OutboxFactory) -> None:
+    box = await reopen()
+    await box.enqueue([new(1), new(2)], 100.0)
+    await box.claim("s", 2, 100.0, lease=3600)  # then the process "dies" mid-send
+    await box.retry_at("d0002", 100.0, "timeout", 100.0)
+    await box.close()
+    box2 = await reopen()
+    claimed = await box2.claim("s", 10, 101.0, 30)  # long before the lease would have ended
+    assert sorted(d.id for d in claimed) == ["d0001", "d0002"]
+    assert {d.id: d.attempts for d in claimed} == {"d0001": 2, "d0002": 2}
+
+
+async def test_concurrent_enqueues_all_land(box: Outbox) -> None:
+    counts = await asyncio.gather(*(box.enqueue([new(i * 10 + j) for j in range(10)], 100.0)
+                                    for i in range(50)))
+    assert sum(counts) == 500
+    assert (await box.counts())["pending"] == 500
+
+
+async def test_ping(box: Outbox) -> None:
+    await box.ping()
+
+
+async def test_sqlite_refuses_a_second_serving_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/o.db"
+    first = from_url(url)
+    await first.open(recover=True)
+    try:
+        with pytest.raises(RuntimeError, match="another bridge process is serving"):
+            await from_url(url).open(recover=True)
+        reader = from_url(url)  # CLI commands (dlq) open without taking ownership
+        await reader.open()
+        assert await reader.counts() == {"pending": 0, "delivered": 0, "dead": 0}
+        await reader.close()
+    finally:
+        await first.close()
+
+
+async def test_sqlite_is_wal_and_fully_synchronous(tmp_path: Path) -> None:
+    import sqlite3
+
+    box = from_url(f"sqlite:///{tmp_path}/sub/dir/o.db")  # folders are created
+    await box.open(recover=True)
+    await box.close()
+    conn = sqlite3.connect(tmp_path / "sub" / "dir" / "o.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

@@ -1,0 +1,133 @@
+"""Route conditions: each operator's meaning, path forms, and properties over random items."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.config import BridgeConfig, predicate_of
+from bridge.routing.conditions import compile_leaf, compile_path
+
+TRACKING = {
+    "uuid": "u1", "status": "IN_TRANSIT", "delivered": False, "attempts": 2,
+    "trackingNumber": "GLS821026103283",
+    "steps": [
+        {"status": "CREATED", "timestamp": "2025-11-03T10:50:09Z", "location": "Lyon"},
+        {"status": "EXCEPTION", "timestamp": "2025-11-04T08:00:00Z",
+         "error": {"code": "ADDR", "message": "address not found"}},
+    ],
+    "tags": ["fragile", "priority"],
+}
+
+
+@pytest.mark.parametrize(("path", "op", "value", "expected"), [
+    ("$.status", "equals", "IN_TRANSIT", True),
+    ("status", "equals", "DELIVERED", False),
+    ("$.delivered", "equals", False, True),
+    ("$.delivered", "equals", 0, False),  # booleans never equal numbers
+    ("$.attempts", "equals", True, False),
+    ("$.status", "not_equals", "DELIVERED", True),
+    ("$.missing", "not_equals", "x", True),  # nothing found, so nothing equals
+    ("$.status", "in", ["IN_TRANSIT", "DELIVERED"], True),
+    ("$.status", "not_in", ["IN_TRANSIT"], False),
+    ("$.trackingNumber", "matches", "^GLS\\d+$", True),
+    ("$.trackingNumber", "matches", "^DHL", False),
+    ("$.attempts", "matches", "^2$", True),  # numbers are matched as text
+    ("$.steps[*].error.code", "exists", True, True),
+    ("$.steps[0].error", "exists", True, False),
+    ("$.steps[0].error", "exists", False, True),
+    ("$.attempts", "gt", 1, True),
+    ("$.attempts", "gte", 2, True),
+    ("$.attempts", "lt", 2, False),
+    ("$.attempts", "lte", 2, True),
+    ("$.status", "gt", 1, False),  # a string never compares with a number
+    ("$.steps[*].timestamp", "gt", "2025-11-04T00:00:00Z", True),  # ISO times compare as text
+    ("$.trackingNumber", "contains", "8210", True),
+    ("$.tags", "contains", "fragile", True),
+    ("$.tags", "contains", "cold", False),
+    ("$.steps[*].status", "equals", "EXCEPTION", True),  # any of several values
+    ("$.steps[*].status", "not_equals", "EXCEPTION", False),  # ... negation: none may
+    ("$.steps[?(@.status == 'EXCEPTION')].error.message", "matches", "address", True),
+])
+def test_operator(path: str, op: str, value: Any, expected: bool) -> None:
+    assert compile_leaf(path, op, value)(TRACKING) is expected
+
+
+@pytest.mark.parametrize(("path", "values"), [
+    ("$.status", ["IN_TRANSIT"]),
+    ("status", ["IN_TRANSIT"]),
+    ("$.steps[1].error.code", ["ADDR"]),
+    ("steps[*].status", ["CREATED", "EXCEPTION"]),
+    ("$.nope.deeper", []),
+    ("$.status.deeper", []),
+])
+def test_paths_simple_and_full(path: str, values: list[Any]) -> None:
+    assert compile_path(path)(TRACKING) == values
+
+
+@pytest.mark.parametrize(("op", "value", "message"), [
+    ("in", "x", "expects a list"),
+    ("matches", "(", "not a valid regular expression"),
+    ("exists", "yes", "expects true or false"),
+    ("gt", [1], "expects a number or a string"),
+    ("contains", {"a": 1}, "expects a single value"),
+    ("like", "x", "unknown operator 'like'"),
+])
+def test_bad_operands_are_refused_at_compile_time(op: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        compile_leaf("$.status", op, value)
+
+
+def _when(cond: Any) -> Any:
+    cfg = BridgeConfig.model_validate(
+        {"sinks": {"o": {"type": "console"}}, "routes": [{"name": "r", "to": "o", "when": cond}]})
+    return predicate_of(cfg.routes[0].when)
+
+
+def test_combinators() -> None:
+    delivered = {"path": "$.status", "equals": "DELIVERED"}
+    in_transit = {"path": "$.status", "equals": "IN_TRANSIT"}
+    has_error = {"path": "$.steps[*].error", "exists": True}
+    assert _when([in_transit, has_error])(TRACKING)
+    assert not _when([delivered, has_error])(TRACKING)
+    assert _when({"any": [delivered, in_transit]})(TRACKING)
+    assert not _when({"not": {"any": [delivered, in_transit]}})(TRACKING)
+    assert _when({"all": [{"not": delivered}, {"any": [has_error, delivered]}]})(TRACKING)
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=4))
+items = st.dictionaries(st.sampled_from(["status", "a", "b"]), scalars, max_size=3)
+
+
+@given(item=items, value=scalars)
+def test_not_equals_is_the_negation_of_equals(item: dict[str, Any], value: Any) -> None:
+    eq = compile_leaf("$.status", "equals", value)(item)
+    ne = compile_leaf("$.status", "not_equals", value)(item)
+    assert eq != ne
+
+
+@given(item=items, options=st.lists(scalars, max_size=4))
+def test_in_is_any_equals_and_not_in_its_negation(item: dict[str, Any], options: list[Any]) -> None:
+    inside = compile_leaf("$.status", "in", options)(item)
+    assert inside == any(compile_leaf("$.status", "equals", o)(item) for o in options)
+    assert compile_leaf("$.status", "not_in", options)(item) is not inside
+
+
+@given(item=items)
+def test_simple_path_agrees_with_jsonpath(item: dict[str, Any]) -> None:
+    fast = compile_path("$.status")(item)
+    full = compile_path("$['status']")(item)  # not a plain dotted path: jsonpath-ng walks it
+    assert fast == full
+
+
+@given(item=items, a=scalars, b=scalars)
+def test_any_and_all_follow_boolean_logic(item: dict[str, Any], a: Any, b: Any) -> None:
+    pa = {"path": "$.a", "equals": a}
+    pb = {"path": "$.b", "equals": b}
+    ra, rb = _when(pa)(item), _when(pb)(item)
+    assert _when({"all": [pa, pb]})(item) == (ra and rb)
+    assert _when({"any": [pa, pb]})(item) == (ra or rb)
+    assert _when({"not": pa})(item) == (not ra)

@@ -1,0 +1,94 @@
+"""Each file in tests/data/config-errors/ is a broken routes.yaml that names the message it
+must produce (`# expect: ...`) and, optionally, text that must never appear (`# never: ...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import load_config
+from bridge.errors import ConfigError
+
+CASES = sorted((Path(__file__).parents[1] / "data" / "config-errors").glob("*.yaml"))
+
+
+def _directives(path: Path, name: str) -> list[str]:
+    prefix = f"# {name}: "
+    return [line[len(prefix):].rstrip() for line in path.read_text().splitlines()
+            if line.startswith(prefix)]
+
+
+def test_there_are_cases() -> None:
+    assert len(CASES) >= 15
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_config_error_message(case: Path) -> None:
+    expected = _directives(case, "expect")
+    assert expected, f"{case.name} names no expected message"
+    with pytest.raises(ConfigError) as info:
+        load_config(case, env={})
+    text = str(info.value)
+    for fragment in expected:
+        assert fragment.strip() in text, f"\nexpected: {fragment}\ngot:      {text}"
+    for secret in _directives(case, "never"):
+        assert secret not in text
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "server: {listen: nope}\n"
+        "sinks: {out: {type: console, colour: red}}\n"
+        "routes:\n  - {name: a, to: [missing]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    problems = info.value.problems
+    assert any("server.listen" in p for p in problems)
+    assert any("sinks.out.colour: unknown key 'colour'" in p for p in problems)
+    assert all(p.startswith(f"{path}:") for p in problems)
+
+
+def test_env_substitution_with_defaults_and_escape(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "server:\n  webhook_path: /isendu/${TOKEN}\n  listen: ${LISTEN:-127.0.0.1:9999}\n"
+        "sinks:\n  out: {type: console, message: 'cost $${x}'}\n"
+    )
+    loaded = load_config(path, env={"TOKEN": "abc123"})
+    cfg = loaded.config
+    assert cfg.server.webhook_path == "/isendu/abc123"
+    assert cfg.server.listen == "127.0.0.1:9999"
+    assert cfg.sinks["out"].message is not None  # type: ignore[attr-defined]
+    assert str(cfg.sinks["out"].message) == "cost ${x}"  # type: ignore[attr-defined]
+    # `check` shows the path as written, so the token itself is not printed
+    assert loaded.source.raw[("server", "webhook_path")] == "/isendu/${TOKEN}"
+
+
+def test_defaults_and_durations(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("defaults:\n  retry: {initial_delay: 500ms, max_delay: 10m, max_age: 24h}\n"
+                    "server: {max_body_bytes: 2MiB}\n")
+    cfg = load_config(path, env={}).config
+    assert cfg.defaults.retry.initial_delay == 0.5
+    assert cfg.defaults.retry.max_delay == 600
+    assert cfg.defaults.retry.max_age == 86400
+    assert cfg.defaults.retry.max_attempts == 10
+    assert cfg.server.max_body_bytes == 2 * 1024 * 1024
+    assert cfg.server.listen == "0.0.0.0:8080"
+    assert cfg.server.webhook_path == "/isendu/webhook"
+    assert cfg.storage == "sqlite:///data/bridge.db"
+
+
+def test_shipped_config_loads_without_credentials() -> None:
+    shipped = Path(__file__).parents[2] / "config" / "routes.yaml"
+    cfg = load_config(shipped, env={}).config
+    assert [r.name for r in cfg.routes] == ["everything"]
+    assert cfg.sinks["console"].type == "console"
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found .*BRIDGE_CONFIG"):
+        load_config(tmp_path / "nope.yaml", env={})

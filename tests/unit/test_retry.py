@@ -1,0 +1,52 @@
+"""Retry decisions are pure: given a failure, when to try again, or why to give up."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.config_types import RetryPolicy
+from bridge.dispatch.retry import GiveUp, RetryAt, backoff, decide
+from bridge.errors import PermanentSinkError, TransientSinkError
+
+POLICY = RetryPolicy(max_attempts=5, initial_delay=1.0, max_delay=60.0, max_age=3600.0)
+
+
+def test_permanent_gives_up_at_once_with_the_reason() -> None:
+    d = decide(POLICY, PermanentSinkError("receiver answered HTTP 400: bad"), 1, 0.0, 10.0)
+    assert d == GiveUp("receiver answered HTTP 400: bad")
+
+
+def test_transient_retries_within_the_backoff_bound() -> None:
+    d = decide(POLICY, TransientSinkError("HTTP 503"), 3, 0.0, 10.0, random.Random(1))
+    assert isinstance(d, RetryAt)
+    assert 10.0 <= d.at <= 10.0 + 4.0  # third failure: full jitter in [0, 1s * 2**2]
+
+
+def test_retry_after_wins_over_backoff() -> None:
+    d = decide(POLICY, TransientSinkError("429", "rate_limited", retry_after=30.0), 1, 0.0, 10.0)
+    assert d == RetryAt(40.0, "429")
+
+
+def test_max_attempts_exhausted() -> None:
+    d = decide(POLICY, TransientSinkError("HTTP 503"), 5, 0.0, 10.0)
+    assert isinstance(d, GiveUp) and "gave up after 5 attempts; last error: HTTP 503" in d.reason
+
+
+def test_max_age_exceeded() -> None:
+    d = decide(POLICY, TransientSinkError("timeout", retry_after=120.0), 1, 0.0, 3500.0)
+    assert isinstance(d, GiveUp) and "max_age 1h" in d.reason
+
+
+@given(attempt=st.integers(1, 40), seed=st.integers(0, 1000))
+def test_backoff_is_bounded_by_exponential_and_cap(attempt: int, seed: int) -> None:
+    bound = min(POLICY.max_delay, POLICY.initial_delay * 2 ** (attempt - 1))
+    assert 0 <= backoff(POLICY, attempt, random.Random(seed)) <= bound
+    assert 0 <= backoff(POLICY, attempt) <= bound  # tenacity's own strategy, same bound
+
+
+def test_backoff_uses_full_jitter() -> None:
+    draws = [backoff(POLICY, 6) for _ in range(200)]  # bound 32s
+    assert min(draws) < 8 and max(draws) > 24  # spread over the whole range, not clustered

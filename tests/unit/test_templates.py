@@ -1,0 +1,86 @@
+"""Templates: sandboxed, compiled once, lenient with missing fields, strict with bad syntax."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bridge.errors import TemplateRenderError
+from bridge.sinks.base import RenderContext
+from bridge.templates import DEFAULT_TEXT, compile_template, envelope, last_step
+from tests.helpers.bridge import sample_batch
+
+STEPS = [
+    {"timestamp": "2025-11-03T19:12:51Z", "description": "Picked up", "status": "PICKED_UP"},
+    {"timestamp": "2025-11-04T08:00:00Z", "description": "Out for delivery", "location": "Roma",
+     "status": "OUT_FOR_DELIVERY"},
+    {"timestamp": "2025-11-03T10:50:09Z", "description": "Created", "status": "CREATED"},
+]
+
+
+def test_last_step_is_the_newest_by_timestamp_not_the_last_in_the_list() -> None:
+    assert last_step({"steps": STEPS}) == STEPS[1]
+    assert last_step({"steps": []}) is None
+    assert last_step({}) is None
+
+
+def test_missing_fields_render_empty_instead_of_failing() -> None:
+    t = compile_template("{{ item.recipient.city }}|{{ item.nope }}|{{ last_step.location }}")
+    assert t.render({"item": {}, "last_step": None}) == "||"
+
+
+def test_syntax_error_is_reported_at_compile_time() -> None:
+    with pytest.raises(ValueError, match="template does not parse"):
+        compile_template("{% if %}")
+
+
+def test_runtime_failure_is_a_render_error() -> None:
+    t = compile_template("{{ item.total.amount / 0 }}")
+    with pytest.raises(TemplateRenderError, match="ZeroDivisionError"):
+        t.render({"item": {"total": {"amount": 5}}})
+
+
+def test_sandbox_refuses_unsafe_calls() -> None:
+    t = compile_template("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(TemplateRenderError):
+        t.render({})
+    assert compile_template("{{ item.__class__ }}").render({"item": {}}) == ""
+
+
+def test_json_filter_and_static_fast_path() -> None:
+    t = compile_template('{"n": {{ item.n | json }}}')
+    assert json.loads(t.render({"item": {"n": "a\"b"}})) == {"n": 'a"b'}
+    static = compile_template("plain text")
+    assert static.is_static and static.render({}) == "plain text"
+
+
+def test_envelope_is_valid_json_with_the_item_verbatim() -> None:
+    item = {"uuid": "u", "weird": ["ü", {"x": None}]}
+    out = json.loads(envelope("dlv_1", "order", "r", "2025-01-01T00:00:00Z", json.dumps(item)))
+    assert out == {"id": "dlv_1", "kind": "order", "route": "r",
+                   "received_at": "2025-01-01T00:00:00Z", "data": item}
+
+
+def test_default_text_for_the_sample_items() -> None:
+    batch = sample_batch()
+    order = batch["order"][0]
+    ctx = RenderContext(order, "order", "t", json.dumps(order))
+    text = DEFAULT_TEXT["order"].render(ctx.vars("orders", "d"))
+    assert text == "[orders] order ORD-2025-932194: PROCESSING -> Roma, IT"
+    track = batch["tracking"][2]
+    ctx = RenderContext(track, "tracking", "t", json.dumps(track))
+    text = DEFAULT_TEXT["tracking"].render(ctx.vars("ship", "d"))
+    assert text.startswith("[ship] GLS516003660605: PICKED_UP - Parcel picked up from sender "
+                           "(Lyon) at 2025-11-03 20:12:51")
+
+
+def test_default_text_without_any_invented_field() -> None:
+    ctx = RenderContext({"uuid": "only-uuid"}, "order", "t", "{}")
+    assert DEFAULT_TEXT["order"].render(ctx.vars("r", "d")) == "[r] order only-uuid"
+    error_step = {"timestamp": "t", "description": "Failed", "status": "EXCEPTION",
+                  "error": {"code": "ADDR", "message": "address not found"}}
+    item = {"uuid": "u", "status": "EXCEPTION", "steps": [error_step]}
+    ctx = RenderContext(item, "tracking", "t", "{}")
+    assert DEFAULT_TEXT["tracking"].render(ctx.vars("r", "d")) == (
+        "[r] u: EXCEPTION - Failed [error ADDR: address not found]")
