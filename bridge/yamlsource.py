@@ -117,8 +117,13 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
+        hint = ""
+        source_line = text.splitlines()[mark.line] if mark and mark.line < len(
+            text.splitlines()) else ""
+        if "${" in source_line:
+            hint = ' (inside {...} or [...], quote values that use variables: "${VAR}")'
         raise ConfigError(
-            [f"{file}{line}: not valid YAML: {exc.problem or exc.context}"]
+            [f"{file}{line}: not valid YAML: {exc.problem or exc.context}{hint}"]
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None

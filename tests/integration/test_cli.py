@@ -1,0 +1,125 @@
+"""The `bridge` command as a user runs it: check, dry-run, dlq list / replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.models import NewDelivery
+from bridge.outbox import from_url
+from tests.helpers.bridge import SHARED
+
+ROOT = Path(__file__).parents[2]
+CONFIG = """
+storage: sqlite:///{db}
+integrations:
+  - key_id: shop-1
+    secret: ${{SHOP_SECRET}}
+sinks:
+  ops: {{type: console}}
+  hook:
+    type: http
+    url: http://127.0.0.1:9/in
+    signing_secret: ${{SIGNING}}
+routes:
+  - name: delivered
+    kind: tracking
+    when: {{path: $.status, in: [CREATED, DELIVERED]}}
+    to: [ops, hook]
+"""
+ENV = {"SHOP_SECRET": "shop-secret-1234567", "SIGNING": "whsec_c2lnbmluZy1zZWNyZXQtdmFsdWU="}
+
+
+def bridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, **ENV, **(env or {})}, timeout=60,
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(CONFIG.format(db=tmp_path / "bridge.db"))
+    return path
+
+
+def test_check_prints_routes_and_sinks_with_secrets_masked(config: Path) -> None:
+    out = bridge("check", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+    assert "delivered [tracking]" in out.stdout and "-> ops, hook" in out.stdout
+    assert "hook (http)" in out.stdout and "signing_secret=**********" in out.stdout
+    assert "shop-1" in out.stdout
+    for secret in ENV.values():
+        assert secret not in out.stdout + out.stderr
+
+
+def test_check_with_errors_exits_1_and_lists_them(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sinks:\n  a: {type: console}\nroutes:\n  - {name: r, to: b}\n")
+    out = bridge("--config", str(bad), "check")  # --config before the command works too
+    assert out.returncode == 1
+    assert f"{bad}:4: routes[0].to[0]: unknown sink 'b'" in out.stderr
+
+
+def test_dry_run_shows_routes_and_exact_messages(config: Path) -> None:
+    out = bridge("dry-run", str(SHARED / "batch.json"), "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "order 01d6a94c-ea60-4675-9e5e-3a9f64cec5fe: no route matches" in out.stdout
+    assert "-> ops via delivered:" in out.stdout
+    assert "text: [delivered] GLS821026103283: CREATED" in out.stdout
+    assert "nothing sent, nothing stored" in out.stderr
+    assert not (config.parent / "bridge.db").exists()
+
+    as_json = bridge("dry-run", "--json", str(SHARED / "batch.json"), "--config", str(config))
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert len(rows) == 6 and rows[1]["routes"] == ["delivered"]
+    body = json.loads(rows[1]["deliveries"][1]["payload"]["body"])
+    assert body["data"]["trackingNumber"] == "GLS821026103283"
+
+
+def test_dry_run_refuses_a_bad_payload_clearly(config: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tracking": [{"status": "X"}]}')
+    out = bridge("dry-run", str(bad), "--config", str(config))
+    assert out.returncode == 1
+    assert "$.tracking[0].uuid: uuid missing (isendu would get HTTP 400)" in out.stderr
+
+
+async def test_dlq_list_and_replay(config: Path, tmp_path: Path) -> None:
+    box = from_url(f"sqlite:///{tmp_path / 'bridge.db'}")
+    await box.open()
+    await box.enqueue([
+        NewDelivery("dlv_a", "hook", "delivered", "u1", "tracking", {"body": "{}"}, "b"),
+        NewDelivery("dlv_b", "hook", "delivered", "u2", "tracking", {"body": "{}"}, "b"),
+    ], 100.0)
+    await box.claim("hook", 2, 100.0, 30)
+    await box.dead_letter("dlv_a", "receiver answered HTTP 400: nope", 101.0)
+    await box.dead_letter("dlv_b", "receiver answered HTTP 404", 102.0)
+    await box.close()
+
+    listed = bridge("dlq", "list", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.index("dlv_b") < listed.stdout.index("dlv_a")  # newest first
+    assert "reason: receiver answered HTTP 400: nope" in listed.stdout
+    rows = [json.loads(x) for x in bridge("dlq", "list", "--json", "--config",
+                                          str(config)).stdout.splitlines()]
+    assert [(r["id"], r["sink"], r["route"], r["item_uuid"]) for r in rows] == [
+        ("dlv_b", "hook", "delivered", "u2"), ("dlv_a", "hook", "delivered", "u1")]
+
+    replayed = bridge("dlq", "replay", "dlv_a", "--config", str(config))
+    assert replayed.returncode == 0 and "1 deliveries back to pending" in replayed.stdout
+    assert bridge("dlq", "replay", "--config", str(config)).returncode == 2  # ids or --all
+    assert "1 deliveries" in bridge("dlq", "replay", "--all", "--config", str(config)).stdout
+    assert "no dead deliveries" in bridge("dlq", "list", "--config", str(config)).stdout
+
+
+def test_config_from_environment_variable(config: Path) -> None:
+    out = bridge("check", env={"BRIDGE_CONFIG": str(config)})
+    assert out.returncode == 0 and str(config) in out.stdout

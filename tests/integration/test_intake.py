@@ -1,0 +1,216 @@
+"""Intake and verification over real HTTP, on a real SQLite outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from typing import Any
+
+import pytest
+
+from bridge.logs import JsonFormatter
+from tests.conftest import BridgeFactory
+from tests.helpers.bridge import Bridge, sample_batch
+
+CONFIG = """
+integrations:
+  - key_id: key-one
+    secret: ${SECRET_ONE}
+  - {key_id: key-two, secret: second-secret-value}
+server:
+  max_body_bytes: 64KiB
+sinks:
+  out: {type: console}
+routes:
+  - name: tracking
+    kind: tracking
+    to: out
+"""
+ENV = {"SECRET_ONE": "first-secret-value"}
+
+
+async def _bridge(make_bridge: BridgeFactory) -> Bridge:
+    return await make_bridge(CONFIG, ENV)
+
+
+async def test_verification_answers_each_integrations_secret(make_bridge: BridgeFactory) -> None:
+    bridge = await _bridge(make_bridge)
+    assert await bridge.post({"keyId": "key-one"}) == (200, {"response": "first-secret-value"})
+    assert await bridge.post({"keyId": "key-two"}) == (200, {"response": "second-secret-value"})
+
+
+async def test_unknown_key_is_403_and_logged_without_secrets(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await _bridge(make_bridge)
+    caplog.set_level(logging.INFO)
+    status, body = await bridge.post({"keyId": "stranger"})
+    assert status == 403
+    assert "unknown keyId 'stranger'" in body["error"]
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    assert any('"key_id": "stranger"' in line for line in lines)
+    assert not any("secret-value" in line for line in lines)
+
+
+async def test_verification_never_waits_for_storage(make_bridge: BridgeFactory) -> None:
+    """A batch stuck behind a locked database must not delay isendu's verification."""
+    bridge = await _bridge(make_bridge)
+    db = bridge.rt.config.storage.removeprefix("sqlite:///")
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # the disk is "slow": every write now waits
+    try:
+        batch = asyncio.create_task(bridge.post(sample_batch()))
+        await asyncio.sleep(0.3)
+        assert not batch.done()  # the batch really is waiting for storage
+        started = time.monotonic()
+        assert await bridge.post({"keyId": "key-one"}) == (200, {"response": "first-secret-value"})
+        assert time.monotonic() - started < 2.0  # isendu allows 5 s
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    status, body = await batch
+    assert status == 200 and body["deliveries"] == len(sample_batch()["tracking"])
+
+
+async def test_verification_while_a_1000_item_batch_is_accepted(make_bridge: BridgeFactory) -> None:
+    bridge = await make_bridge(CONFIG.replace("64KiB", "4MiB"), ENV)
+    template = sample_batch()["tracking"][0]
+    big = {"tracking": [{**template, "uuid": f"u-{i}"} for i in range(1000)]}
+    batch = asyncio.create_task(bridge.post(big))
+    await asyncio.sleep(0)  # let the batch start first
+    started = time.monotonic()
+    assert (await bridge.post({"keyId": "key-two"}))[0] == 200
+    waited = time.monotonic() - started
+    status, body = await batch
+    assert status == 200 and body == {**body, "accepted": 1000, "deliveries": 1000}
+    assert waited < 2.0  # well under isendu's 5 s
+
+
+async def _outbox_state(bridge: Bridge) -> dict[str, int]:
+    return await bridge.rt.outbox.counts()
+
+
+@pytest.mark.parametrize(("body", "where", "fragment"), [
+    (b"{not json", "$", "malformed JSON"),
+    (b"[]", "$", "expected a JSON object, got an array"),
+    (b"null", "$", "expected a JSON object, got null"),
+    (b'{"order": "x"}', "$.order", "expected a list of order items"),
+    (b'{"tracking": {"uuid": "a"}}', "$.tracking", "expected a list of tracking items"),
+    (b'{"tracking": [{"uuid": "a"}, "b"]}', "$.tracking[1]", "expected an object, got a string"),
+    (b'{"order": [{"uuid": "a"}], "tracking": [{"status": "X"}]}', "$.tracking[0].uuid",
+     "uuid missing"),
+    (b'{"keyId": ""}', "$.keyId", "non-empty string"),
+])
+async def test_bad_input_is_400_and_stores_nothing(
+    make_bridge: BridgeFactory, body: bytes, where: str, fragment: str
+) -> None:
+    bridge = await _bridge(make_bridge)
+    before = await _outbox_state(bridge)
+    status, answer = await bridge.post(body)
+    assert status == 400
+    assert answer["where"] == where and fragment in answer["error"]
+    assert await _outbox_state(bridge) == before == {"pending": 0, "delivered": 0, "dead": 0}
+
+
+async def test_body_over_the_limit_is_413(make_bridge: BridgeFactory) -> None:
+    bridge = await _bridge(make_bridge)
+    huge = json.dumps({"tracking": [{"uuid": "x", "pad": "p" * 70_000}]})
+    status, answer = await bridge.post(huge)
+    assert status == 413 and "max_body_bytes 65536" in answer["error"]
+
+    async def chunks() -> Any:  # no Content-Length: the limit holds while streaming too
+        for _ in range(100):
+            yield b"x" * 1024
+
+    resp = await bridge.client.post("/isendu/webhook", data=chunks())
+    assert resp.status == 413
+    assert await _outbox_state(bridge) == {"pending": 0, "delivered": 0, "dead": 0}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_other_methods_are_405(make_bridge: BridgeFactory, method: str) -> None:
+    bridge = await _bridge(make_bridge)
+    resp = await bridge.client.request(method, "/isendu/webhook")
+    assert resp.status == 405
+    assert (await resp.json())["allowed"] == ["POST"]
+    assert resp.headers["Allow"] == "POST"
+
+
+async def test_batch_matching_no_route_is_still_accepted(make_bridge: BridgeFactory) -> None:
+    bridge = await _bridge(make_bridge)
+    status, body = await bridge.post({"order": sample_batch()["order"]})
+    assert status == 200 and body["accepted"] == 1 and body["deliveries"] == 0
+
+
+async def test_repeated_batch_is_accepted_but_not_delivered_twice(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await _bridge(make_bridge)
+    batch = sample_batch()
+    first = (await bridge.post(batch))[1]
+    second = (await bridge.post(batch))[1]
+    assert first["deliveries"] == len(batch["tracking"]) and first["duplicates"] == 0
+    assert second["deliveries"] == 0 and second["duplicates"] == len(batch["tracking"])
+
+
+async def test_one_failing_template_dead_letters_only_that_delivery(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await make_bridge("""
+sinks:
+  out: {type: console, message: "{{ item.uuid }} costs {{ 100 / item.parcels }}"}
+routes:
+  - {name: all, to: out}
+""")
+    status, body = await bridge.post({"order": [{"uuid": "ok", "parcels": 4},
+                                                {"uuid": "broken", "parcels": 0}]})
+    assert status == 200 and body["deliveries"] == 2
+    [dead] = await bridge.rt.outbox.list_dead()
+    assert dead.item_uuid == "broken"
+    assert dead.last_error is not None and "ZeroDivisionError" in dead.last_error
+
+
+async def test_health_readiness_and_metrics(make_bridge: BridgeFactory) -> None:
+    bridge = await _bridge(make_bridge)
+    assert (await bridge.client.get("/healthz")).status == 200
+    assert (await bridge.client.get("/readyz")).status == 200
+    await bridge.post(sample_batch())
+    await bridge.post({"keyId": "key-one"})
+    await bridge.post({"keyId": "nobody"})
+    await bridge.post(b"{")
+    text = await (await bridge.client.get("/metrics")).text()
+    assert 'bridge_batches_received_total{outcome="accepted"} 1.0' in text
+    assert 'bridge_batches_received_total{outcome="rejected"} 1.0' in text
+    assert 'bridge_items_received_total{kind="tracking"} 5.0' in text
+    assert 'bridge_items_received_total{kind="order"} 1.0' in text
+    assert 'bridge_verification_requests_total{outcome="ok"} 1.0' in text
+    assert 'bridge_verification_requests_total{outcome="unknown_key"} 1.0' in text
+    assert 'bridge_outbox_deliveries{status="pending"}' in text
+    assert 'bridge_delivery_latency_seconds_bucket{le="0.005",sink="out"}' in text
+    assert "secret-value" not in text
+
+
+async def test_readyz_is_503_when_storage_cannot_be_written(make_bridge: BridgeFactory) -> None:
+    bridge = await _bridge(make_bridge)
+    db = bridge.rt.config.storage.removeprefix("sqlite:///")
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        resp = await bridge.client.get("/readyz")
+        assert resp.status == 503
+        assert "not writable" in (await resp.json())["storage"]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert (await bridge.client.get("/readyz")).status == 200  # recovers by itself
+
+
+async def test_webhook_path_with_a_token(make_bridge: BridgeFactory) -> None:
+    token = "t0k3n-abcdefghijklmnop"
+    bridge = await make_bridge(CONFIG.replace("server:", "server:\n  webhook_path: /isendu/${TOK}"),
+                               {**ENV, "TOK": token})
+    assert (await bridge.post({"keyId": "key-one"}, path=f"/isendu/{token}"))[0] == 200
+    assert (await bridge.post({"keyId": "key-one"}, path="/isendu/webhook"))[0] == 404
