@@ -50,6 +50,8 @@ def build_runtime(config: BridgeConfig, outbox: Outbox | None = None) -> Runtime
     metrics = Metrics()
     metrics.add_sinks(sinks)
     outbox = outbox or from_url(config.storage)
+    for sink in sinks.values():
+        sink.state = outbox
     return Runtime(
         config=config,
         sinks=sinks,

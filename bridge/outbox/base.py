@@ -72,6 +72,13 @@ class Outbox(ABC):
         """Number of deliveries per status (pending, delivered, dead)."""
 
     @abstractmethod
+    async def get_state(self, scope: str, key: str) -> str | None:
+        """A sink's small durable memory, e.g. the Slack thread of a shipment."""
+
+    @abstractmethod
+    async def put_state(self, scope: str, key: str, value: str, now: float) -> None: ...
+
+    @abstractmethod
     async def ping(self) -> None:
         """Raise if the storage cannot be written right now."""
 

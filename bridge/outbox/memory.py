@@ -13,6 +13,7 @@ class MemoryOutbox(Outbox):
         self._rows: dict[str, Delivery] = {}
         self._seq: dict[str, int] = {}
         self._lease: dict[str, float] = {}
+        self._state: dict[tuple[str, str], str] = {}
 
     async def open(self, *, recover: bool = False) -> None:
         if recover:
@@ -121,6 +122,12 @@ class MemoryOutbox(Outbox):
         for row in self._rows.values():
             out[row.status.value] += 1
         return out
+
+    async def get_state(self, scope: str, key: str) -> str | None:
+        return self._state.get((scope, key))
+
+    async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
+        self._state[(scope, key)] = value
 
     async def ping(self) -> None:
         pass

@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (sink, next_attempt_at, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (status, updated_at);
+CREATE TABLE IF NOT EXISTS sink_state (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
 """
 
 _COLUMNS = (
@@ -299,6 +306,20 @@ class SqliteOutbox(Outbox):
             return out
 
         return await self._call(read)
+
+    async def get_state(self, scope: str, key: str) -> str | None:
+        def read(c: sqlite3.Connection) -> str | None:
+            row = c.execute("SELECT value FROM sink_state WHERE scope = ? AND key = ?",
+                            (scope, key)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._call(read)
+
+    async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
+        await self._call(lambda c: c.execute(
+            "INSERT INTO sink_state (scope, key, value, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at", (scope, key, value, now)))
 
     async def ping(self) -> None:
         # A real write (rolled back by nobody; it changes nothing) proves the file is writable.

@@ -8,7 +8,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 
@@ -49,6 +49,14 @@ class RenderContext:
         }
 
 
+class StateStore(Protocol):
+    """Durable key-value memory a sink may keep (the outbox provides it)."""
+
+    async def get_state(self, scope: str, key: str) -> str | None: ...
+
+    async def put_state(self, scope: str, key: str, value: str, now: float) -> None: ...
+
+
 class Sink(ABC):
     """A destination. `send` returns on success and raises Transient/PermanentSinkError."""
 
@@ -61,6 +69,7 @@ class Sink(ABC):
     def __init__(self, name: str, config: SinkConfigBase) -> None:
         self.name = name
         self.config = config
+        self.state: StateStore | None = None  # set by the runtime before the first send
 
     @abstractmethod
     def render(

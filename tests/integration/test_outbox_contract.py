@@ -161,6 +161,18 @@ async def test_concurrent_enqueues_all_land(box: Outbox) -> None:
     assert (await box.counts())["pending"] == 500
 
 
+async def test_sink_state_survives_a_restart(reopen: OutboxFactory) -> None:
+    box = await reopen()
+    assert await box.get_state("slack:C1", "shipment-1") is None
+    await box.put_state("slack:C1", "shipment-1", "1700000000.000100", 100.0)
+    await box.put_state("slack:C2", "shipment-1", "other", 100.0)
+    await box.put_state("slack:C1", "shipment-1", "1700000000.000200", 101.0)  # overwrite
+    await box.close()
+    box2 = await reopen()
+    assert await box2.get_state("slack:C1", "shipment-1") == "1700000000.000200"
+    assert await box2.get_state("slack:C2", "shipment-1") == "other"
+
+
 async def test_ping(box: Outbox) -> None:
     await box.ping()
 
