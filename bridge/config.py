@@ -218,6 +218,13 @@ def _one_or_many(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
+class GroupConfig(StrictModel):
+    """Items routed to one sink within `window` go out as one digest message."""
+
+    window: Duration = Field(30.0, gt=0)
+    max_items: int = Field(20, ge=2, le=500)
+
+
 class Route(StrictModel):
     name: str = Field(min_length=1)
     kind: Kind | None = None
@@ -230,6 +237,7 @@ class Route(StrictModel):
         ],
         Discriminator(lambda v: "per_sink" if isinstance(v, dict) else "one"),
     ] | None = None
+    group: GroupConfig | None = None
     stop: bool = False
 
 
@@ -309,6 +317,14 @@ def cross_check(cfg: BridgeConfig) -> list[tuple[KeyPath, str]]:
                 expected = f"did you mean {hint[0]!r}?" if hint else (
                     f"expected one of: {', '.join(known)}" if known else "no sinks are defined")
                 problems.append((("routes", i, "to", j), f"unknown sink {sink!r}; {expected}"))
+        if route.group is not None:
+            for j, sink in enumerate(route.to):
+                sink_cfg = cfg.sinks.get(sink)
+                if sink_cfg is not None and not SINK_TYPES[sink_cfg.type].supports_digest:
+                    problems.append((("routes", i, "to", j),
+                                     f"sink {sink!r} ({sink_cfg.type}) cannot send digests, so "
+                                     f"this route cannot use `group`; route the items to it "
+                                     f"from a route without `group`"))
         if isinstance(route.message, dict):
             for sink in route.message:
                 if sink not in route.to:

@@ -74,6 +74,34 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+               "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(value: Any) -> float | None:
+    """`1/s`, `20/min`, `4/s`, `100/10s`, `off` -> messages per second (None: unlimited)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, str) and (m := _RATE.match(value)):
+        count, per, unit = float(m.group(1)), float(m.group(2) or 1), _RATE_UNITS[m.group(3)]
+        if count > 0:
+            return count / (per * unit)
+    raise ValueError(f"expected a rate such as 1/s, 20/min or 100/10s (or off), got {value!r}")
+
+
+def format_rate(rate: float | None) -> str:
+    if rate is None:
+        return "off"
+    if rate >= 1 and rate == int(rate):
+        return f"{int(rate)}/s"
+    per_minute = rate * 60
+    return f"{per_minute:g}/min"
+
+
+Rate = Annotated[float | None, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
+
+
 class RetryPolicy(StrictModel):
     max_attempts: int = Field(10, ge=1, description="attempts before a delivery is dead")
     initial_delay: Duration = 1.0
@@ -87,3 +115,6 @@ class SinkConfigBase(StrictModel):
     type: str  # each sink type narrows this to its Literal name
     concurrency: int = Field(8, ge=1, le=1024, description="sends in flight at once")
     retry: RetryPolicy | None = None  # overrides defaults.retry for this sink
+    # Unset: the service's documented pace (each sink type knows it); `off`: no limit.
+    rate_limit: Rate = Field(None, validate_default=False)
+    burst: int | None = Field(None, ge=1, le=10_000)

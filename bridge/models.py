@@ -48,6 +48,8 @@ class NewDelivery:
     payload: dict[str, str]
     batch_id: str
     error: str | None = None
+    group_key: str | None = None  # set: wait `delay` seconds, then go out as one digest
+    delay: float = 0.0
 
 
 @dataclass(slots=True)
@@ -68,3 +70,4 @@ class Delivery:
     enqueued_at: float  # when it last became pending from scratch; `max_age` counts from here
     last_error: str | None = None
     batch_id: str | None = None
+    group_key: str | None = None

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable
 
 from bridge.config import BridgeConfig
+from bridge.dispatch.ratelimit import TokenBucket
 from bridge.dispatch.retry import GiveUp, decide
 from bridge.errors import SinkError, TransientSinkError
 from bridge.metrics import Metrics
@@ -46,6 +49,15 @@ class Dispatcher:
         self._wake = {name: asyncio.Event() for name in sinks}
         self._inflight: dict[str, dict[str, asyncio.Task[None]]] = {name: {} for name in sinks}
         self._chunks: dict[str, list[str]] = {}  # in-flight task key -> its delivery ids
+        self._buckets: dict[str, TokenBucket] = {}
+        for name, sink in sinks.items():
+            limit = sink.rate_limit()
+            if limit is not None:
+                self._buckets[name] = TokenBucket(*limit)
+        self._group_max = {
+            f"{route.name}>{sink}": route.group.max_items
+            for route in config.routes if route.group is not None for sink in route.to
+        }
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -91,35 +103,69 @@ class Dispatcher:
         sink = self.sinks[name]
         limit = self.config.sinks[name].concurrency
         per_task = max(1, sink.batch_size)
+        bucket = self._buckets.get(name)
         wake = self._wake[name]
         inflight = self._inflight[name]
         while not self._stopping:
             wake.clear()
-            free = limit - len(inflight)
             timeout: float | None = None
-            if free > 0:
-                try:
-                    batch = await self.outbox.claim(name, free * per_task, self.clock(),
-                                                    LEASE_SECONDS)
-                except Exception:
-                    log.exception("claiming deliveries failed", extra={"sink": name})
-                    await asyncio.sleep(IDLE_POLL)
-                    continue
-                for start in range(0, len(batch), per_task):
-                    chunk = batch[start:start + per_task]
-                    task = asyncio.create_task(self._deliver(sink, chunk))
-                    key = chunk[0].id
-                    self._chunks[key] = [d.id for d in chunk]
-                    inflight[key] = task
-                    task.add_done_callback(functools.partial(self._done, name, key))
-                if len(batch) == free * per_task:
-                    continue  # there may be more due work: claim again when slots free up
-                if len(batch) == 0:
-                    timeout = await self._idle_timeout(name)
+            paused = sink.paused_until - time.monotonic()
+            want = (limit - len(inflight)) * per_task
+            if paused > 0:
+                timeout = paused
+            elif want > 0:
+                granted = bucket.take(want) if bucket else want
+                if granted == 0 and bucket is not None:
+                    timeout = bucket.wait_time()
+                else:
+                    claimed = await self._claim(name, granted)
+                    if bucket is not None and len(claimed) < granted:
+                        bucket.give_back(granted - len(claimed))
+                    for chunk in await self._chunk(sink, claimed, per_task):
+                        self._spawn(sink, chunk)
+                    if claimed and len(claimed) == granted:
+                        continue  # there may be more due work: claim again at once
+                    if not claimed:
+                        timeout = await self._idle_timeout(name)
             if self._stopping:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _claim(self, name: str, count: int) -> list[Delivery]:
+        try:
+            return await self.outbox.claim(name, count, self.clock(), LEASE_SECONDS)
+        except Exception:
+            log.exception("claiming deliveries failed", extra={"sink": name})
+            await asyncio.sleep(IDLE_POLL)
+            return []
+
+    async def _chunk(self, sink: Sink, claimed: list[Delivery], per_task: int
+                     ) -> list[list[Delivery]]:
+        """Single deliveries in chunks of `per_task`; digest groups completed and kept whole."""
+        plain = [d for d in claimed if d.group_key is None]
+        chunks = [plain[i:i + per_task] for i in range(0, len(plain), per_task)]
+        groups: dict[str, list[Delivery]] = {}
+        for d in claimed:
+            if d.group_key is not None:
+                groups.setdefault(d.group_key, []).append(d)
+        for key, members in groups.items():
+            most = self._group_max.get(key, 20)
+            if len(members) < most:
+                try:
+                    members += await self.outbox.claim_group(
+                        sink.name, key, most - len(members), self.clock(), LEASE_SECONDS)
+                except Exception:
+                    log.exception("claiming a digest group failed", extra={"sink": sink.name})
+            chunks += [members[i:i + most] for i in range(0, len(members), most)]
+        return chunks
+
+    def _spawn(self, sink: Sink, chunk: list[Delivery]) -> None:
+        task = asyncio.create_task(self._deliver(sink, chunk))
+        key = chunk[0].id
+        self._chunks[key] = [d.id for d in chunk]
+        self._inflight[sink.name][key] = task
+        task.add_done_callback(functools.partial(self._done, sink.name, key))
 
     def _done(self, name: str, key: str, _task: asyncio.Task[None]) -> None:
         self._inflight[name].pop(key, None)
@@ -138,7 +184,10 @@ class Dispatcher:
     async def _deliver(self, sink: Sink, chunk: list[Delivery]) -> None:
         started = time.monotonic()
         errors: list[SinkError | None]
-        if len(chunk) == 1:
+        if chunk[0].group_key is not None:
+            error = await self._send_one(sink, self._digest(sink, chunk))
+            errors = [error] * len(chunk)
+        elif len(chunk) == 1:
             errors = [await self._send_one(sink, chunk[0])]
         else:
             try:
@@ -160,6 +209,18 @@ class Dispatcher:
             if error is not None:
                 await self._failed(sink, d, error, now)
 
+    @staticmethod
+    def _digest(sink: Sink, members: list[Delivery]) -> Delivery:
+        """One synthetic delivery standing for a digest group; its id is stable for the set."""
+        ids = sorted(d.id for d in members)
+        first = members[0]
+        return dataclasses.replace(
+            first,
+            id="dgst_" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:32],
+            payload=sink.render_digest(first.route, members),
+            item_uuid=",".join(dict.fromkeys(d.item_uuid for d in members)),
+        )
+
     async def _send_one(self, sink: Sink, d: Delivery) -> SinkError | None:
         try:
             await sink.send(d)
@@ -178,6 +239,13 @@ class Dispatcher:
                  "batch_id": d.batch_id, "attempt": d.attempts}
         self.metrics.sink_failing.labels(sink.name).set(1)
         error.reason = redact(error.reason)
+        rate_limited = isinstance(error, TransientSinkError) and error.kind == "rate_limited"
+        if rate_limited:
+            # The whole sink waits, not just this delivery: its siblings would hit 429 too.
+            hint = error.retry_after if isinstance(error, TransientSinkError) else None
+            sink.pause_for(hint if hint is not None else 1.0)
+            if sink.name in self._buckets:
+                self._buckets[sink.name].pause(hint if hint is not None else 1.0)
         decision = decide(self.config.retry_for(sink.name), error, d.attempts, d.enqueued_at, now)
         if isinstance(decision, GiveUp):
             await self.outbox.dead_letter(d.id, decision.reason, now)
@@ -185,7 +253,8 @@ class Dispatcher:
             self.metrics.dead_letters.labels(sink.name, error.kind).inc()
             log.warning("dead-lettered", extra={**extra, "reason": decision.reason})
         else:
-            await self.outbox.retry_at(d.id, decision.at, decision.reason, now)
+            await self.outbox.retry_at(d.id, decision.at, decision.reason, now,
+                                       refund=rate_limited)
             self.metrics.deliveries.labels(sink.name, "retried").inc()
             self.metrics.retries.labels(sink.name).inc()
             log.info("will retry", extra={**extra, "reason": decision.reason,

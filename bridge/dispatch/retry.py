@@ -53,7 +53,8 @@ def decide(
     reason = error.reason
     if isinstance(error, PermanentSinkError) or not isinstance(error, TransientSinkError):
         return GiveUp(reason)
-    if attempts >= policy.max_attempts:
+    # "Slow down" is not a failure: only max_age bounds how long a 429 storm is ridden out.
+    if attempts >= policy.max_attempts and error.kind != "rate_limited":
         return GiveUp(f"gave up after {attempts} attempts; last error: {reason}")
     if error.retry_after is not None:
         delay = min(error.retry_after, policy.max_age)  # the receiver's own hint wins

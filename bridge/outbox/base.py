@@ -36,10 +36,21 @@ class Outbox(ABC):
         """
 
     @abstractmethod
+    async def claim_group(
+        self, sink: str, group_key: str, limit: int, now: float, lease: float
+    ) -> list[Delivery]:
+        """Take up to `limit` pending, unleased deliveries of one digest group, due or not
+        (the first one's window closing sends the whole group), oldest first."""
+
+    @abstractmethod
     async def complete(self, ids: list[str], now: float) -> None: ...
 
     @abstractmethod
-    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None: ...
+    async def retry_at(
+        self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
+    ) -> None:
+        """Try again at `when`. `refund`: the attempt does not count towards max_attempts
+        (the receiver said "slow down", it did not fail)."""
 
     @abstractmethod
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None: ...

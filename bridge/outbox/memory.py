@@ -30,8 +30,9 @@ class MemoryOutbox(Outbox):
             self._rows[d.id] = Delivery(
                 id=d.id, sink=d.sink, route=d.route, item_uuid=d.item_uuid, kind=d.kind,
                 payload=dict(d.payload), status=Status.DEAD if d.error else Status.PENDING,
-                attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
+                attempts=0, next_attempt_at=now + d.delay, created_at=now, updated_at=now,
                 enqueued_at=now, last_error=d.error, batch_id=d.batch_id,
+                group_key=d.group_key,
             )
             self._seq[d.id] = len(self._seq)
             new += 1
@@ -55,6 +56,23 @@ class MemoryOutbox(Outbox):
             out.append(replace(row, payload=dict(row.payload)))
         return out
 
+    async def claim_group(
+        self, sink: str, group_key: str, limit: int, now: float, lease: float
+    ) -> list[Delivery]:
+        rows = [
+            r for r in self._rows.values()
+            if r.sink == sink and r.group_key == group_key and r.status is Status.PENDING
+            and self._lease.get(r.id, 0.0) <= now
+        ]
+        rows.sort(key=lambda r: self._seq[r.id])
+        out = []
+        for row in rows[:limit]:
+            row.attempts += 1
+            row.updated_at = now
+            self._lease[row.id] = now + lease
+            out.append(replace(row, payload=dict(row.payload)))
+        return out
+
     def _finish(self, delivery_id: str, now: float, **changes: object) -> None:
         row = self._rows.get(delivery_id)
         if row is None:
@@ -68,8 +86,14 @@ class MemoryOutbox(Outbox):
         for delivery_id in ids:
             self._finish(delivery_id, now, status=Status.DELIVERED, last_error=None)
 
-    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None:
-        self._finish(delivery_id, now, next_attempt_at=when, last_error=error)
+    async def retry_at(
+        self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
+    ) -> None:
+        row = self._rows.get(delivery_id)
+        if row is None or row.status is not Status.PENDING:
+            return
+        attempts = max(0, row.attempts - 1) if refund else row.attempts
+        self._finish(delivery_id, now, next_attempt_at=when, last_error=error, attempts=attempts)
 
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
         self._finish(delivery_id, now, status=Status.DEAD, last_error=reason)

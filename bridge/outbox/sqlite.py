@@ -43,11 +43,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error TEXT,
     created_at REAL NOT NULL,
     enqueued_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    group_key TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (sink, next_attempt_at, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (status, updated_at);
+CREATE INDEX IF NOT EXISTS deliveries_groups
+    ON deliveries (sink, group_key, seq) WHERE status = 'pending' AND group_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sink_state (
     scope TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -59,7 +62,7 @@ CREATE TABLE IF NOT EXISTS sink_state (
 
 _COLUMNS = (
     "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
-    "next_attempt_at, last_error, created_at, enqueued_at, updated_at"
+    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key"
 )
 
 
@@ -68,6 +71,7 @@ def _row(r: tuple[Any, ...]) -> Delivery:
         id=r[0], sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
         payload=json.loads(r[6]), status=Status(r[7]), attempts=r[8], next_attempt_at=r[9],
         last_error=r[10], created_at=r[11], enqueued_at=r[12], updated_at=r[13],
+        group_key=r[14],
     )
 
 
@@ -106,6 +110,9 @@ class SqliteOutbox(Outbox):
         # FULL: a 200 to isendu must survive a power cut, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+        if columns and "group_key" not in columns:  # a file from before digests existed
+            conn.execute("ALTER TABLE deliveries ADD COLUMN group_key TEXT")
         conn.executescript(SCHEMA)
         return conn
 
@@ -206,7 +213,7 @@ class SqliteOutbox(Outbox):
             (d.id, d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
              json.dumps(d.payload, ensure_ascii=False, separators=(",", ":")),
              Status.DEAD.value if d.error else Status.PENDING.value,
-             now, d.error, now, now, now)
+             now + d.delay, d.error, now, now, now, d.group_key)
             for d in deliveries
         ]
 
@@ -215,7 +222,7 @@ class SqliteOutbox(Outbox):
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, "
                 "payload, status, next_attempt_at, last_error, created_at, enqueued_at, "
-                "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "updated_at, group_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             return c.total_changes - before
@@ -236,16 +243,34 @@ class SqliteOutbox(Outbox):
 
         return await self._call(take)
 
+    async def claim_group(
+        self, sink: str, group_key: str, limit: int, now: float, lease: float
+    ) -> list[Delivery]:
+        def take(c: sqlite3.Connection) -> list[Delivery]:
+            rows = c.execute(
+                f"UPDATE deliveries SET attempts = attempts + 1, lease_until = ?, updated_at = ? "
+                f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = ? "
+                f"AND group_key = ? AND (lease_until IS NULL OR lease_until <= ?) "
+                f"ORDER BY seq LIMIT ?) RETURNING {_COLUMNS}, seq",
+                (now + lease, now, sink, group_key, now, limit),
+            ).fetchall()
+            rows.sort(key=lambda r: r[-1])
+            return [_row(r) for r in rows]
+
+        return await self._call(take)
+
     async def complete(self, ids: list[str], now: float) -> None:
         await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
             "updated_at = ? WHERE id = ?", [(now, i) for i in ids]))
 
-    async def retry_at(self, delivery_id: str, when: float, error: str, now: float) -> None:
+    async def retry_at(
+        self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
+    ) -> None:
         await self._call(lambda c: c.execute(
             "UPDATE deliveries SET next_attempt_at = ?, last_error = ?, lease_until = NULL, "
-            "updated_at = ? WHERE id = ? AND status = 'pending'",
-            (when, error, now, delivery_id)))
+            "updated_at = ?, attempts = MAX(attempts - ?, 0) WHERE id = ? AND status = 'pending'",
+            (when, error, now, 1 if refund else 0, delivery_id)))
 
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
         await self._call(lambda c: c.execute(

@@ -11,7 +11,7 @@ from bridge.errors import TemplateRenderError
 from bridge.models import Batch, Item, NewDelivery
 from bridge.routing.conditions import Predicate, always
 from bridge.sinks.base import RenderContext, Sink
-from bridge.templates import Template
+from bridge.templates import DEFAULT_SUMMARY, Template
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,7 @@ class CompiledRoute:
     matches: Predicate
     targets: tuple[tuple[Sink, Template | None], ...]
     stop: bool
+    group_window: float | None = None  # seconds; None: every item goes out on its own
 
 
 def compile_routes(config: BridgeConfig, sinks: dict[str, Sink]) -> list[CompiledRoute]:
@@ -38,7 +39,13 @@ def _compile(route: Route, sinks: dict[str, Sink]) -> CompiledRoute:
         matches=predicate_of(route.when) if route.when is not None else always,
         targets=tuple(targets),
         stop=route.stop,
+        group_window=route.group.window if route.group else None,
     )
+
+
+def _has_error(ctx: RenderContext) -> bool:
+    step = ctx.last_step
+    return bool(step and step.get("error"))
 
 
 def canonical_json(data: object) -> str:
@@ -77,17 +84,25 @@ class Router:
         ctx = RenderContext(item.data, item.kind, batch.received_at, item_json)
         out = []
         for route in matched:
+            # An item whose latest step failed is news now: it never waits for a digest.
+            grouped = route.group_window is not None and not _has_error(ctx)
             for sink, message in route.targets:
                 did = delivery_id(sink.name, route.name, item.kind, item_json)
                 try:
                     payload = sink.render(ctx, route.name, did, message)
+                    if grouped:
+                        payload["summary"] = DEFAULT_SUMMARY[item.kind].render(
+                            ctx.vars(route.name, did))
                     error = None
                 except TemplateRenderError as exc:
                     payload, error = {}, str(exc)
-                out.append(NewDelivery(
+                d = NewDelivery(
                     id=did, sink=sink.name, route=route.name, item_uuid=item.uuid,
                     kind=item.kind, payload=payload, batch_id=batch.batch_id, error=error,
-                ))
+                )
+                if grouped and route.group_window is not None:
+                    d.group_key, d.delay = f"{route.name}>{sink.name}", route.group_window
+                out.append(d)
         return out
 
     def route_batch(self, batch: Batch) -> list[NewDelivery]:

@@ -65,11 +65,18 @@ class Sink(ABC):
     # >1: the dispatcher hands `send_many` up to this many deliveries at once (e.g. Kafka,
     # whose producer batches them); a concurrency slot then holds one such batch.
     batch_size: int = 1
+    # The service's documented pace, (messages per second, burst); None: no limit.
+    default_rate: ClassVar[tuple[float, int] | None] = None
 
     def __init__(self, name: str, config: SinkConfigBase) -> None:
         self.name = name
         self.config = config
         self.state: StateStore | None = None  # set by the runtime before the first send
+        self.paused_until = 0.0  # time.monotonic(); the dispatcher sends nothing before it
+
+    def pause_for(self, seconds: float) -> None:
+        """The service asked for quiet (429, or rate-limit headers saying none is left)."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     @abstractmethod
     def render(
@@ -103,6 +110,24 @@ class Sink(ABC):
     def secrets(self) -> list[str]:
         """Secret values this sink holds, so logs and stored reasons can be scrubbed."""
         return []
+
+    def rate_limit(self) -> tuple[float, int] | None:
+        """(messages per second, burst) this sink must keep to; None: unlimited."""
+        cfg = self.config
+        if "rate_limit" in cfg.model_fields_set:
+            return None if cfg.rate_limit is None else (cfg.rate_limit, cfg.burst or 1)
+        if self.default_rate is None:
+            return None
+        rate, burst = self.default_rate
+        return rate, cfg.burst or burst
+
+    supports_digest: ClassVar[bool] = False
+
+    def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
+        """One message listing several grouped deliveries (routes with `group:`).
+
+        Each delivery's payload carries `summary`, a one-line description of its item."""
+        raise NotImplementedError(f"{self.type_name} sinks cannot send digests")
 
 
 def parse_retry_after(value: str | None) -> float | None:

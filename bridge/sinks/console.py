@@ -31,6 +31,12 @@ class ConsoleSink(Sink):
         template = message or self.config.message or DEFAULT_TEXT[ctx.kind]
         return {"text": template.render(ctx.vars(route, delivery_id))}
 
+    supports_digest = True
+
+    def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
+        lines = " | ".join(d.payload.get("summary") or d.item_uuid for d in deliveries)
+        return {"text": f"[{route}] {len(deliveries)} updates: {lines}"}
+
     async def send(self, delivery: Delivery) -> None:
         line = " ".join(delivery.payload["text"].splitlines())
         stream = self._stream or sys.stdout

@@ -173,6 +173,34 @@ async def test_sink_state_survives_a_restart(reopen: OutboxFactory) -> None:
     assert await box2.get_state("slack:C2", "shipment-1") == "other"
 
 
+async def test_refunded_retry_does_not_count_an_attempt(box: Outbox) -> None:
+    await box.enqueue([new(1)], 100.0)
+    await box.claim("s", 1, 100.0, 30)
+    await box.retry_at("d0001", 100.0, "HTTP 429", 100.0, refund=True)
+    [row] = await box.claim("s", 1, 100.0, 30)
+    assert row.attempts == 1 and row.last_error == "HTTP 429"
+
+
+def grouped(i: int, key: str = "g", delay: float = 30.0) -> NewDelivery:
+    d = new(i)
+    d.group_key, d.delay = key, delay
+    return d
+
+
+async def test_digest_groups_wait_and_are_claimed_together(box: Outbox) -> None:
+    await box.enqueue([grouped(1)], 100.0)
+    await box.enqueue([grouped(2), grouped(3, key="other"), new(4)], 110.0)
+    assert [d.id for d in await box.claim("s", 10, 110.0, 30)] == ["d0004"]  # not yet due
+    assert await box.next_due("s") == 130.0
+    [first] = await box.claim("s", 10, 130.0, 30)  # the first window closed
+    assert (first.id, first.group_key) == ("d0001", "g")
+    rest = await box.claim_group("s", "g", 10, 130.0, 30)
+    assert [d.id for d in rest] == ["d0002"]  # same group, due later, not the other group
+    assert rest[0].attempts == 1
+    assert await box.claim_group("s", "g", 10, 130.0, 30) == []  # all leased now
+    assert [d.id for d in await box.claim_group("s", "other", 1, 130.0, 30)] == ["d0003"]
+
+
 async def test_ping(box: Outbox) -> None:
     await box.ping()
 
