@@ -6,6 +6,7 @@ empty (isendu sends whatever fields it has, and a missing one must not kill a me
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,10 @@ def _json_filter(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def _make_env() -> SandboxedEnvironment:
+def _make_env(autoescape: bool = False) -> SandboxedEnvironment:
     env = SandboxedEnvironment(
         undefined=jinja2.ChainableUndefined,
-        autoescape=False,
+        autoescape=autoescape,
         keep_trailing_newline=False,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -33,6 +34,9 @@ def _make_env() -> SandboxedEnvironment:
 
 
 ENV = _make_env()
+# For templates whose output is HTML (e-mail bodies, Telegram): values are escaped, the
+# template's own tags are not.
+HTML_ENV = _make_env(autoescape=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,14 @@ def compile_template(source: str) -> Template:
     return Template(source=source, compiled=compiled, is_static=static)
 
 
+@functools.lru_cache(maxsize=256)
+def as_html(template: Template) -> Template:
+    """The same template compiled with HTML autoescape (it parsed once, so it parses again)."""
+    if template.is_static:
+        return template
+    return Template(template.source, HTML_ENV.from_string(template.source), False)
+
+
 def last_step(item: dict[str, Any]) -> dict[str, Any] | None:
     """The newest step by UTC `timestamp`; isendu does not promise steps are sorted."""
     steps = item.get("steps")
@@ -101,23 +113,32 @@ def envelope(delivery_id: str, kind: str, route: str, received_at: str, item_jso
     )
 
 
-# Default one-line messages (console, and the fallback text of chat sinks later).
+# One line per item: the digest's list entries, and (prefixed with the route) the default
+# message of the console sink and the fallback text of chat sinks.
+_ORDER_LINE = (
+    "order {{ item.reference or item.uuid }}"
+    "{% if item.status %}: {{ item.status }}{% endif %}"
+    "{% if item.recipient and item.recipient.city %} -> {{ item.recipient.city }}"
+    "{% if item.recipient.country %}, {{ item.recipient.country }}{% endif %}{% endif %}"
+)
+_TRACKING_LINE = (
+    "{{ item.trackingNumber or item.uuid }}: {{ item.status or 'UNKNOWN' }}"
+    "{% if last_step %}"
+    "{% if last_step.description %} - {{ last_step.description }}{% endif %}"
+    "{% if last_step.location %} ({{ last_step.location }}){% endif %}"
+    "{% if last_step.datetime %} at {{ last_step.datetime }}{% endif %}"
+    "{% if last_step.error %} [error {{ last_step.error.code }}: "
+    "{{ last_step.error.message }}]{% endif %}"
+    "{% endif %}"
+)
+DEFAULT_SUMMARY = {
+    "order": compile_template(_ORDER_LINE),
+    "tracking": compile_template(_TRACKING_LINE),
+}
 DEFAULT_TEXT = {
-    "order": compile_template(
-        "[{{ route }}] order {{ item.reference or item.uuid }}"
-        "{% if item.status %}: {{ item.status }}{% endif %}"
-        "{% if item.recipient and item.recipient.city %} -> {{ item.recipient.city }}"
-        "{% if item.recipient.country %}, {{ item.recipient.country }}{% endif %}{% endif %}"
-    ),
+    "order": compile_template("[{{ route }}] " + _ORDER_LINE),
     "tracking": compile_template(
-        "[{{ route }}] {{ item.trackingNumber or item.uuid }}: {{ item.status or 'UNKNOWN' }}"
-        "{% if last_step %}"
-        "{% if last_step.description %} - {{ last_step.description }}{% endif %}"
-        "{% if last_step.location %} ({{ last_step.location }}){% endif %}"
-        "{% if last_step.datetime %} at {{ last_step.datetime }}{% endif %}"
-        "{% if last_step.error %} [error {{ last_step.error.code }}: "
-        "{{ last_step.error.message }}]{% endif %}"
-        "{% endif %}"
-        "{% if item.trackingUrl %} {{ item.trackingUrl }}{% endif %}"
+        "[{{ route }}] " + _TRACKING_LINE
+        + "{% if item.trackingUrl %} {{ item.trackingUrl }}{% endif %}"
     ),
 }
