@@ -18,12 +18,12 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import LoadedConfig, config_path, load_config
-from bridge.errors import ConfigError, PayloadError
+from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
-from bridge.models import Batch
+from bridge.models import Batch, Delivery, Status
 from bridge.outbox import from_url
 from bridge.parse import Verification, parse_request
-from bridge.redact import MASK
+from bridge.redact import MASK, redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
 
@@ -174,6 +174,49 @@ def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:
     return rows
 
 
+# ---- send-test -----------------------------------------------------------------------------
+
+async def cmd_send_test(args: argparse.Namespace) -> int:
+    from bridge.outbox.memory import MemoryOutbox
+    from bridge.parse import utc_now
+    from bridge.routing.router import canonical_json, delivery_id
+    from bridge.samples import SAMPLE_ORDER, SAMPLE_TRACKING
+    from bridge.sinks.base import RenderContext
+
+    cfg = _load(args).config
+    if args.sink not in cfg.sinks:
+        known = ", ".join(sorted(cfg.sinks)) or "none defined"
+        print(f"error: no sink named {args.sink!r} (sinks: {known})", file=sys.stderr)
+        return 2
+    sinks = build_sinks(cfg)
+    register_secrets(cfg, sinks)
+    sink = sinks[args.sink]
+    sink.state = MemoryOutbox()  # nothing is stored: a thread, if any, lives for this run
+    failures = 0
+    try:
+        for kind, item in (("order", SAMPLE_ORDER), ("tracking", SAMPLE_TRACKING)):
+            item_json = canonical_json(item)
+            did = delivery_id(sink.name, "send-test", kind, item_json + str(time.time()))
+            ctx = RenderContext(item, kind, utc_now(), item_json)  # type: ignore[arg-type]
+            payload = sink.render(ctx, "send-test", did, None)
+            now = time.time()
+            delivery = Delivery(
+                id=did, sink=sink.name, route="send-test", item_uuid=item["uuid"], kind=kind,  # type: ignore[arg-type]
+                payload=payload, status=Status.PENDING, attempts=1, next_attempt_at=now,
+                created_at=now, updated_at=now, enqueued_at=now)
+            result = (await sink.send_many([delivery]))[0]
+            if result is None:
+                print(f"sample {kind} sent through {sink.name} ({sink.type_name})")
+            else:
+                failures += 1
+                what = "permanent" if isinstance(result, PermanentSinkError) else "temporary"
+                print(f"sample {kind} FAILED through {sink.name}: {redact(result.reason)} "
+                      f"({what} error)", file=sys.stderr)
+    finally:
+        await sink.close()
+    return 1 if failures else 0
+
+
 # ---- dlq -----------------------------------------------------------------------------------
 
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
@@ -240,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payload", help="an isendu JSON body, e.g. a saved batch")
     p.add_argument("--json", action="store_true", help="one JSON object per item")
     p.set_defaults(fn=cmd_dry_run)
+    p = sub.add_parser("send-test", parents=[common],
+                       help="send a sample order and tracking message through one sink")
+    p.add_argument("sink", help="a sink name from the config")
+    p.set_defaults(fn=cmd_send_test)
     dlq = sub.add_parser("dlq", parents=[common], help="dead-letter queue")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
     p = dsub.add_parser("list", parents=[common], help="dead deliveries, newest first")

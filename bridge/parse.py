@@ -58,12 +58,12 @@ def parse_request(body: bytes, received_at: str | None = None) -> Verification |
                 problem = "missing" if "uuid" not in entry else "expected a non-empty string"
                 raise PayloadError(f"uuid {problem}", f"{where}.uuid")
             items.append(Item(kind=kind, uuid=item_uuid, data=entry))
-    return Batch(
-        batch_id=uuid.uuid4().hex,
-        received_at=received_at or datetime.now(UTC).isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
-        items=items,
-    )
+    return Batch(batch_id=uuid.uuid4().hex, received_at=received_at or utc_now(), items=items)
+
+
+def utc_now() -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as `received_at` is shown everywhere."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json_type(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from bridge.models import NewDelivery
 from bridge.outbox import from_url
 from tests.helpers.bridge import SHARED
+from tests.helpers.receiver import Answer, Receiver
 
 ROOT = Path(__file__).parents[2]
 CONFIG = """
@@ -123,3 +125,45 @@ async def test_dlq_list_and_replay(config: Path, tmp_path: Path) -> None:
 def test_config_from_environment_variable(config: Path) -> None:
     out = bridge("check", env={"BRIDGE_CONFIG": str(config)})
     assert out.returncode == 0 and str(config) in out.stdout
+
+
+async def _run_async(*args: str) -> tuple[int, str, str]:
+    """The CLI in a subprocess without blocking the loop that serves the test's receiver."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, cwd=ROOT, env={**os.environ, **ENV},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_send_test_sends_a_sample_order_and_tracking_update(
+    tmp_path: Path, receiver: tuple[Receiver, str]
+) -> None:
+    rec, url = receiver
+    path = tmp_path / "routes.yaml"
+    path.write_text(CONFIG.format(db=tmp_path / "b.db").replace("http://127.0.0.1:9", url))
+    code, out, err = await _run_async("send-test", "hook", "--config", str(path))
+    assert code == 0, err
+    assert "sample order sent through hook (http)" in out
+    assert "sample tracking sent through hook (http)" in out
+    kinds = [r.json()["kind"] for r in rec.requests]
+    assert kinds == ["order", "tracking"]
+    assert all("webhook-signature" in r.headers for r in rec.requests)
+    assert not (tmp_path / "b.db").exists()  # nothing stored
+
+
+async def test_send_test_reports_a_refusal_without_secrets(
+    tmp_path: Path, receiver: tuple[Receiver, str]
+) -> None:
+    rec, url = receiver
+    rec.default = Answer(401, "bad signature")
+    path = tmp_path / "routes.yaml"
+    path.write_text(CONFIG.format(db=tmp_path / "b.db").replace("http://127.0.0.1:9", url))
+    code, out, err = await _run_async("send-test", "hook", "--config", str(path))
+    assert code == 1
+    assert "sample order FAILED through hook: receiver answered HTTP 401: bad signature " \
+           "(permanent error)" in err
+    assert all(secret not in out + err for secret in ENV.values())
+    code, _, err = await _run_async("send-test", "nope", "--config", str(path))
+    assert code == 2 and "no sink named 'nope' (sinks: hook, ops)" in err
