@@ -98,6 +98,8 @@ class SqliteOutbox(Outbox):
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
+        self.commits = 0  # how many transactions served how many operations: group commit
+        self.operations = 0
 
     # ---- the writer thread -------------------------------------------------------------
 
@@ -151,6 +153,8 @@ class SqliteOutbox(Outbox):
                     conn.execute("RELEASE op")
                     results.append((None, exc))
             conn.execute("COMMIT")
+            self.commits += 1
+            self.operations += len(ops)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

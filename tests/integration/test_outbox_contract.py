@@ -220,7 +220,22 @@ async def test_sqlite_refuses_a_second_serving_process(tmp_path: Path) -> None:
         await first.close()
 
 
-async def test_sqlite_is_wal_and_fully_synchronous(tmp_path: Path) -> None:
+async def test_sqlite_concurrent_intakes_share_commits(tmp_path: Path) -> None:
+    from bridge.outbox.sqlite import SqliteOutbox
+
+    box = SqliteOutbox(str(tmp_path / "o.db"))
+    await box.open(recover=True)
+    try:
+        before = box.commits
+        await asyncio.gather(*(box.enqueue([new(i)], 100.0) for i in range(200)))
+        commits = box.commits - before
+        assert (await box.counts())["pending"] == 200
+        assert commits < 100, f"200 intakes took {commits} commits: no grouping"
+    finally:
+        await box.close()
+
+
+async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
     import sqlite3
 
     box = from_url(f"sqlite:///{tmp_path}/sub/dir/o.db")  # folders are created
