@@ -185,8 +185,15 @@ class Dispatcher:
         started = time.monotonic()
         errors: list[SinkError | None]
         if chunk[0].group_key is not None:
-            error = await self._send_one(sink, self._digest(sink, chunk))
-            errors = [error] * len(chunk)
+            try:
+                digest = self._digest(sink, chunk)
+            except Exception as exc:  # a bug in a digest renderer must not strand the group
+                log.exception("building a digest failed", extra={"sink": sink.name})
+                failure: SinkError | None = TransientSinkError(
+                    f"unexpected {exc.__class__.__name__} building a digest")
+            else:
+                failure = await self._send_one(sink, digest)
+            errors = [failure] * len(chunk)
         elif len(chunk) == 1:
             errors = [await self._send_one(sink, chunk[0])]
         else:
