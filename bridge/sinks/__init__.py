@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from bridge.sinks.base import Sink
 from bridge.sinks.console import ConsoleSink
+from bridge.sinks.discord import DiscordSink
+from bridge.sinks.email import EmailSink
 from bridge.sinks.http import HttpSink
+from bridge.sinks.teams import TeamsSink
+from bridge.sinks.telegram import TelegramSink
 
 SINK_TYPES: dict[str, type[Sink]] = {
     "console": ConsoleSink,
+    "discord": DiscordSink,
+    "email": EmailSink,
     "http": HttpSink,
+    "teams": TeamsSink,
+    "telegram": TelegramSink,
 }

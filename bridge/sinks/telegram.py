@@ -1,0 +1,240 @@
+"""`telegram`: a Bot API `sendMessage` in HTML parse mode.
+
+The bot token is part of the URL path (`/bot<token>/sendMessage`), so no URL is ever put in
+an error. Telegram answers `{"ok": false, "error_code", "description", "parameters"}`; the
+body, not only the status, decides: `parameters.retry_after` on 429, and a chat that moved
+to a supergroup names its new id in `parameters.migrate_to_chat_id`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any, Literal
+
+import aiohttp
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
+from bridge.models import Delivery
+from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, excerpt
+from bridge.sinks.chat import ELLIPSIS, Summary, cut, one_line, request, summarize
+from bridge.sinks.chat import utf16_len as _utf16
+from bridge.templates import Template, as_html
+
+TEXT_LIMIT = 4096  # characters after entity parsing, per the Bot API
+DESCRIPTION_LIMIT = 3000  # in the default message, so location, time and error still fit
+_TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
+_HTML_PIECE = re.compile(r"<[^>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+);|[^<&]+|[<&]")
+_TAG = re.compile(r"<\s*(/?)\s*([A-Za-z][A-Za-z0-9-]*)")
+
+
+class TelegramSinkConfig(SinkConfigBase):
+    type: Literal["telegram"]
+    token: SecretStr
+    chat_id: int | str  # a numeric id (groups are negative) or "@channelusername"
+    message: TemplateField | None = None  # Telegram HTML; item values are escaped for you
+    api_url: str = "https://api.telegram.org"
+    message_thread_id: int | None = None  # a forum topic
+    disable_notification: bool = False
+    timeout: Duration = 10.0
+    # Telegram allows about one message a second per chat; one at a time keeps the order.
+    concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
+
+    @field_validator("chat_id", mode="before")
+    @classmethod
+    def _chat_id(cls, v: Any) -> Any:
+        # `${CHAT_ID}` substitutes a string; Telegram's numeric ids are sent as numbers.
+        if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+            return int(v)
+        return v
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, v: str) -> str:
+        if not v.lower().startswith(("https://", "http://")):
+            raise ValueError("expected an http(s) URL such as https://api.telegram.org")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token(self) -> TelegramSinkConfig:
+        if not _TOKEN.match(self.token.get_secret_value()):
+            raise ValueError("token must look like 123456789:AAE... as @BotFather gives it "
+                             "(the value is not shown)")
+        if isinstance(self.chat_id, str) and not self.chat_id.strip():
+            raise ValueError("chat_id must be a chat id such as -1001234567890 or @channel")
+        return self
+
+
+def esc(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+def default_text(s: Summary) -> str:
+    """Telegram HTML: headline with the linked tracking number, step, where/when, error."""
+    ident = (f'<a href="{html.escape(s.url, quote=True)}">{esc(s.ident)}</a>' if s.url
+             else esc(s.ident))
+    lines = [f"{s.emoji} <b>{s.noun} {ident}</b>" + (f": {esc(s.status)}" if s.status else "")]
+    if s.step is not None:
+        if s.step.description:
+            lines.append(esc(cut(s.step.description, DESCRIPTION_LIMIT)))
+        where = [f"📍 {esc(s.step.location)}" if s.step.location else "",
+                 f"🕒 {esc(s.step.local_time)}" if s.step.local_time else ""]
+        if any(where):
+            lines.append(" · ".join(w for w in where if w))
+        if s.step.error_code and s.step.error_message:
+            lines.append(f"⚠️ <b>{esc(s.step.error_code)}</b>: {esc(s.step.error_message)}")
+        elif s.error:
+            lines.append(f"⚠️ {esc(s.error)}")
+    else:
+        where = [f"📍 {esc(s.destination)}" if s.destination else "",
+                 f"💰 {esc(s.total)}" if s.total else ""]
+        if any(where):
+            lines.append(" · ".join(w for w in where if w))
+    return "\n".join(lines)
+
+
+def visible_len(text: str) -> int:
+    """What Telegram counts: the text once tags are dropped and entities decoded."""
+    return _utf16(html.unescape(re.sub(r"<[^>]*>", "", text)))
+
+
+def cut_html(text: str, limit: int = TEXT_LIMIT) -> str:
+    """Cut Telegram HTML to `limit` visible characters without breaking a tag or an entity;
+    tags left open by the cut are closed, so Telegram can still parse the message."""
+    if visible_len(text) <= limit:
+        return text
+    budget = limit - 1  # room for the ellipsis
+    out: list[str] = []
+    open_tags: list[str] = []
+    for m in _HTML_PIECE.finditer(text):
+        piece = m.group()
+        tag = _TAG.match(piece) if piece.startswith("<") and piece.endswith(">") else None
+        if tag:
+            name = tag.group(2).lower()
+            if tag.group(1) != "/":
+                open_tags.append(name)
+            elif name in open_tags:
+                del open_tags[len(open_tags) - 1 - open_tags[::-1].index(name)]
+            out.append(piece)
+            continue
+        cost = _utf16(html.unescape(piece))
+        if cost <= budget:
+            out.append(piece)
+            budget -= cost
+            continue
+        if not piece.startswith("&"):  # a text run: keep the head that fits
+            head = cut(piece, budget + 1)[:-1] if budget > 0 else ""
+            out.append(head)
+        break
+    return "".join(out).rstrip() + ELLIPSIS + "".join(f"</{n}>" for n in reversed(open_tags))
+
+
+class TelegramSink(Sink):
+    type_name = "telegram"
+    config_model = TelegramSinkConfig
+    config: TelegramSinkConfig
+
+    def __init__(self, name: str, config: TelegramSinkConfig) -> None:
+        super().__init__(name, config)
+        self._token = config.token.get_secret_value()
+        self._url = f"{config.api_url}/bot{self._token}/sendMessage"
+        self._session: aiohttp.ClientSession | None = None
+
+    def render(
+        self, ctx: RenderContext, route: str, delivery_id: str, message: Template | None
+    ) -> dict[str, str]:
+        template = message or self.config.message
+        if template is not None:
+            text = as_html(template).render(ctx.vars(route, delivery_id))
+        else:
+            text = default_text(summarize(ctx, route))
+        text = cut_html(text.strip())
+        if visible_len(text) == 0:
+            raise TemplateRenderError("telegram: the message rendered empty; Telegram refuses "
+                                      "an empty message")
+        return {"body": self._body(text)}
+
+    supports_digest = True
+
+    def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
+        """A headline and one line per item."""
+        lines = [f"• {esc(one_line(d.payload.get('summary') or d.item_uuid))}"
+                 for d in deliveries]
+        head = f"📦 <b>{len(lines)} updates</b> · route {esc(route)}"
+        return {"body": self._body(cut_html("\n".join([head, *lines])))}
+
+    def rate_limit(self) -> tuple[float, int] | None:
+        if "rate_limit" in self.config.model_fields_set:
+            return super().rate_limit()
+        # Telegram's pace: about 1 message/s in a private chat, 20/min in a group or channel.
+        chat = self.config.chat_id
+        group = (isinstance(chat, int) and chat < 0) or str(chat).startswith("@")
+        return (20 / 60 if group else 1.0), self.config.burst or 1
+
+    def _body(self, text: str) -> str:
+        body: dict[str, Any] = {"chat_id": self.config.chat_id, "text": text,
+                                "parse_mode": "HTML",
+                                "link_preview_options": {"is_disabled": True}}
+        if self.config.message_thread_id is not None:
+            body["message_thread_id"] = self.config.message_thread_id
+        if self.config.disable_notification:
+            body["disable_notification"] = True
+        return dumps(body)
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def secrets(self) -> list[str]:
+        return [self._token, self._token.split(":", 1)[-1]]
+
+    async def send(self, delivery: Delivery) -> None:
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        status, headers, text = await request(
+            self._session, self._url, json_body=delivery.payload["body"],
+            timeout=self.config.timeout, what="Telegram")
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):  # e.g. a proxy's HTML error page
+            classify_http(status, headers, text, "Telegram")
+            raise TransientSinkError(f"Telegram answered HTTP {status} without a JSON body",
+                                     "server_error")
+        if answer.get("ok") is True and 200 <= status < 300:
+            return
+        raise telegram_error(status, answer)
+
+
+def telegram_error(status: int, answer: dict[str, Any]) -> TransientSinkError | PermanentSinkError:
+    """Map Telegram's `ok: false` answer (which may come with any HTTP status) to an error."""
+    code = answer.get("error_code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else status
+    description = excerpt(str(answer.get("description") or "no description"))
+    params = answer.get("parameters")
+    params = params if isinstance(params, dict) else {}
+    reason = f"Telegram answered {code}: {description}"
+    retry = params.get("retry_after")
+    if code == 429 or isinstance(retry, int | float):
+        hint = float(retry) if isinstance(retry, int | float) and retry >= 0 else None
+        return TransientSinkError(reason, "rate_limited", hint)
+    migrated = params.get("migrate_to_chat_id")
+    if isinstance(migrated, int):
+        return PermanentSinkError(f"{reason}; set chat_id to {migrated}", "client_error")
+    if code in (401, 403):  # a revoked token; a bot blocked by the user or removed from the chat
+        return PermanentSinkError(reason, "auth_error")
+    if code >= 500:
+        return TransientSinkError(reason, "server_error")
+    if code == 408:
+        return TransientSinkError(reason, "timeout")
+    return PermanentSinkError(reason, "client_error")

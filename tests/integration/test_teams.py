@@ -1,0 +1,198 @@
+"""The Teams sink against a local Workflows webhook: the card it posts and how it rides errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import BridgeFactory
+from tests.helpers.chat_services import FakeTeams
+from tests.helpers.receiver import Answer
+from tests.helpers.sinks import (
+    ORDER,
+    TRACKING_BARE,
+    TRACKING_FAILED,
+    assert_no_leak,
+    dead,
+    delivered,
+    long_tracking,
+)
+
+SIG = "Qm9nVXNTaWduYXR1cmVGb3JUZXN0c09ubHkxMjM0NTY"
+PATH = "/workflows/8a6c0e1f2b3d4c5e/triggers/manual/paths/invoke"
+QUERY = "api-version=1&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig="
+
+CONFIG = """
+defaults:
+  retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 5}
+sinks:
+  teams:
+    type: teams
+    webhook_url: ${TEAMS_URL}
+routes:
+  - name: everything
+    to: teams
+"""
+
+
+@pytest.fixture
+async def teams(aiohttp_server: Any) -> tuple[FakeTeams, str]:
+    fake = FakeTeams(SIG)
+    server = await aiohttp_server(fake.app(), access_log=None)
+    return fake, f"http://127.0.0.1:{server.port}{PATH}?{QUERY}{SIG}"
+
+
+def text(t: str, **style: Any) -> dict[str, Any]:
+    return {"type": "TextBlock", "text": t, "wrap": True, **style}
+
+
+FOOTER = text("isendu · route everything", size="Small", isSubtle=True, spacing="Medium")
+
+
+def message(card_body: list[dict[str, Any]], actions: list[Any] | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "type": "AdaptiveCard", "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "version": "1.4", "msteams": {"width": "Full"}, "body": card_body}
+    if actions:
+        content["actions"] = actions
+    return {"type": "message", "attachments": [
+        {"contentType": "application/vnd.microsoft.card.adaptive", "content": content}]}
+
+
+async def test_failed_step_card_is_exactly_this_and_202_is_delivered(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    status, _ = await bridge.post({"tracking": [TRACKING_FAILED]})
+    assert status == 200
+    [req] = await fake.wait_for(1)
+    assert req.method == "POST" and req.path == PATH and req.query["sig"] == SIG
+    assert req.headers["Content-Type"] == "application/json"
+    link = "https://vas.brt.it/vas/sped_det_show.hsm?Nspediz=BRT100994275870"
+    assert req.json() == message([
+        text(f"⚠️ Shipment [BRT100994275870]({link}): **EXCEPTION**",
+             size="Medium", weight="Bolder", color="Attention"),
+        text("Parcel held at customs", spacing="Small"),  # the newest step, not the first
+        {"type": "FactSet", "facts": [
+            {"title": "Location", "value": "Paris"},
+            {"title": "Local time", "value": "2025-11-04 06:57 (Europe/Paris)"}]},
+        {"type": "Container", "style": "attention", "items": [
+            text("⚠️ CUSTOMS_HOLD: Documents <required> & missing", weight="Bolder",
+                 color="Attention")]},
+        FOOTER,
+    ], [{"type": "Action.OpenUrl", "title": "Track shipment", "url": link}])
+    await delivered(bridge)  # Workflows answer 202 Accepted
+    assert fake.accepted == [req]
+
+
+async def test_order_card_and_bare_item_fall_back_gracefully(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    await bridge.post({"order": [ORDER], "tracking": [TRACKING_BARE]})
+    got = await fake.wait_for(2)
+    cards = {r.json()["attachments"][0]["content"]["body"][0]["text"]: r.json() for r in got}
+    assert cards["⚙️ Order ORD-2025-932194: **PROCESSING**"] == message([
+        text("⚙️ Order ORD-2025-932194: **PROCESSING**", size="Medium", weight="Bolder",
+             color="Accent"),
+        {"type": "FactSet", "facts": [{"title": "Destination", "value": "Roma, IT"},
+                                      {"title": "Total", "value": "258.16 EUR"}]},
+        FOOTER,
+    ])
+    # Only the documented uuid: no status, no steps, no link; still a sensible card.
+    assert cards["📦 Shipment 0b8f3c1e-2f6d-4c1a-9a57-3a4be1f0c2d9"] == message([
+        text("📦 Shipment 0b8f3c1e-2f6d-4c1a-9a57-3a4be1f0c2d9", size="Medium",
+             weight="Bolder", color="Default"),
+        FOOTER,
+    ])
+    await delivered(bridge, 2)
+
+
+async def test_route_message_replaces_the_headline_and_details_can_be_off(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    config = CONFIG.replace("    to: teams\n", """    to: [teams, plain]
+    message: "Parcel {{ item.trackingNumber }} needs attention"
+""").replace("routes:", """  plain:
+    type: teams
+    webhook_url: ${TEAMS_URL}
+    details: false
+routes:""")
+    bridge = await make_bridge(config, {"TEAMS_URL": url})
+    await bridge.post({"tracking": [TRACKING_FAILED]})
+    got = [r.json()["attachments"][0]["content"] for r in await fake.wait_for(2)]
+    full = next(c for c in got if "actions" in c)
+    plain = next(c for c in got if "actions" not in c)
+    headline = text("Parcel BRT100994275870 needs attention", size="Medium", weight="Bolder",
+                    color="Attention")
+    assert full["body"][0] == headline
+    # The headline no longer carries the status, so the facts do.
+    assert full["body"][2]["facts"][0] == {"title": "Status", "value": "EXCEPTION"}
+    assert plain["body"] == [headline]
+
+
+async def test_ten_thousand_character_description_is_cut(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    await bridge.post({"tracking": [long_tracking(10_000)]})
+    [req] = await fake.wait_for(1)
+    step = req.json()["attachments"][0]["content"]["body"][1]["text"]
+    assert step == "x" * 1999 + "…"
+    assert len(req.body) < 28_000  # Teams' message size limit
+    await delivered(bridge)
+
+
+async def test_429_retry_after_then_202(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    fake.answer(Answer(429, {"error": {"code": "TooManyRequests", "message": "Rate limit is "
+                       "exceeded. Try again in 1 seconds."}}, {"Retry-After": "1"}))
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    await bridge.post({"tracking": [TRACKING_FAILED]})
+    first, second = await fake.wait_for(2, timeout=15)
+    assert second.at - first.at >= 1.0
+    assert first.body == second.body
+    await delivered(bridge)
+
+
+async def test_bad_signature_is_dead_and_the_url_never_leaks(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake, url = teams
+    wrong_sig = "V3JvbmdTaWduYXR1cmVGb3JUZXN0c09ubHk5ODc2NTQ"
+    bad_url = url.replace(SIG, wrong_sig)
+    fake.answer(Answer(502, "<html>Bad Gateway</html>"))
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": bad_url})
+    await bridge.post({"tracking": [TRACKING_FAILED]})
+    [row] = await dead(bridge)
+    assert row.attempts == 2  # the 502 was retried, the 401 was final
+    assert row.last_error is not None
+    assert "HTTP 401" in row.last_error and "DirectApiAuthorizationRequired" in row.last_error
+    assert fake.accepted == []
+    assert_no_leak([wrong_sig, bad_url], caplog.records, row.last_error)
+
+
+async def test_digest_card_lists_the_items(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    fake, url = teams
+    config = CONFIG.replace("    to: teams\n", "    to: teams\n    group: {window: 300ms}\n")
+    bridge = await make_bridge(config, {"TEAMS_URL": url})
+    await bridge.post({"order": [ORDER, {**ORDER, "uuid": "u-2", "reference": "ORD-2"}]})
+    [req] = await fake.wait_for(1)
+    assert req.json() == message([
+        text("📦 2 updates", size="Medium", weight="Bolder"),
+        text("- order ORD-2025-932194: PROCESSING -> Roma, IT", spacing="None"),
+        text("- order ORD-2: PROCESSING -> Roma, IT", spacing="None"),
+        FOOTER,
+    ])
+    await delivered(bridge, 2)
