@@ -88,7 +88,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")
     for name, sink in cfg.sinks.items():
-        fields = sink.model_dump(mode="json", exclude_defaults=True, exclude={"type"})
+        fields = sink.model_dump(mode="json", exclude_defaults=True, exclude={"type"},
+                                 by_alias=True)
         shown = ", ".join(f"{k}={_show(v)}" for k, v in fields.items())
         print(f"  {name} ({sink.type}){': ' + shown if shown else ''}")
     print("routes:")

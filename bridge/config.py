@@ -402,7 +402,9 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
     given = err.get("input")
     builtin = not str(err["msg"]).startswith("Value error")
     if builtin and given is not None and not isinstance(given, dict | list):
-        secretish = any(w in format_path(path) for w in ("secret", "password", "token"))
+        # Credentials hide in more than "secret" fields: webhook URLs carry them too.
+        secretish = any(w in format_path(path).lower()
+                        for w in ("secret", "password", "token", "url", "key"))
         if not secretish and repr(given) not in msg:
             msg += f" (got {given!r})"
     return msg
