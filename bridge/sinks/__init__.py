@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from bridge.sinks.apprise import AppriseSink
 from bridge.sinks.base import Sink
 from bridge.sinks.console import ConsoleSink
 from bridge.sinks.discord import DiscordSink
 from bridge.sinks.email import EmailSink
 from bridge.sinks.http import HttpSink
+from bridge.sinks.slack import SlackSink
 from bridge.sinks.teams import TeamsSink
 from bridge.sinks.telegram import TelegramSink
 
 SINK_TYPES: dict[str, type[Sink]] = {
+    "apprise": AppriseSink,
     "console": ConsoleSink,
     "discord": DiscordSink,
     "email": EmailSink,
     "http": HttpSink,
+    "slack": SlackSink,
     "teams": TeamsSink,
     "telegram": TelegramSink,
 }

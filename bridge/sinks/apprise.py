@@ -1,0 +1,235 @@
+"""`apprise`: any service Apprise speaks (ntfy, Pushover, Gotify, Matrix, Mattermost, ...) by URL.
+
+Apprise is an optional extra (`pip install 'isendu-bridge[apprise]'`), imported only when an
+apprise sink is configured. Apprise URLs carry their service's credentials, so they are secrets:
+registered for redaction before Apprise can log anything, and Apprise's own log records are
+scrubbed too. Apprise reports only success or failure, so every failure is transient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import re
+import traceback
+import urllib.parse
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, SecretStr, field_validator
+
+from bridge.config_types import SinkConfigBase, TemplateField
+from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
+from bridge.models import Delivery
+from bridge.redact import REDACTOR, redact
+from bridge.sinks.base import RenderContext, Sink
+from bridge.sinks.chat import Summary, cut, summarize
+from bridge.templates import Template, as_html
+
+if TYPE_CHECKING:
+    import apprise as apprise_module
+
+log = logging.getLogger("bridge.sinks.apprise")
+
+INSTALL_HINT = "the apprise sink needs the apprise package: pip install 'isendu-bridge[apprise]'"
+DESCRIPTION_LIMIT = 3000
+_NOTIFY_TYPE = {"good": "success", "bad": "warning", "active": "info", "neutral": "info"}
+_URL_PIECES = re.compile(r"[/:@?&=#]+")
+_REMEMBERED = 10_000  # deliveries whose partly successful fan-out is remembered
+
+
+class _ScrubSecrets(logging.Filter):
+    """Apprise logs hosts, paths and (at debug level) request details: scrub the records
+    themselves, as every handler (not only the bridge's JSON one) may see them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = redact(text), None
+        return True
+
+
+_SCRUB = _ScrubSecrets()
+
+
+def load_apprise() -> Any:
+    """The apprise module, with its logger scrubbed; ImportError names the extra to install."""
+    try:
+        import apprise
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    # urllib3 (under requests, under Apprise) logs request lines, path and all, at debug.
+    for name in ("apprise", "urllib3.connectionpool"):
+        logging.getLogger(name).addFilter(_SCRUB)  # a no-op when already added
+    return apprise
+
+
+def _parsable(url: SecretStr) -> SecretStr:
+    try:
+        apprise = load_apprise()
+    except ImportError:
+        return url  # reported once, for the whole list, below
+    raw = url.get_secret_value()
+    # Apprise may log a URL it cannot parse; make sure that line is scrubbed.
+    REDACTOR.add(raw)
+    if apprise.Apprise.instantiate(raw, asset=_asset(apprise)) is None:
+        raise ValueError("Apprise does not understand this URL; see Apprise's list of "
+                         "services for its syntax (the value is not shown: it holds "
+                         "credentials)")
+    return url
+
+
+def _asset(apprise: Any) -> Any:
+    # Memory only: the bridge keeps its state in the outbox, not in Apprise's cache files.
+    try:
+        return apprise.AppriseAsset(storage_mode="memory")
+    except TypeError:  # Apprise before 1.9 has no persistent storage at all
+        return apprise.AppriseAsset()
+
+
+class AppriseSinkConfig(SinkConfigBase):
+    type: Literal["apprise"]
+    urls: list[Annotated[SecretStr, AfterValidator(_parsable)]] = Field(min_length=1)
+    title: TemplateField | None = None
+    body: TemplateField | None = None  # a route's `message` replaces it
+    format: Literal["text", "markdown", "html"] = "text"  # what title and body are written in
+    # One at a time keeps the notifications of a shipment in order.
+    concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
+
+    @field_validator("urls")
+    @classmethod
+    def _installed(cls, v: list[SecretStr]) -> list[SecretStr]:
+        try:
+            load_apprise()
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+def url_secrets(url: str, private_form: str | None) -> list[str]:
+    """The URL and its credential pieces: what Apprise masks in its privacy form (passwords,
+    tokens in the host or path), plus longer path segments and query values."""
+    out = {url}
+    pieces = [p for p in _URL_PIECES.split(url) if p]
+    if private_form is not None:
+        shown = set(_URL_PIECES.split(private_form))
+        out.update(p for p in pieces if p not in shown)
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        out.add(parts.password)
+    # Topics and tokens that Apprise shows unmasked (an ntfy topic is its only secret).
+    out.update(s for s in parts.path.split("/") if len(s) >= 12)
+    out.update(v for _, v in urllib.parse.parse_qsl(parts.query) if len(v) >= 12)
+    return sorted(out)
+
+
+def default_title(s: Summary) -> str:
+    return s.headline
+
+
+def default_body(s: Summary) -> str:
+    lines = [f"{k}: {cut(v, DESCRIPTION_LIMIT)}" for k, v in s.facts(with_status=False)]
+    if s.error:
+        lines.append(f"Error: {s.error}")
+    if s.url:
+        lines.append(f"{'Track' if s.kind == 'tracking' else 'Link'}: {s.url}")
+    return "\n".join(lines) or s.headline
+
+
+class AppriseSink(Sink):
+    type_name = "apprise"
+    config_model = AppriseSinkConfig
+    config: AppriseSinkConfig
+
+    def __init__(self, name: str, config: AppriseSinkConfig) -> None:
+        super().__init__(name, config)
+        self._urls = [u.get_secret_value() for u in config.urls]
+        self._targets: list[apprise_module.Apprise] | None = None
+        self._services: list[str] = ["?"] * len(self._urls)
+        self._secrets = list(self._urls)
+        with contextlib.suppress(ImportError):  # validation reports it; `send` says it again
+            self._load()
+        REDACTOR.add(*self._secrets)
+        # delivery id -> indexes of URLs already notified, so a retry skips them
+        self._done: OrderedDict[str, set[int]] = OrderedDict()
+
+    def _load(self) -> list[apprise_module.Apprise]:
+        if self._targets is None:
+            apprise = load_apprise()
+            targets, secrets = [], []
+            for i, url in enumerate(self._urls):
+                obj = apprise.Apprise(asset=_asset(apprise))
+                plugin = obj[0] if obj.add(url) else None
+                self._services[i] = getattr(plugin, "service_name", None) or "?"
+                secrets += url_secrets(url, plugin.url(privacy=True) if plugin else None)
+                targets.append(obj)
+            self._targets, self._secrets = targets, secrets
+        return self._targets
+
+    def render(
+        self, ctx: RenderContext, route: str, delivery_id: str, message: Template | None
+    ) -> dict[str, str]:
+        s = summarize(ctx, route)
+        html_out = self.config.format == "html"
+        body_t = message or self.config.body
+        variables = ctx.vars(route, delivery_id)
+        if body_t is not None:
+            body = (as_html(body_t) if html_out else body_t).render(variables)
+        else:
+            body = default_body(s)
+            body = html.escape(body, quote=False).replace("\n", "<br/>\n") if html_out else body
+        if self.config.title is not None:
+            title = (as_html(self.config.title) if html_out else self.config.title).render(
+                variables)
+        else:
+            title = html.escape(default_title(s), quote=False) if html_out else default_title(s)
+        if not body.strip():
+            raise TemplateRenderError("apprise: the body rendered empty; Apprise sends nothing "
+                                      "without a body")
+        return {"title": title.strip(), "body": body, "type": _NOTIFY_TYPE[s.tone]}
+
+    def secrets(self) -> list[str]:
+        return self._secrets
+
+    async def send(self, delivery: Delivery) -> None:
+        try:
+            targets = self._load()
+        except ImportError as exc:
+            raise PermanentSinkError(str(exc), "config_error") from None
+        done = self._done.get(delivery.id, set())
+        todo = [i for i in range(len(targets)) if i not in done]
+        results = await asyncio.gather(*(self._notify(targets[i], delivery) for i in todo))
+        failed = [i for i, ok in zip(todo, results, strict=True) if not ok]
+        if not failed:
+            self._done.pop(delivery.id, None)
+            return
+        self._done[delivery.id] = done | (set(todo) - set(failed))
+        self._done.move_to_end(delivery.id)
+        while len(self._done) > _REMEMBERED:
+            self._done.popitem(last=False)
+        which = ", ".join(f"urls[{i}] ({self._services[i]})" for i in failed)
+        raise TransientSinkError(
+            f"apprise: {len(failed)} of {len(targets)} notifications failed: {which}; "
+            "Apprise's log lines say why", "server_error")
+
+    async def _notify(self, target: apprise_module.Apprise, delivery: Delivery) -> bool:
+        p = delivery.payload
+        kwargs: dict[str, Any] = {"body": p["body"], "title": p.get("title", ""),
+                                  "notify_type": p.get("type", "info"),
+                                  "body_format": self.config.format}
+        try:
+            # async_notify runs each service's blocking send in the loop's executor; old
+            # Apprise versions without it get a thread of their own.
+            if hasattr(target, "async_notify"):
+                ok = await target.async_notify(**kwargs)
+            else:
+                ok = await asyncio.to_thread(target.notify, **kwargs)
+        except Exception as exc:  # a plugin's bug must not escape as an unexpected error
+            log.warning("apprise raised", extra={"sink": self.name, "delivery_id": delivery.id,
+                                                 "error": redact(repr(exc))})
+            return False
+        return ok is True
