@@ -249,7 +249,7 @@ else:  # a union of every registered sink type's model, told apart by `type`
         Field(discriminator="type"),
     ]
 
-STORAGE_SCHEMES = ("sqlite", "memory")
+STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "memory")
 
 
 class BridgeConfig(StrictModel):
@@ -267,7 +267,8 @@ class BridgeConfig(StrictModel):
         if scheme not in STORAGE_SCHEMES:
             raise ValueError(
                 "expected a storage URL such as sqlite:///data/bridge.db (relative), "
-                "sqlite:////var/lib/bridge/bridge.db (absolute) or memory:// (tests only); "
+                "sqlite:////var/lib/bridge/bridge.db (absolute), "
+                "postgresql://user:password@host:5432/db (replicas) or memory:// (tests only); "
                 f"got scheme {scheme or v!r}"
             )
         return v

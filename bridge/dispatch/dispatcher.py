@@ -27,7 +27,6 @@ from bridge.sinks.base import Sink
 
 log = logging.getLogger("bridge.dispatch")
 
-LEASE_SECONDS = 300.0  # far above any send timeout; only matters when a process dies
 IDLE_POLL = 1.0  # upper bound on sleeping when idle (other writers, clock drift)
 SWEEP_EVERY = 600.0
 
@@ -134,7 +133,8 @@ class Dispatcher:
 
     async def _claim(self, name: str, count: int) -> list[Delivery]:
         try:
-            return await self.outbox.claim(name, count, self.clock(), LEASE_SECONDS)
+            return await self.outbox.claim(name, count, self.clock(),
+                                           self.outbox.lease_seconds)
         except Exception:
             log.exception("claiming deliveries failed", extra={"sink": name})
             await asyncio.sleep(IDLE_POLL)
@@ -154,7 +154,8 @@ class Dispatcher:
             if len(members) < most:
                 try:
                     members += await self.outbox.claim_group(
-                        sink.name, key, most - len(members), self.clock(), LEASE_SECONDS)
+                        sink.name, key, most - len(members), self.clock(),
+                        self.outbox.lease_seconds)
                 except Exception:
                     log.exception("claiming a digest group failed", extra={"sink": sink.name})
             chunks += [members[i:i + most] for i in range(0, len(members), most)]

@@ -12,6 +12,10 @@ from bridge.models import Delivery, NewDelivery
 
 
 class Outbox(ABC):
+    # How long a claim holds a delivery. Only matters when a process dies mid-send: then the
+    # delivery waits this long before another process (or the restarted one) sends it again.
+    lease_seconds: float = 300.0
+
     @abstractmethod
     async def open(self, *, recover: bool = False) -> None:
         """Create the schema if needed. `recover` (the serving process only): take ownership
@@ -95,7 +99,7 @@ class Outbox(ABC):
 
 
 def from_url(url: str) -> Outbox:
-    """`sqlite:///rel/path.db`, `sqlite:////abs/path.db` or `memory://`."""
+    """`sqlite:///rel/path.db`, `sqlite:////abs/path.db`, `postgresql://...` or `memory://`."""
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
         from bridge.outbox.sqlite import SqliteOutbox
@@ -104,8 +108,13 @@ def from_url(url: str) -> Outbox:
         if not path:
             raise ValueError("sqlite storage URL needs a file path, e.g. sqlite:///data/bridge.db")
         return SqliteOutbox(path)
+    if scheme in ("postgresql", "postgres"):
+        from bridge.outbox.postgres import PostgresOutbox
+
+        return PostgresOutbox(url)
     if scheme == "memory":
         from bridge.outbox.memory import MemoryOutbox
 
         return MemoryOutbox()
-    raise ValueError(f"unsupported storage URL scheme {scheme!r}; expected sqlite:// or memory://")
+    raise ValueError(f"unsupported storage URL scheme {scheme!r}; "
+                     "expected sqlite://, postgresql:// or memory://")

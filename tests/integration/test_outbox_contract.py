@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 
 from bridge.models import NewDelivery, Status
 from bridge.outbox import Outbox, from_url
+from tests.conftest import require_service
+from tests.helpers import postgres
 
 OutboxFactory = Callable[[], Awaitable[Outbox]]
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)
 async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OutboxFactory]:
     """A factory opening the backend on the same storage each time (a process restart)."""
-    opened: list[Outbox] = []
-    memory = from_url("memory://")
+    async with AsyncExitStack() as stack:
+        if request.param == "memory":
+            memory = from_url("memory://")
+            url = ""
+        elif request.param == "sqlite":
+            url = f"sqlite:///{tmp_path}/o.db"
+        else:
+            require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                            "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+            url = await stack.enter_async_context(postgres.fresh_database())
 
-    async def make() -> Outbox:
-        box = memory if request.param == "memory" else from_url(f"sqlite:///{tmp_path}/o.db")
-        await box.open(recover=True)
-        opened.append(box)
-        return box
+        async def make() -> Outbox:
+            box = memory if not url else from_url(url)
+            await box.open(recover=True)
+            stack.push_async_callback(box.close)
+            return box
 
-    yield make
-    for box in opened:
-        await box.close()
+        yield make
 
 
 @pytest.fixture
@@ -142,16 +151,33 @@ async def test_next_due_counts_leases(box: Outbox) -> None:
     assert await box.next_due("s") == 130.0
 
 
-async def test_restart_keeps_everything_and_recovers_leases(reopen: OutboxFactory) -> None:
+async def test_restart_keeps_everything_and_leases_run_out(reopen: OutboxFactory) -> None:
     box = await reopen()
     await box.enqueue([new(1), new(2)], 100.0)
-    await box.claim("s", 2, 100.0, lease=3600)  # then the process "dies" mid-send
+    await box.claim("s", 2, 100.0, lease=60)  # then the process "dies" mid-send
     await box.retry_at("d0002", 100.0, "timeout", 100.0)
     await box.close()
     box2 = await reopen()
-    claimed = await box2.claim("s", 10, 101.0, 30)  # long before the lease would have ended
+    claimed = await box2.claim("s", 10, 161.0, 30)  # at the latest when the lease ran out
     assert sorted(d.id for d in claimed) == ["d0001", "d0002"]
     assert {d.id: d.attempts for d in claimed} == {"d0001": 2, "d0002": 2}
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite"])
+async def test_single_process_backends_recover_leases_at_start(url: str, tmp_path: Path) -> None:
+    """Only one process serves a SQLite file, so its leases can be released at once."""
+    box = from_url(url if url == "memory://" else f"sqlite:///{tmp_path}/o.db")
+    await box.open(recover=True)
+    await box.enqueue([new(1)], 100.0)
+    await box.claim("s", 1, 100.0, lease=3600)
+    if url != "memory://":
+        await box.close()
+        box = from_url(f"sqlite:///{tmp_path}/o.db")
+    await box.open(recover=True)
+    try:
+        assert [d.id for d in await box.claim("s", 1, 101.0, 30)] == ["d0001"]
+    finally:
+        await box.close()
 
 
 async def test_concurrent_enqueues_all_land(box: Outbox) -> None:
@@ -203,6 +229,31 @@ async def test_digest_groups_wait_and_are_claimed_together(box: Outbox) -> None:
 
 async def test_ping(box: Outbox) -> None:
     await box.ping()
+
+
+async def test_postgres_replicas_never_claim_the_same_delivery() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        replicas = [from_url(url) for _ in range(3)]
+        for box in replicas:
+            await box.open(recover=True)
+        try:
+            await replicas[0].enqueue([new(i) for i in range(600)], 100.0)
+
+            async def drain(box: Outbox) -> list[str]:
+                got: list[str] = []
+                while batch := await box.claim("s", 7, 100.0, 300):
+                    got += [d.id for d in batch]
+                return got
+
+            results = await asyncio.gather(*(drain(b) for b in replicas for _ in range(3)))
+            claimed = [i for r in results for i in r]
+            assert len(claimed) == 600 and len(set(claimed)) == 600  # each exactly once
+            assert sum(1 for r in results if r) > 1  # the work really was shared
+        finally:
+            for box in replicas:
+                await box.close()
 
 
 async def test_sqlite_refuses_a_second_serving_process(tmp_path: Path) -> None:
