@@ -21,7 +21,7 @@ def test_hadolint_passes() -> None:
 def test_image_contract() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("FROM python:3.12-slim")
-    assert "pip install --no-cache-dir ." in text and "[dev]" not in text
+    assert "pip install --no-cache-dir \".[apprise]\"" in text and "[dev]" not in text
     assert "\nUSER 10001\n" in text  # non-root
     assert "BRIDGE_CONFIG=/config/routes.yaml" in text
     assert 'VOLUME ["/data"]' in text and "sqlite:////data/bridge.db" in text
