@@ -8,6 +8,7 @@ from bridge.sinks.console import ConsoleSink
 from bridge.sinks.discord import DiscordSink
 from bridge.sinks.email import EmailSink
 from bridge.sinks.http import HttpSink
+from bridge.sinks.kafka import KafkaSink
 from bridge.sinks.slack import SlackSink
 from bridge.sinks.teams import TeamsSink
 from bridge.sinks.telegram import TelegramSink
@@ -18,6 +19,7 @@ SINK_TYPES: dict[str, type[Sink]] = {
     "discord": DiscordSink,
     "email": EmailSink,
     "http": HttpSink,
+    "kafka": KafkaSink,
     "slack": SlackSink,
     "teams": TeamsSink,
     "telegram": TelegramSink,

