@@ -52,7 +52,10 @@ class Dispatcher:
         for name, sink in sinks.items():
             limit = sink.rate_limit()
             if limit is not None:
-                self._buckets[name] = TokenBucket(*limit)
+                # Empty, not full: what the previous process sent just before it stopped is
+                # unknown, and a full bucket would add `burst` to it (see ratelimit.py).
+                rate, burst = limit
+                self._buckets[name] = TokenBucket(rate, burst, tokens=0.0)
         self._group_max = {
             f"{route.name}>{sink}": route.group.max_items
             for route in config.routes if route.group is not None for sink in route.to

@@ -1,7 +1,12 @@
 """A token bucket per sink: no sink sends faster than its limit, restart or not.
 
 Tokens are taken when deliveries are claimed from the outbox, so throttled work simply stays
-there (memory does not grow with the backlog), and a fresh process starts with only `burst`.
+there (memory does not grow with the backlog).
+
+A process does not know what the one before it sent just before it stopped, so the
+dispatcher's buckets start empty (`tokens=0`): the first send goes 1/rate seconds after start,
+and the sends of the old and the new process together still keep to (rate, burst). A bucket
+that started full would allow `burst` more at once, twice the limit across a quick restart.
 """
 
 from __future__ import annotations
@@ -13,14 +18,21 @@ from collections.abc import Callable
 
 class TokenBucket:
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        tokens: float | None = None,
     ) -> None:
+        """`tokens`: the level to start at; None means full (`burst`)."""
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
+        if tokens is not None and not 0 <= tokens <= burst:
+            raise ValueError("tokens must be between 0 and burst")
         self.rate = rate
         self.burst = burst
         self.clock = clock
-        self._tokens = float(burst)
+        self._tokens = float(burst) if tokens is None else float(tokens)
         self._stamp = clock()
         self._paused_until = 0.0
 
