@@ -3,6 +3,11 @@
 The dispatcher hands over up to `batch_size` deliveries at once. All of them are appended to
 the producer before any is awaited, so the producer packs them into few requests; a delivery
 counts as sent only once the broker acknowledged it (as strongly as `acks` asks).
+
+Every wait of one such attempt (for earlier batches, the producer's start, metadata, buffer
+space, acknowledgements) shares one deadline, `delivery_timeout`, so that the attempt ends
+well inside the outbox lease on its deliveries: after the lease another replica may claim
+them and send them again.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,9 +25,22 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_errors
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from bridge.config_types import ByteSize, Duration, SinkConfigBase, TemplateField
+from bridge.config_types import (
+    ByteSize,
+    Duration,
+    SinkConfigBase,
+    TemplateField,
+    format_duration,
+)
 from bridge.errors import (
     PermanentSinkError,
     SinkError,
@@ -46,6 +65,15 @@ CODEC_AVAILABLE = {
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 _LEGAL_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's own rule for topic names
+
+# The longest one attempt of a batch may take. The PostgreSQL outbox leases claimed deliveries
+# for 60 s (SQLite: 300 s); an attempt that outlived its lease could be sent again by another
+# replica meanwhile. 40 s leaves the rest for writing the outcomes back.
+MAX_DELIVERY_TIMEOUT = 40.0
+LEASE_NOTE = (f"one attempt of a batch (waiting for the producer, metadata and every "
+              f"acknowledgement) must end within {MAX_DELIVERY_TIMEOUT:g}s, well inside the 60s "
+              "lease the PostgreSQL outbox gives claimed deliveries, after which another "
+              "replica may send them again")
 
 # The broker's answer for this one record or topic; sending it again cannot help.
 REFUSED = (
@@ -115,7 +143,9 @@ class KafkaSinkConfig(SinkConfigBase):
     linger_ms: int = Field(0, ge=0, le=60_000)
     batch_bytes: ByteSize = 256 * 1024
     max_message_bytes: ByteSize = 1 << 20
-    request_timeout: Duration = 30.0
+    request_timeout: Duration = Field(30.0, gt=0)
+    # Default: aiokafka's own limit for a record (one expiry, one retry), capped.
+    delivery_timeout: Duration | None = Field(None, gt=0)
     client_id: str = Field("isendu-bridge", min_length=1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -152,18 +182,45 @@ class KafkaSinkConfig(SinkConfigBase):
 
     @field_validator("ca_file")
     @classmethod
-    def _ca_file(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).is_file():
+    def _ca_file(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None:
+            return None
+        if not Path(path).is_file():
             raise ValueError(f"expected a readable PEM file, but {path!r} is not a file")
+        if info.data.get("security_protocol") in TLS_PROTOCOLS:  # else _tls_problem speaks
+            _load_ca_bundle(path)
         return path
+
+    @property
+    def attempt_timeout(self) -> float:
+        """The deadline of one attempt of a batch: `delivery_timeout`, or its default."""
+        if self.delivery_timeout is not None:
+            return self.delivery_timeout
+        return min(MAX_DELIVERY_TIMEOUT,
+                   2 * self.request_timeout + self.linger_ms / 1000 + 5.0)
 
     @model_validator(mode="after")
     def _coherent(self) -> KafkaSinkConfig:
         problems = [p for p in (self._idempotence_problem(), self._sasl_problem(),
-                                self._tls_problem()) if p]
+                                self._tls_problem(), self._timeout_problem()) if p]
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _timeout_problem(self) -> str | None:
+        if self.delivery_timeout is not None and self.delivery_timeout > MAX_DELIVERY_TIMEOUT:
+            return (f"delivery_timeout {format_duration(self.delivery_timeout)} is too long: "
+                    f"expected at most {MAX_DELIVERY_TIMEOUT:g}s, because {LEASE_NOTE}")
+        needed = self.request_timeout + self.linger_ms / 1000
+        if needed > self.attempt_timeout:
+            limit = format_duration(self.attempt_timeout)
+            given = (f"delivery_timeout {limit}" if self.delivery_timeout is not None
+                     else f"delivery_timeout's default {limit}, the most allowed")
+            return (f"request_timeout {format_duration(self.request_timeout)} + linger_ms "
+                    f"{self.linger_ms} do not fit in one attempt ({given}): expected "
+                    "request_timeout + linger_ms at most delivery_timeout, which is at most "
+                    f"{MAX_DELIVERY_TIMEOUT:g}s because {LEASE_NOTE}")
+        return None
 
     def _idempotence_problem(self) -> str | None:
         if self.enable_idempotence and self.acks != "all":
@@ -203,15 +260,17 @@ class KafkaSink(Sink):
 
     def __init__(self, name: str, config: KafkaSinkConfig) -> None:
         super().__init__(name, config)
+        # aiokafka's producer class; tests put a stand-in for the broker client here.
+        self.producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer
         self._producer: AIOKafkaProducer | None = None
         # Held while appending, so chunks enter the producer in the order they were claimed:
         # per-key order then follows acceptance order when nothing fails.
         self._append_lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()  # discarded producers being stopped
         self._content_type = config.content_type.encode()
         self._password = (config.sasl_password.get_secret_value()
                           if config.sasl_password else None)
-        # aiokafka gives up on a record after about two request timeouts (expiry, one retry).
-        self._ack_timeout = 2 * config.request_timeout + config.linger_ms / 1000 + 5.0
+        self._deadline = config.attempt_timeout
 
     # ---- intake side ----------------------------------------------------------------------
 
@@ -239,18 +298,34 @@ class KafkaSink(Sink):
             raise error
 
     async def send_many(self, deliveries: list[Delivery]) -> list[SinkError | None]:
+        """One attempt for every delivery, ended by one deadline whatever the broker does.
+
+        Nothing after the deadline awaits the broker (a producer given up on is stopped in
+        the background), so the call returns within `delivery_timeout` plus bookkeeping.
+        """
+        deadline = asyncio.get_running_loop().time() + self._deadline
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._append_lock.acquire()
+        except TimeoutError:
+            return [self._timed_out("earlier batches were still being handed to the producer")
+                    ] * len(deliveries)
         results: list[SinkError | None] = [None] * len(deliveries)
-        async with self._append_lock:
-            producer, waiting = await self._append(deliveries, results)
+        try:
+            producer, waiting = await self._append(deliveries, results, deadline)
+        finally:
+            self._append_lock.release()
         if producer is not None and waiting:
-            await self._await_acks(producer, waiting, results)
+            await self._await_acks(producer, waiting, results, deadline)
         return results
 
     async def close(self) -> None:
         async with self._append_lock:
             producer, self._producer = self._producer, None
         if producer is not None:
-            await self._stop(producer)
+            await self._stop(producer, abandon=False)  # flush what the producer still holds
+        if self._stopping:
+            await asyncio.wait(self._stopping)
 
     def secrets(self) -> list[str]:
         return [self._password] if self._password else []
@@ -260,76 +335,93 @@ class KafkaSink(Sink):
                 ("delivery-id", delivery.id.encode()), ("content-type", self._content_type)]
 
     async def _append(
-        self, deliveries: list[Delivery], results: list[SinkError | None]
+        self, deliveries: list[Delivery], results: list[SinkError | None], deadline: float
     ) -> tuple[AIOKafkaProducer | None, list[tuple[int, asyncio.Future[Any]]]]:
         """Hand every delivery to the producer; returns it and the acknowledgements to await."""
+        producer: AIOKafkaProducer | None = None
+        waiting: list[tuple[int, asyncio.Future[Any]]] = []
         try:
-            producer = await self._ready_producer()
-            refused = await self._refused_topics(producer, {d.payload["topic"]
-                                                            for d in deliveries})
-        except SinkError as exc:
+            async with asyncio.timeout_at(deadline):
+                producer = await self._ready_producer()
+                refused = await self._refused_topics(producer, {d.payload["topic"]
+                                                                for d in deliveries})
+                for i, d in enumerate(deliveries):
+                    if (error := refused.get(d.payload["topic"])) is not None:
+                        results[i] = error
+                        continue
+                    try:
+                        ack = await producer.send(d.payload["topic"], d.payload["value"].encode(),
+                                                  key=d.payload["key"].encode() or None,
+                                                  headers=self.headers(d))
+                    except Exception as exc:
+                        results[i] = error = self._failure(exc, producer)
+                        if isinstance(error, TransientSinkError):
+                            # The producer cannot take records now; the rest would wait as long.
+                            results[i + 1:] = [error] * (len(deliveries) - i - 1)
+                            break
+                        continue
+                    ack.add_done_callback(_retrieve)
+                    waiting.append((i, ack))
+        except SinkError as exc:  # no producer, or the broker could not be asked about topics
             results[:] = [exc] * len(deliveries)
             return None, []
-        waiting: list[tuple[int, asyncio.Future[Any]]] = []
-        for i, d in enumerate(deliveries):
-            topic = d.payload["topic"]
-            if topic in refused:
-                results[i] = refused[topic]
-                continue
-            try:
-                ack = await producer.send(topic, d.payload["value"].encode(),
-                                          key=d.payload["key"].encode() or None,
-                                          headers=self.headers(d))
-            except Exception as exc:
-                results[i] = error = await self._failure(exc, producer)
-                if isinstance(error, TransientSinkError):
-                    # The producer cannot take records now; the rest would only wait as long.
-                    results[i + 1:] = [error] * (len(deliveries) - i - 1)
-                    break
-                continue
-            ack.add_done_callback(_retrieve)
-            waiting.append((i, ack))
+        except TimeoutError:
+            # Cut off while starting, asking for metadata or waiting for buffer space: what
+            # the producer did with the record in hand is unknown, so it is not used again.
+            if producer is not None:
+                self._discard(producer, "delivery_timeout passed while handing it records")
+            handed = {i for i, _ in waiting}
+            late = self._timed_out("the producer did not take the record")
+            for i in range(len(deliveries)):
+                if results[i] is None and i not in handed:
+                    results[i] = late
         return producer, waiting
 
     async def _await_acks(
         self, producer: AIOKafkaProducer, waiting: list[tuple[int, asyncio.Future[Any]]],
-        results: list[SinkError | None],
+        results: list[SinkError | None], deadline: float,
     ) -> None:
-        _, pending = await asyncio.wait([ack for _, ack in waiting], timeout=self._ack_timeout)
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        _, pending = await asyncio.wait([ack for _, ack in waiting], timeout=left)
         for i, ack in waiting:
             if ack in pending:
-                results[i] = TransientSinkError(
-                    f"kafka: no acknowledgement within {self._ack_timeout:g}s", "timeout")
+                results[i] = self._timed_out("no acknowledgement arrived")
             elif ack.cancelled():  # the producer was stopped under it
                 results[i] = TransientSinkError("kafka: send cancelled by a producer stop",
                                                 "broker_error")
             elif (exc := ack.exception()) is not None:
-                results[i] = await self._failure(exc, producer)
+                results[i] = self._failure(exc, producer)
         if pending:
-            await self._discard(producer, "acknowledgements stopped arriving")
+            self._discard(producer, "acknowledgements did not arrive within delivery_timeout")
 
-    async def _failure(self, exc: BaseException, producer: AIOKafkaProducer | None) -> SinkError:
+    def _failure(self, exc: BaseException, producer: AIOKafkaProducer | None) -> SinkError:
         error = self.classify(exc)
         if producer is not None and (isinstance(exc, PRODUCER_BROKEN)
                                      or not isinstance(exc, kafka_errors.KafkaError | OSError
                                                        | TimeoutError)):
-            await self._discard(producer, exc.__class__.__name__)
+            self._discard(producer, exc.__class__.__name__)
         return error
+
+    def _timed_out(self, what: str) -> TransientSinkError:
+        return TransientSinkError(
+            f"kafka timed out: {what} within delivery_timeout ({self._deadline:g}s)", "timeout")
 
     # ---- the producer -------------------------------------------------------------------
 
     async def _ready_producer(self) -> AIOKafkaProducer:
         producer = self._producer
         if producer is not None and not _sender_alive(producer):
-            await self._discard(producer, "its sender task ended")
+            self._discard(producer, "its sender task ended")
             producer = None
         if producer is None:
             producer = self._build_producer()
             try:
                 await producer.start()
-            except Exception as exc:
-                await self._stop(producer)
-                raise self._start_error(exc) from None
+            except BaseException as exc:  # the deadline's cancellation included
+                self._stop_later(producer)
+                if isinstance(exc, Exception):
+                    raise self._start_error(exc) from None
+                raise
             self._producer = producer
             log.info("kafka producer started", extra={"sink": self.name})
         return producer
@@ -341,7 +433,7 @@ class KafkaSink(Sink):
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise TransientSinkError(
                 f"kafka: cannot load ca_file: {exc.__class__.__name__}", "config_error") from None
-        return AIOKafkaProducer(
+        return self.producer_factory(
             bootstrap_servers=cfg.bootstrap_servers,
             client_id=cfg.client_id,
             acks=cfg.acks if cfg.acks == "all" else int(cfg.acks),
@@ -364,16 +456,29 @@ class KafkaSink(Sink):
         context: ssl.SSLContext = create_ssl_context(cafile=self.config.ca_file)
         return context
 
-    async def _discard(self, producer: AIOKafkaProducer, why: str) -> None:
+    def _discard(self, producer: AIOKafkaProducer, why: str) -> None:
         """Drop a producer that broke; the next send builds a fresh one."""
         if self._producer is producer:
             self._producer = None
             log.warning("kafka producer will be rebuilt", extra={"sink": self.name, "why": why})
-            await self._stop(producer)
+            self._stop_later(producer)
 
-    async def _stop(self, producer: AIOKafkaProducer) -> None:
+    def _stop_later(self, producer: AIOKafkaProducer) -> None:
+        """Stop a producer given up on without making the attempt that gave up wait for it."""
+        task = asyncio.create_task(self._stop(producer, abandon=True))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop(self, producer: AIOKafkaProducer, *, abandon: bool) -> None:
+        if abandon:
+            # Its records already counted as failed and go back to the outbox: delivering
+            # them now would only add late duplicates, and an idempotent producer would
+            # keep retrying them while the broker is away.
+            _fail_pending(producer)
+        # A stop waits for requests in flight, each bounded by request_timeout.
+        limit = self.config.request_timeout + 5.0 if abandon else self._deadline
         try:
-            await asyncio.wait_for(producer.stop(), self._ack_timeout)
+            await asyncio.wait_for(producer.stop(), limit)
         except Exception as exc:
             log.warning("kafka producer did not stop cleanly",
                         extra={"sink": self.name, "error": exc.__class__.__name__})
@@ -393,7 +498,7 @@ class KafkaSink(Sink):
             try:
                 code = await _topic_error_code(producer, topic)
             except Exception as exc:
-                raise await self._failure(exc, producer) from None
+                raise self._failure(exc, producer) from None
             error_type = kafka_errors.for_code(code)
             if code and issubclass(error_type, REFUSED):
                 refused[topic] = PermanentSinkError(
@@ -446,10 +551,31 @@ class KafkaSink(Sink):
         return f"kafka {what}: {text}"
 
 
+def _load_ca_bundle(path: str) -> None:
+    """Raise ValueError unless OpenSSL loads CA certificates from the PEM file `path`."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        detail = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.args[-1]))
+        raise ValueError(
+            f"ca_file {path!r} is not a PEM CA bundle: OpenSSL loads no certificate from it "
+            f"({detail}); expected one or more -----BEGIN CERTIFICATE----- blocks") from None
+    except OSError as exc:
+        raise ValueError(f"ca_file {path!r} cannot be read: "
+                         f"{exc.strerror or exc.__class__.__name__}") from None
+
+
 def _retrieve(ack: asyncio.Future[Any]) -> None:
     """Mark a failed acknowledgement as seen, so one abandoned by a stop is not reported."""
     if not ack.cancelled():
         ack.exception()
+
+
+def _fail_pending(producer: AIOKafkaProducer) -> None:
+    # Not public in aiokafka: what its sender does itself when it dies.
+    fail_all = getattr(getattr(producer, "_message_accumulator", None), "fail_all", None)
+    if callable(fail_all):
+        fail_all(kafka_errors.KafkaTimeoutError("the bridge gave up on this producer"))
 
 
 def _sender_alive(producer: AIOKafkaProducer) -> bool:
