@@ -4,6 +4,7 @@ how refusals and outages end, and that `bridge check` speaks clearly about Kafka
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -46,6 +47,7 @@ sinks:
     topic: "${PREFIX}.{{ kind }}"
     enable_idempotence: false  # Tansu's in-memory store refuses InitProducerId
     request_timeout: ${REQUEST_TIMEOUT:-10s}
+    delivery_timeout: ${DELIVERY_TIMEOUT:-25s}
 routes:
   - name: all-to-kafka
     to: kafka
@@ -69,6 +71,50 @@ def tansu(tansu_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         yield broker
     finally:
+        broker.stop()
+
+
+class StallingProxy(TcpProxy):
+    """Can also play a broker that stops answering: connections stay open and are accepted,
+    but no byte passes until `flow()`; what was held then passes, late."""
+
+    def __init__(self, target_port: int, port: int) -> None:
+        super().__init__(target_port=target_port, port=port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        self._flowing.set()
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self._flowing.wait()
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(dst)
+            with contextlib.suppress(Exception):
+                dst.close()
+
+
+@pytest.fixture
+async def stalling_tansu(tansu_bin: str, tmp_path: Path
+                         ) -> AsyncIterator[tuple[Tansu, StallingProxy]]:
+    proxy_port = free_port()
+    broker = start_tansu(tansu_bin, tmp_path / "tansu-stalling.log", advertised_port=proxy_port)
+    proxy = StallingProxy(target_port=broker.port, port=proxy_port)
+    try:
+        await proxy.start()
+        yield broker, proxy
+    finally:
+        proxy.flow()
+        await proxy.close()
         broker.stop()
 
 
@@ -336,6 +382,73 @@ async def test_broker_away_for_seconds_loses_nothing(
     records = await consume(broker.bootstrap, [f"{topic}.tracking", f"{topic}.order"], total)
     # At least once: a send cut off mid-way may have landed before it was retried.
     assert {dict(r.headers)["delivery-id"].decode() for r in records} == expected
+
+
+async def test_broker_that_stops_answering_ends_attempts_at_delivery_timeout(
+    make_bridge: BridgeFactory, stalling_tansu: tuple[Tansu, StallingProxy],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Acknowledgements that never come: each attempt ends by its deadline, the producer that
+    holds them is given up on and rebuilt, and once the broker answers again all arrive."""
+    caplog.set_level(logging.INFO, logger="bridge.sinks.kafka")
+    broker, proxy = stalling_tansu
+    topic = prefix()
+    await create_topics(broker.bootstrap, f"{topic}.tracking")
+    # delivery_timeout = request_timeout: the sink's deadline comes before aiokafka's own
+    # request timeout, which only starts once the request was written.
+    bridge = await make_bridge(CONFIG, {"BOOTSTRAP": broker.bootstrap, "PREFIX": topic,
+                                        "REQUEST_TIMEOUT": "1s", "DELIVERY_TIMEOUT": "1s"})
+    shipments = [str(uuid.uuid4()) for _ in range(30)]
+    first = batch(shipments, [0])
+    await bridge.post(first)
+
+    async def delivered(n: int) -> bool:
+        return (await counts(bridge))["delivered"] == n
+    await eventually(lambda: delivered(len(shipments)), timeout=30, what="first batch delivered")
+
+    proxy.stall()
+    second = batch(shipments, [1])
+    status, _ = await bridge.post(second)
+    assert status == 200
+    ids = sorted(ids_of(second))
+
+    async def unacknowledged() -> bool:
+        row = await bridge.rt.outbox.get(ids[0])
+        return row is not None and row.last_error is not None and row.attempts >= 2
+    await eventually(unacknowledged, timeout=30, what="two attempts of a stalled delivery")
+    row = await bridge.rt.outbox.get(ids[0])
+    assert row is not None and row.status is Status.PENDING
+    rebuilt = [r for r in caplog.records if r.getMessage() == "kafka producer will be rebuilt"]
+    assert any("acknowledgements did not arrive" in r.__dict__["why"] for r in rebuilt)
+    assert (await bridge.client.get("/readyz")).status == 200
+    assert await metric(bridge, "bridge_sink_failing") == 1
+    # Every attempt ended by its deadline (1s), plus the dispatcher's bookkeeping.
+    assert await histogram_max_bucket(bridge, "bridge_send_duration_seconds") <= 2.5
+
+    proxy.flow()
+    total = len(shipments) * 2
+    await eventually(lambda: delivered(total), timeout=60, what="every delivery after the stall")
+    assert (await counts(bridge))["dead"] == 0
+    started = [r for r in caplog.records if r.getMessage() == "kafka producer started"]
+    assert len(started) >= 2  # the first producer was replaced
+    records = await consume(broker.bootstrap, [f"{topic}.tracking"], total)
+    # At least once: requests held by the stall reach the broker late, as duplicates.
+    assert {dict(r.headers)["delivery-id"].decode() for r in records} == (
+        ids_of(first) | ids_of(second))
+
+
+async def histogram_max_bucket(bridge: Bridge, name: str) -> float:
+    """The smallest bucket bound that holds every observation of the kafka sink's `name`."""
+    resp = await bridge.client.get("/metrics")
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(await resp.text()):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket" and sample.labels.get("sink") == "kafka":
+                buckets.append((float(sample.labels["le"]), float(sample.value)))
+    assert buckets, f"histogram {name} not exported"
+    buckets.sort()
+    total = buckets[-1][1]
+    return next(bound for bound, count in buckets if count == total)
 
 
 async def test_broker_down_at_first_use_then_up_is_delivered(
