@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -230,6 +230,30 @@ def cut(text: str, limit: int) -> str:
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def more_line(count: int) -> str:
+    return f"{ELLIPSIS}and {count} more"
+
+
+def fit_lines(lines: list[str], budget: int, measure: Callable[[str], int] = utf16_len,
+              sep: int = 1) -> list[str]:
+    """A digest's lines within one message's total `budget` (each line costs `measure(line)`,
+    plus `sep` between lines): whole lines in order, and if some do not fit, a last
+    "…and N more" line counting them, within the budget too."""
+    sizes = [measure(line) for line in lines]
+    if sum(sizes) + sep * max(0, len(lines) - 1) <= budget:
+        return list(lines)
+    reserve = measure(more_line(len(lines))) + sep  # N is at most len(lines): an upper bound
+    kept: list[str] = []
+    used = 0
+    for line, size in zip(lines, sizes, strict=True):
+        cost = size + (sep if kept else 0)
+        if used + cost + reserve > budget:
+            break
+        kept.append(line)
+        used += cost
+    return [*kept, more_line(len(lines) - len(kept))]
 
 
 # ---- HTTP ----------------------------------------------------------------------------------

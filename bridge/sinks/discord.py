@@ -26,6 +26,7 @@ from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, parse_r
 from bridge.sinks.chat import (
     Summary,
     cut,
+    fit_lines,
     http_url_problem,
     one_line,
     request,
@@ -144,10 +145,12 @@ class DiscordSink(Sink):
 
     def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
         """A headline and an embed listing one line per item."""
-        lines = [f"• {escape(one_line(d.payload.get('summary') or d.item_uuid))}"
+        lines = [f"• {cut(escape(one_line(d.payload.get('summary') or d.item_uuid)), 300)}"
                  for d in deliveries]
-        e = {"title": f"{len(lines)} updates", "description": cut("\n".join(lines),
-                                                                  DESCRIPTION_LIMIT),
+        # Whole lines up to the description's limit, then "…and N more" (title and footer are
+        # short, so the embed's 6,000 in total holds too).
+        shown = fit_lines(lines, DESCRIPTION_LIMIT)
+        e = {"title": f"{len(lines)} updates", "description": "\n".join(shown),
              "color": _COLOR["neutral"], "footer": {"text": cut(f"isendu · route {route}",
                                                                 FOOTER_LIMIT)}}
         body = {"content": cut(f"📦 **{len(lines)} updates** on route {escape(route)}",

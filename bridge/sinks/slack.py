@@ -33,6 +33,7 @@ from bridge.sinks.chat import (
     ELLIPSIS,
     Summary,
     cut,
+    fit_lines,
     http_url_problem,
     one_line,
     summarize,
@@ -52,6 +53,9 @@ MAX_FIELDS = 10
 # Fields may hold 2,000 characters each, but Slack also refuses messages whose blocks add up
 # to more than about 12,000 (msg_blocks_too_long, undocumented); short facts keep us under it.
 FIELD_LIMIT = 500
+BLOCKS_BUDGET = 12_000
+DIGEST_LINES_BUDGET = 11_000  # a digest's item lines; its header and footer fit in the rest
+DIGEST_LINE_LIMIT = 500
 CHANNEL_KEY = "#channel_id"  # not an item uuid: where the resolved channel ID is remembered
 
 _AUTH = {"not_authed", "invalid_auth", "account_inactive", "token_revoked", "token_expired",
@@ -317,17 +321,19 @@ class SlackSink(Sink):
 
     def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
         """A header and the items' one-line summaries, packed into as few sections as fit."""
-        lines = [f"• {esc(one_line(d.payload.get('summary') or d.item_uuid))}"
-                 for d in deliveries]
+        lines = [cut_mrkdwn(f"• {esc(one_line(d.payload.get('summary') or d.item_uuid))}",
+                            DIGEST_LINE_LIMIT) for d in deliveries]
         head = f"📦 {len(lines)} updates"
+        # Whole lines within the blocks' ~12,000 characters in total, then "…and N more".
+        shown = fit_lines(lines, DIGEST_LINES_BUDGET)
         blocks: list[dict[str, Any]] = [{"type": "header", "text": {
             "type": "plain_text", "text": head, "emoji": True}}]
-        for chunk in pack(lines, SECTION_LIMIT, MAX_BLOCKS - 2):
+        for chunk in pack(shown, SECTION_LIMIT, MAX_BLOCKS - 2):
             blocks.append(section(chunk))
         blocks.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": cut_mrkdwn(f"isendu · route {esc(route)}",
-                                                  SECTION_LIMIT)}]})
-        text = cut_mrkdwn(f"{head} on route {esc(route)}\n" + "\n".join(lines), TEXT_LIMIT)
+                                                  HEADER_LIMIT)}]})
+        text = cut_mrkdwn(f"{head} on route {esc(route)}\n" + "\n".join(shown), TEXT_LIMIT)
         # A digest is about many items: it never goes into one item's thread.
         return {"text": text, "blocks": dumps(blocks), "digest": "1"}
 

@@ -16,14 +16,20 @@ from pydantic import Field, SecretStr, model_validator
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, dumps, post_and_classify
-from bridge.sinks.chat import Summary, cut, http_url_problem, one_line, summarize
+from bridge.sinks.chat import Summary, cut, fit_lines, http_url_problem, one_line, summarize
 from bridge.templates import Template
 
 CARD_SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
-# Teams refuses messages over ~28 KB; these caps keep any item well inside that.
+# Teams refuses messages over 28 KB (28,672 bytes of "message properties"); these caps keep
+# any one item well inside that.
 TEXT_LIMIT = 2000
 FACT_LIMIT = 500
 DIGEST_TEXT_BUDGET = 16_000
+# A whole digest body, in bytes. Workflows answer 202 at once and only the flow run, later,
+# fails with 400 MessageSizeExceeded: the bridge never hears of it, so this keeps a wide
+# margin. A 24,453-byte request has been seen to count as 28,897 bytes there
+# (MicrosoftDocs/msteams-docs#11274).
+DIGEST_BODY_BUDGET = 20_000
 _COLOR = {"good": "Good", "bad": "Attention", "active": "Accent", "neutral": "Default"}
 
 
@@ -85,6 +91,11 @@ def workflow_message(content: dict[str, Any]) -> str:
     return dumps({"type": "message", "attachments": [attachment]})
 
 
+def _block_bytes(line: str) -> int:
+    """What one digest line adds to the body: its TextBlock and a comma."""
+    return len(dumps(text_block(line, spacing="None")).encode()) + 1
+
+
 def footer(route: str) -> dict[str, Any]:
     return text_block(f"isendu · route {route}", size="Small", isSubtle=True, spacing="Medium")
 
@@ -121,11 +132,15 @@ class TeamsSink(Sink):
     def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
         """One card: a headline and a bulleted line per item."""
         lines = [one_line(d.payload.get("summary") or d.item_uuid) for d in deliveries]
-        # Many lines share the ~28 KB a Teams message may have.
+        # Many lines share the ~28 KB a Teams message may have: shorter lines first, then
+        # as many as fit in the body budget, then "…and N more".
         per_line = max(80, min(FACT_LIMIT, DIGEST_TEXT_BUDGET // max(1, len(lines))))
-        body = [text_block(f"📦 {len(lines)} updates", size="Medium", weight="Bolder")]
-        body += [text_block(f"- {cut(line, per_line)}", spacing="None") for line in lines]
-        return {"body": workflow_message(adaptive_card([*body, footer(route)], []))}
+        head = text_block(f"📦 {len(lines)} updates", size="Medium", weight="Bolder")
+        skeleton = len(workflow_message(adaptive_card([head, footer(route)], [])).encode())
+        shown = fit_lines([f"- {cut(line, per_line)}" for line in lines],
+                          DIGEST_BODY_BUDGET - skeleton, _block_bytes)
+        body = [head, *(text_block(line, spacing="None") for line in shown), footer(route)]
+        return {"body": workflow_message(adaptive_card(body, []))}
 
     async def start(self) -> None:
         if self._session is None:

@@ -20,7 +20,7 @@ from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, excerpt
-from bridge.sinks.chat import ELLIPSIS, Summary, cut, one_line, request, summarize
+from bridge.sinks.chat import ELLIPSIS, Summary, cut, fit_lines, one_line, request, summarize
 from bridge.sinks.chat import utf16_len as _utf16
 from bridge.templates import Template, as_html
 
@@ -164,7 +164,10 @@ class TelegramSink(Sink):
         lines = [f"• {esc(one_line(d.payload.get('summary') or d.item_uuid))}"
                  for d in deliveries]
         head = f"📦 <b>{len(lines)} updates</b> · route {esc(route)}"
-        return {"body": self._body(cut_html("\n".join([head, *lines])))}
+        # Whole lines within the 4,096 visible characters, then "…and N more".
+        shown = fit_lines([cut_html(line, 500) for line in lines],
+                          TEXT_LIMIT - visible_len(head) - 1, visible_len)
+        return {"body": self._body(cut_html("\n".join([head, *shown])))}
 
     def rate_limit(self) -> tuple[float, int] | None:
         if "rate_limit" in self.config.model_fields_set:

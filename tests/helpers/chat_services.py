@@ -43,12 +43,22 @@ class FakeService(Receiver):
 
 # ---- Teams Workflows ----------------------------------------------------------------------
 
-class FakeTeams(FakeService):
-    """`POST /workflows/<id>/triggers/manual/paths/invoke?...&sig=<sig>` -> 202 Accepted."""
+# Teams' message cap: 28 KB. What a Workflows webhook does with a bigger body is not
+# documented. Reports (MicrosoftDocs/msteams-docs#11274) show the trigger answering 202 and
+# the flow run failing afterwards with 400 BadRequest "MessageSizeExceeded ... max allowed
+# size is 28672 bytes", a failure the sender never sees. The fake refuses at once with that
+# 400 instead, so a test that sends too much fails loudly rather than passing unnoticed.
+TEAMS_MAX_BYTES = 28_672
 
-    def __init__(self, sig: str) -> None:
+
+class FakeTeams(FakeService):
+    """`POST /workflows/<id>/triggers/manual/paths/invoke?...&sig=<sig>` -> 202 Accepted
+    (or `status`: 200 is also a success some flows answer)."""
+
+    def __init__(self, sig: str, status: int = 202) -> None:
         super().__init__()
         self.sig = sig
+        self.status = status
 
     def respond(self, request: web.Request, body: bytes) -> web.StreamResponse:
         if request.query.get("sig") != self.sig:
@@ -56,6 +66,12 @@ class FakeTeams(FakeService):
                 "code": "DirectApiAuthorizationRequired",
                 "message": "The request must be authenticated only by Shared Access scheme."}},
                 status=401)
+        if len(body) > TEAMS_MAX_BYTES:
+            return web.json_response({"error": {
+                "code": "BadRequest", "message": "InvalidParameter", "innerError": {
+                    "code": "1", "message": "MessageSizeExceeded-Message properties size "
+                    f"exceeded. Actual message properties size: {len(body)} bytes, whereas "
+                    f"max allowed size is {TEAMS_MAX_BYTES} bytes"}}}, status=400)
         try:
             data = json.loads(body)
             attachment = data["attachments"][0]
@@ -70,7 +86,7 @@ class FakeTeams(FakeService):
                 "message": "The input body for trigger 'manual' of type 'Request' did not "
                            "match its schema definition."}}, status=400)
         self.accept()
-        return web.Response(status=202)
+        return web.Response(status=self.status)
 
 
 # ---- Discord ------------------------------------------------------------------------------

@@ -66,6 +66,16 @@ def _block_problems(blocks: Any) -> list[str]:
     return problems
 
 
+def _blocks_chars(blocks: Any) -> int:
+    """Every text in the blocks, added up: Slack refuses a message over about 12,000
+    (msg_blocks_too_long; not in Slack's reference, seen in practice)."""
+    total = 0
+    for b in blocks if isinstance(blocks, list) else []:
+        texts = [b.get("text"), *(b.get("fields") or []), *(b.get("elements") or [])]
+        total += sum(len(t["text"]) for t in texts if isinstance(t, dict))
+    return total
+
+
 class FakeSlack(FakeService):
     """`POST /services/T…/B…/<secret>` (incoming webhook) and `POST /api/<method>`."""
 
@@ -111,6 +121,8 @@ class FakeSlack(FakeService):
             return web.Response(status=400, text="invalid_payload")
         if "blocks" in data and _block_problems(data["blocks"]):
             return web.Response(status=400, text="invalid_blocks")
+        if _blocks_chars(data.get("blocks")) > 12_000:
+            return web.Response(status=400, text="invalid_blocks")
         if not data.get("text") and not data.get("blocks"):
             return web.Response(status=400, text="no_text")
         self.accept()
@@ -136,6 +148,8 @@ class FakeSlack(FakeService):
             return self.fail("msg_too_long")
         if "blocks" in data and _block_problems(data["blocks"]):
             return self.fail("invalid_blocks")
+        if _blocks_chars(data.get("blocks")) > 12_000:
+            return self.fail("msg_blocks_too_long")
         self.accept()
         self.posted += 1
         ts = f"1700000000.{100 * self.posted:06d}"
@@ -566,18 +580,32 @@ async def test_thread_state_failure_is_retried_not_duplicated(
 async def test_keyed_locks_serialise_per_key_and_forget_idle_keys() -> None:
     locks = KeyedLocks()
     order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold_a_until_released() -> None:
+        async with locks.hold("a"):
+            order.append("a1+")
+            await release.wait()
+            order.append("a1-")
 
     async def work(key: str, tag: str) -> None:
         async with locks.hold(key):
             order.append(f"{tag}+")
-            await asyncio.sleep(0.02)
             order.append(f"{tag}-")
 
-    await asyncio.gather(work("a", "a1"), work("a", "a2"), work("b", "b1"))
-    # Holders of one key never overlap; another key is not held up by them.
-    a_events = [e for e in order if e.startswith("a")]
-    assert a_events in (["a1+", "a1-", "a2+", "a2-"], ["a2+", "a2-", "a1+", "a1-"])
-    assert order.index("b1+") < order.index("a1-") or order.index("b1+") < order.index("a2-")
+    a1 = asyncio.create_task(hold_a_until_released())
+    await asyncio.sleep(0)  # a1 takes "a"
+    a2 = asyncio.create_task(work("a", "a2"))
+    b1 = asyncio.create_task(work("b", "b1"))
+    # Another key is not held up: b1 runs to the end while a1 still holds "a" ...
+    await asyncio.wait_for(b1, timeout=2)
+    await asyncio.sleep(0.05)
+    # ... and a2, on the same key, has not started.
+    assert order == ["a1+", "b1+", "b1-"]
+    assert len(locks) == 1  # "b" was forgotten once free; "a" is held and waited for
+    release.set()
+    await asyncio.wait_for(asyncio.gather(a1, a2), timeout=2)
+    assert order == ["a1+", "b1+", "b1-", "a1-", "a2+", "a2-"]  # a2 only after a1 let go
     assert len(locks) == 0
 
 
@@ -600,6 +628,26 @@ async def test_a_digest_is_one_top_level_message_even_with_threads(
     assert footer["elements"][0]["text"] == "isendu · route to-slack"
     for u in uuids:  # no thread was started for any of them
         assert await bridge.rt.outbox.get_state(SCOPE, u) is None
+
+
+async def test_a_500_item_digest_fits_slacks_total_blocks_budget(
+    make_bridge: BridgeFactory, slack: tuple[FakeSlack, str]
+) -> None:
+    fake, url = slack
+    config = WEBHOOK_CONFIG.replace(
+        "    to: chat\n", "    to: chat\n    group: {window: 500ms, max_items: 500}\n")
+    bridge = await make_bridge(config, env(url))
+    uuids = [f"00000000-0000-4000-8000-{n:012d}" for n in range(500)]
+    status, _ = await bridge.post({"tracking": [snapshot("IN_TRANSIT", 2, u) for u in uuids]})
+    assert status == 200
+    await delivered(bridge, 500, timeout=30)
+    [req] = fake.accepted
+    digest = req.json()
+    assert _blocks_chars(digest["blocks"]) <= 12_000
+    lines = [line for b in digest["blocks"][1:-1] for line in b["text"]["text"].split("\n")]
+    shown = [line for line in lines if line.startswith("• BRT100994275870: IN_TRANSIT")]
+    assert len(shown) > 50 and lines[-1] == f"…and {500 - len(shown)} more"
+    assert digest["text"].endswith(lines[-1])
 
 
 def test_digest_sections_stay_within_block_kit_limits() -> None:

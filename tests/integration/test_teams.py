@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BridgeFactory
-from tests.helpers.chat_services import FakeTeams
+from tests.helpers.chat_services import TEAMS_MAX_BYTES, FakeTeams
 from tests.helpers.receiver import Answer
 from tests.helpers.sinks import (
     ORDER,
@@ -196,3 +196,53 @@ async def test_digest_card_lists_the_items(
         FOOTER,
     ])
     await delivered(bridge, 2)
+
+
+async def test_200_is_accepted_too(make_bridge: BridgeFactory, aiohttp_server: Any) -> None:
+    """Some flows answer 200 OK instead of 202 Accepted; both mean the message was taken."""
+    fake = FakeTeams(SIG, status=200)
+    server = await aiohttp_server(fake.app(), access_log=None)
+    url = f"http://127.0.0.1:{server.port}{PATH}?{QUERY}{SIG}"
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    await bridge.post({"tracking": [TRACKING_FAILED]})
+    await delivered(bridge)
+    assert len(fake.requests) == 1 and len(fake.accepted) == 1
+    assert await bridge.rt.outbox.list_dead() == []
+
+
+async def test_a_500_item_digest_fits_in_one_teams_message(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    """The fake refuses bodies over 28 KB as Teams does; a digest of 500 shows what fits and
+    counts the rest, and every member is delivered (none dead-lettered by a 400)."""
+    fake, url = teams
+    config = CONFIG.replace("    to: teams\n",
+                            "    to: teams\n    group: {window: 500ms, max_items: 500}\n")
+    bridge = await make_bridge(config, {"TEAMS_URL": url})
+    items = [{**TRACKING_BARE, "uuid": f"00000000-0000-4000-8000-{n:012d}",
+              "trackingNumber": f"GLS{n:012d}", "status": "IN_TRANSIT"} for n in range(500)]
+    status, body = await bridge.post({"tracking": items})
+    assert status == 200 and body["deliveries"] == 500
+    [req] = await fake.wait_for(1, timeout=20)
+    assert fake.accepted == [req] and len(req.body) <= TEAMS_MAX_BYTES
+    blocks = req.json()["attachments"][0]["content"]["body"]
+    assert blocks[0]["text"] == "📦 500 updates"
+    lines = [b["text"] for b in blocks[1:-1]]
+    shown = [line for line in lines if line.startswith("- ")]
+    assert lines[-1] == f"…and {500 - len(shown)} more" and len(shown) > 50
+    await delivered(bridge, 500, timeout=30)
+    assert await bridge.rt.outbox.list_dead() == []
+
+
+async def test_a_body_over_28_kb_is_refused_by_the_fake_like_teams(
+    teams: tuple[FakeTeams, str]
+) -> None:
+    """The fake's limit is real: a card past 28,672 bytes gets Teams' MessageSizeExceeded."""
+    import aiohttp
+
+    fake, url = teams
+    card = message([text("x" * 29_000)])
+    async with aiohttp.ClientSession() as session, session.post(url, json=card) as resp:
+        assert resp.status == 400
+        assert "MessageSizeExceeded" in await resp.text()
+    assert fake.accepted == []
