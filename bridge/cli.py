@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import LoadedConfig, config_path, load_config
+from bridge.config_types import format_rate
 from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
@@ -26,6 +27,7 @@ from bridge.parse import Verification, parse_request
 from bridge.redact import MASK, redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
+from bridge.sinks.base import Sink
 
 log = logging.getLogger("bridge")
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -87,11 +89,13 @@ async def cmd_check(args: argparse.Namespace) -> int:
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")
+    built = build_sinks(cfg)
     for name, sink in cfg.sinks.items():
         fields = sink.model_dump(mode="json", exclude_defaults=True, exclude={"type"},
                                  by_alias=True)
         shown = ", ".join(f"{k}={_show(v)}" for k, v in fields.items())
         print(f"  {name} ({sink.type}){': ' + shown if shown else ''}")
+        print(f"    rate limit (per replica): {rate_text(built[name])}")
     print("routes:")
     for route in cfg.routes:
         scope = route.kind or "order+tracking"
@@ -102,6 +106,20 @@ async def cmd_check(args: argparse.Namespace) -> int:
     if not cfg.routes:
         print("  (none: every batch is accepted and nothing is sent)")
     return 0
+
+
+def rate_text(sink: Sink) -> str:
+    """The limit the dispatcher will apply, and where it comes from."""
+    configured = "rate_limit" in sink.config.model_fields_set
+    limit = sink.rate_limit()
+    if limit is None:
+        note: str | None = getattr(sink, "rate_note", None)
+        if configured:
+            return "off (rate_limit: off)"
+        return note or f"none ({sink.type_name} sinks have no default limit)"
+    rate, burst = limit
+    origin = "set by rate_limit" if configured else f"default for {sink.type_name}"
+    return f"{format_rate(rate)}, burst {burst} ({origin})"
 
 
 def _show(value: Any) -> str:

@@ -18,14 +18,14 @@ import urllib.parse
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from bridge.config_types import SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.redact import REDACTOR, redact
 from bridge.sinks.base import RenderContext, Sink
-from bridge.sinks.chat import Summary, cut, summarize
+from bridge.sinks.chat import Summary, burst_problem, cut, summarize
 from bridge.templates import Template, as_html
 
 if TYPE_CHECKING:
@@ -108,6 +108,13 @@ class AppriseSinkConfig(SinkConfigBase):
         except ImportError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @model_validator(mode="after")
+    def _burst(self) -> AppriseSinkConfig:
+        problem = burst_problem(self, "Apprise")
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def url_secrets(url: str, private_form: str | None) -> list[str]:

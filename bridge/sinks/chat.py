@@ -17,6 +17,7 @@ from typing import Any, Literal
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from bridge.config_types import SinkConfigBase
 from bridge.errors import TransientSinkError
 from bridge.models import Kind
 from bridge.sinks.base import RenderContext
@@ -285,6 +286,19 @@ async def request(
     except aiohttp.ClientError as exc:
         raise TransientSinkError(f"{what} request failed: {exc.__class__.__name__}",
                                  "connection_error") from None
+
+
+def burst_problem(config: SinkConfigBase, service: str) -> str | None:
+    """`burst` sizes the token bucket of `rate_limit`; for a sink with no default pace it
+    would do nothing without one, so say so at load instead of ignoring it."""
+    if config.burst is None:
+        return None
+    if "rate_limit" not in config.model_fields_set:
+        return (f"burst needs rate_limit: {service} has no fixed pace of its own for the "
+                "bridge to apply it to; set e.g. rate_limit: 5/s next to burst")
+    if config.rate_limit is None:
+        return "burst has no effect with rate_limit: off; remove one of them"
+    return None
 
 
 def http_url_problem(url: str, what: str) -> str | None:

@@ -25,6 +25,7 @@ from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, parse_retry_after
 from bridge.sinks.chat import (
     Summary,
+    burst_problem,
     cut,
     fit_lines,
     http_url_problem,
@@ -61,7 +62,8 @@ class DiscordSinkConfig(SinkConfigBase):
 
     @model_validator(mode="after")
     def _url(self) -> DiscordSinkConfig:
-        problem = http_url_problem(self.webhook_url.get_secret_value(), "webhook_url")
+        problem = http_url_problem(self.webhook_url.get_secret_value(), "webhook_url") or \
+            burst_problem(self, "Discord (the bridge follows its X-RateLimit headers)")
         if problem:
             raise ValueError(problem)
         return self
@@ -113,6 +115,8 @@ class DiscordSink(Sink):
     type_name = "discord"
     config_model = DiscordSinkConfig
     config: DiscordSinkConfig
+    # No fixed default: Discord's buckets differ per webhook and are announced per answer.
+    rate_note = "follows Discord's X-RateLimit headers and 429 retry_after"
 
     def __init__(self, name: str, config: DiscordSinkConfig) -> None:
         super().__init__(name, config)

@@ -22,7 +22,7 @@ from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, SinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink
-from bridge.sinks.chat import Summary, cut, one_line, summarize
+from bridge.sinks.chat import Summary, burst_problem, cut, one_line, summarize
 from bridge.templates import Template, as_html
 
 DEFAULT_PORT = {"none": 25, "starttls": 587, "tls": 465}
@@ -78,6 +78,9 @@ class EmailSinkConfig(SinkConfigBase):
     def _check(self) -> EmailSinkConfig:
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together: set both or neither")
+        problem = burst_problem(self, "e-mail")
+        if problem:
+            raise ValueError(problem)
         for field in ("to", "cc", "bcc"):
             for t in getattr(self, field):
                 if t.is_static:

@@ -167,3 +167,41 @@ async def test_send_test_reports_a_refusal_without_secrets(
     assert all(secret not in out + err for secret in ENV.values())
     code, _, err = await _run_async("send-test", "nope", "--config", str(path))
     assert code == 2 and "no sink named 'nope' (sinks: hook, ops)" in err
+
+
+def test_check_prints_each_sinks_effective_rate_limit(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"""
+storage: sqlite:///{tmp_path}/bridge.db
+sinks:
+  slack: {{type: slack, webhook_url: "https://hooks.slack.com/services/T0/B0/abcdefghijkl"}}
+  bot: {{type: slack, token: xoxb-1-2-3, channel: C0123456789, burst: 3}}
+  teams: {{type: teams, webhook_url: "https://x.example.com/workflows/1/invoke?sig=abc123"}}
+  private: {{type: telegram, token: "123456789:AAEexampleexampleexample", chat_id: 4242}}
+  group: {{type: telegram, token: "123456789:AAEexampleexampleexample", chat_id: -100424242}}
+  discord: {{type: discord, webhook_url: "https://discord.com/api/webhooks/1/tokentoken"}}
+  hook: {{type: http, url: "https://erp.example.com/in", rate_limit: 100/10s, burst: 5}}
+  quiet:
+    {{type: teams, webhook_url: "https://x.example.com/workflows/2?sig=abc", rate_limit: "off"}}
+  ops: {{type: console}}
+routes: []
+""")
+    out = bridge("check", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    shown = {lines[i].split()[0]: lines[i + 1].strip() for i, line in enumerate(lines)
+             if line.startswith("  ") and not line.startswith("    ")
+             and i + 1 < len(lines) and "rate limit" in lines[i + 1]}
+    prefix = "rate limit (per replica): "
+    assert shown == {
+        "slack": prefix + "1/s, burst 1 (default for slack)",
+        "bot": prefix + "1/s, burst 3 (default for slack)",
+        "teams": prefix + "4/s, burst 1 (default for teams)",
+        "private": prefix + "1/s, burst 1 (default for telegram)",
+        "group": prefix + "20/min, burst 1 (default for telegram)",
+        "discord": prefix + "follows Discord's X-RateLimit headers and 429 retry_after",
+        "hook": prefix + "10/s, burst 5 (set by rate_limit)",
+        "quiet": prefix + "off (rate_limit: off)",
+        "ops": prefix + "none (console sinks have no default limit)",
+    }
+    assert "tokentoken" not in out.stdout and "sig=abc" not in out.stdout
