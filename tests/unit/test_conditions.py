@@ -131,3 +131,28 @@ def test_any_and_all_follow_boolean_logic(item: dict[str, Any], a: Any, b: Any) 
     assert _when({"all": [pa, pb]})(item) == (ra and rb)
     assert _when({"any": [pa, pb]})(item) == (ra or rb)
     assert _when({"not": pa})(item) == (not ra)
+
+
+# Nested documents of dicts, lists and scalars over a few keys, so random paths hit often.
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "b", "steps"]), children, max_size=3),
+    ),
+    max_leaves=12,
+)
+path_steps = st.lists(
+    st.sampled_from([".a", ".b", ".steps", "[*]", "[0]", "[1]"]), min_size=1, max_size=4)
+
+
+@given(doc=st.dictionaries(st.sampled_from(["a", "b", "steps"]), documents, max_size=3),
+       steps=path_steps)
+def test_fast_paths_agree_with_jsonpath_ng(doc: dict[str, Any], steps: list[str]) -> None:
+    """`$.x[*].y` and `$.x[0]` are walked without jsonpath-ng: they must find exactly what
+    jsonpath-ng finds, in the same order, on any shape of document."""
+    from jsonpath_ng.ext import parse
+
+    path = "$" + "".join(steps)
+    expected = [m.value for m in parse(path).find(doc)]
+    assert compile_path(path)(doc) == expected
