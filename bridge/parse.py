@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from bridge.errors import PayloadError
 from bridge.models import KINDS, Batch, Item
 
@@ -17,16 +19,48 @@ class Verification:
     key_id: str
 
 
+# orjson parses ~3x faster than the stdlib, but turns integers beyond 64 bits into floats:
+# a body holding a number of 19 or more digits takes the exact stdlib path.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 19
+
+
+def _has_long_number(body: bytes) -> bool:
+    """A run of 19+ digits that is a number literal, i.e. whose nearest character before it
+    (past spaces and a minus) is `:`, `[` or `,`. A run inside a string (a quoted tracking
+    number) is not; when in doubt the answer is yes, which costs only speed."""
+    flat = body.translate(_DIGITS_TO_ZERO)
+    pos = flat.find(_LONG_RUN)
+    while pos != -1:
+        i = pos - 1
+        while i >= 0 and flat[i] in b" \t\r\n-0":
+            i -= 1
+        if i < 0 or flat[i] in b":[,":
+            return True
+        pos = flat.find(_LONG_RUN, pos + len(_LONG_RUN))
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _decode(body: bytes) -> Any:
     try:
+        if not _has_long_number(body):
+            return orjson.loads(body)
         # Decoded explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes.
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
-    except json.JSONDecodeError as exc:
+    except json.JSONDecodeError as exc:  # orjson's error is a subclass
+        if "not valid UTF-8" in exc.msg:
+            raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
         raise PayloadError(
             f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except ValueError as exc:  # NaN / Infinity on the stdlib path
+        raise PayloadError(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise PayloadError("JSON nested too deeply") from None
 

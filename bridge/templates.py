@@ -106,11 +106,16 @@ def envelope(delivery_id: str, kind: str, route: str, received_at: str, item_jso
     Spliced from the item's already-serialised JSON, so the item is encoded once per batch
     however many routes and sinks it goes to.
     """
-    return (
-        '{"id":' + json.dumps(delivery_id) + ',"kind":' + json.dumps(kind)
-        + ',"route":' + json.dumps(route) + ',"received_at":' + json.dumps(received_at)
-        + ',"data":' + item_json + "}"
-    )
+    return ('{"id":' + _quote(delivery_id) + _envelope_middle(kind, route)
+            + _quote(received_at) + ',"data":' + item_json + "}")
+
+
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps does to a str, without the call
+
+
+@functools.lru_cache(maxsize=1024)
+def _envelope_middle(kind: str, route: str) -> str:
+    return ',"kind":' + _quote(kind) + ',"route":' + _quote(route) + ',"received_at":'
 
 
 # One line per item: the digest's list entries, and (prefixed with the route) the default

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import orjson
+
 from bridge.config import BridgeConfig, Route, predicate_of
 from bridge.errors import TemplateRenderError
 from bridge.models import Batch, Item, NewDelivery
@@ -49,16 +51,29 @@ def _has_error(ctx: RenderContext) -> bool:
 
 
 def canonical_json(data: object) -> str:
-    """Sorted keys, no spaces: the same item always encodes (and hashes) the same way."""
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """Sorted keys, no spaces: the same item always encodes (and hashes) the same way.
+
+    orjson is ~10x faster than the stdlib here; it refuses integers beyond 64 bits, which
+    the stdlib writes exactly (each item always takes the same one of the two paths)."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def delivery_id(sink: str, route: str, kind: str, item_json: str) -> str:
     """Stable per (sink, route, item content): a repeated isendu item maps to the same
     delivery, which the outbox stores once and receivers can recognise by `webhook-id`."""
-    h = hashlib.sha256(f"{sink}\x1f{route}\x1f{kind}\x1f".encode())
-    h.update(item_json.encode())
-    return "dlv_" + h.hexdigest()[:32]
+    return delivery_id_of(item_digest(kind, item_json), sink, route)
+
+
+def item_digest(kind: str, item_json: str) -> bytes:
+    """Hashes the item's content once; each (sink, route) then only hashes a few bytes."""
+    return hashlib.sha256(f"{kind}\x1f{item_json}".encode()).digest()
+
+
+def delivery_id_of(digest: bytes, sink: str, route: str) -> str:
+    return "dlv_" + hashlib.sha256(digest + f"\x1f{sink}\x1f{route}".encode()).hexdigest()[:32]
 
 
 class Router:
@@ -82,12 +97,13 @@ class Router:
             return []
         item_json = canonical_json(item.data)
         ctx = RenderContext(item.data, item.kind, batch.received_at, item_json)
+        digest = item_digest(item.kind, item_json)
         out = []
         for route in matched:
             # An item whose latest step failed is news now: it never waits for a digest.
             grouped = route.group_window is not None and not _has_error(ctx)
             for sink, message in route.targets:
-                did = delivery_id(sink.name, route.name, item.kind, item_json)
+                did = delivery_id_of(digest, sink.name, route.name)
                 try:
                     payload = sink.render(ctx, route.name, did, message)
                     if grouped:

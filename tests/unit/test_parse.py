@@ -79,3 +79,59 @@ def test_unknown_fields_pass_through_untouched(extra: dict[str, Any]) -> None:
     batch = parse_request(json.dumps({"tracking": [item]}).encode())
     assert isinstance(batch, Batch)
     assert batch.items[0].data == item
+
+
+@pytest.mark.parametrize("number", [
+    123456789012345678901234567890, -9223372036854775809, 18446744073709551616,
+    9223372036854775807, -9223372036854775808, 18446744073709551615,
+])
+def test_integers_beyond_64_bits_pass_through_exactly(number: int) -> None:
+    for body in (f'{{"order": [{{"uuid": "a", "n": {number}}}]}}',
+                 f'{{"order": [{{"uuid": "a", "l": [1, {number}]}}]}}'):
+        batch = parse_request(body.encode())
+        assert isinstance(batch, Batch)
+        found = batch.items[0].data.get("n", batch.items[0].data.get("l", [0, 0])[-1])
+        assert found == number and isinstance(found, int)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"order": [{"uuid": "a", "x": NaN}]}',
+    b'{"order": [{"uuid": "a", "x": Infinity, "n": 12345678901234567890123}]}',  # stdlib path
+])
+def test_nan_and_infinity_are_not_json(body: bytes) -> None:
+    with pytest.raises(PayloadError, match="malformed JSON"):
+        parse_request(body)
+
+
+@given(doc=json_values)
+def test_canonical_json_is_exact_and_independent_of_key_order(doc: Any) -> None:
+    from bridge.routing.router import canonical_json
+
+    text = canonical_json(doc)
+    assert json.loads(text) == doc
+    if isinstance(doc, dict):
+        assert canonical_json(dict(reversed(list(doc.items())))) == text
+
+
+@pytest.mark.parametrize(("body", "long"), [
+    (b'{"a": 1234567890123456789}', True),
+    (b'{"a":[1,\n -1234567890123456789]}', True),
+    (b'{"a": 123456789012345678}', False),  # 18 digits: within 64 bits
+    (b'{"trackingNumber": "9400111899223197428490"}', False),  # a quoted run is text
+    (b'{"note": "ids: 1, 1234567890123456789"}', True),  # looks like a number: exact path
+    (b'{"a": 1.12345678901234567890}', False),  # a fraction: a float either way
+])
+def test_numbers_needing_the_exact_parser_are_found(body: bytes, long: bool) -> None:
+    from bridge.parse import _has_long_number
+
+    assert _has_long_number(body) is long
+
+
+@given(number=st.integers(), spaces=st.sampled_from(["", " ", "\n  "]))
+def test_every_integer_reads_back_exactly(number: int, spaces: str) -> None:
+    body = f'{{"order": [{{"uuid": "a", "n":{spaces}{number}, "l": [{number},{number}]}}]}}'
+    batch = parse_request(body.encode())
+    assert isinstance(batch, Batch)
+    data = batch.items[0].data
+    assert data["n"] == number and data["l"] == [number, number]
+    assert isinstance(data["n"], int)
