@@ -37,6 +37,7 @@ class Metrics:
                                   "1 while the sink's latest attempt failed", ["sink"], registry=r)
         for outcome in ("accepted", "rejected"):
             self.batches.labels(outcome)
+        self.batches_accepted = self.batches.labels("accepted")  # once per batch: bound once
         for kind in ("order", "tracking"):
             self.items.labels(kind)
         for outcome in ("ok", "unknown_key", "invalid"):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from bridge.config import BridgeConfig
 from bridge.dispatch.dispatcher import Dispatcher
@@ -42,6 +43,9 @@ class Runtime:
     dispatcher: Dispatcher
     metrics: Metrics
     secrets_by_key: dict[str, str]
+    # One thread: routing is CPU-bound, so more threads would only contend for the GIL.
+    routing_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="router"))
 
 
 def build_runtime(config: BridgeConfig, outbox: Outbox | None = None) -> Runtime:
