@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import os
 import queue
@@ -89,6 +90,20 @@ def _key(delivery_id: str) -> bytes | str:
 
 def _id(stored: bytes | str) -> str:
     return "dlv_" + stored.hex() if isinstance(stored, bytes) else stored
+
+
+# Rows per INSERT statement. One statement for many rows releases and retakes the GIL once,
+# where executemany does it for every row: with the event loop waiting for the GIL, each
+# of those handovers costs a thread switch.
+INSERT_ROWS = 64
+
+
+@functools.lru_cache(maxsize=INSERT_ROWS)
+def _insert_sql(rows: int) -> str:
+    return ("INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, "
+            "payload, status, next_attempt_at, last_error, created_at, enqueued_at, "
+            "updated_at, group_key) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * rows))
 
 
 _PACKED = "\x01"  # marks a packed payload; older rows hold a JSON object
@@ -273,12 +288,9 @@ class SqliteOutbox(Outbox):
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
-            c.executemany(
-                "INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, "
-                "payload, status, next_attempt_at, last_error, created_at, enqueued_at, "
-                "updated_at, group_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
+            for start in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[start:start + INSERT_ROWS]
+                c.execute(_insert_sql(len(chunk)), [v for row in chunk for v in row])
             return c.total_changes - before
 
         return await self._call(write)
