@@ -62,6 +62,13 @@ class Dispatcher:
         }
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Sent, not yet marked delivered: written in bulk by _write_completions, so a send's
+        # slot is free as soon as the receiver answered, not after another commit. A crash
+        # before the write sends these again (at-least-once), never loses them.
+        self._completed: list[str] = []
+        self._completions_due = asyncio.Event()
+        self._completion_writer: asyncio.Task[None] | None = None
+        self._closing = False
 
     def wake(self, sink: str | None = None) -> None:
         """New work was stored (intake, replay): look now instead of at the next poll."""
@@ -70,10 +77,12 @@ class Dispatcher:
                 event.set()
 
     async def start(self) -> None:
-        self._stopping = False
+        self._stopping = self._closing = False
         for name in self.sinks:
             self._workers.append(asyncio.create_task(self._work(name), name=f"sink:{name}"))
         self._workers.append(asyncio.create_task(self._sweep(), name="sweeper"))
+        self._completion_writer = asyncio.create_task(self._write_completions(),
+                                                      name="completions")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let sends in flight finish for up to `grace`; leave the rest pending."""
@@ -95,6 +104,16 @@ class Dispatcher:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        if self._completion_writer is not None:
+            # Not cancelled: a write cut off halfway would leave sent deliveries to be resent.
+            self._closing = True
+            self._completions_due.set()
+            try:
+                await asyncio.wait_for(self._completion_writer, timeout=grace)
+            except TimeoutError:
+                log.warning("storage too slow to mark sent deliveries delivered; they will "
+                            "be sent again", extra={"deliveries": len(self._completed)})
+            self._completion_writer = None
         for sink in self.sinks.values():
             try:
                 await sink.close()
@@ -211,7 +230,8 @@ class Dispatcher:
         now = self.clock()
         sent = [d for d, e in zip(chunk, errors, strict=True) if e is None]
         if sent:
-            await self.outbox.complete([d.id for d in sent], now)
+            self._completed.extend(d.id for d in sent)
+            self._completions_due.set()
             self.metrics.deliveries.labels(sink.name, "delivered").inc(len(sent))
             for d in sent:
                 self.metrics.latency.labels(sink.name).observe(max(0.0, now - d.created_at))
@@ -270,6 +290,33 @@ class Dispatcher:
             self.metrics.retries.labels(sink.name).inc()
             log.info("will retry", extra={**extra, "reason": decision.reason,
                                           "retry_in": round(decision.at - now, 3)})
+
+    async def _write_completions(self) -> None:
+        while True:
+            await self._completions_due.wait()
+            self._completions_due.clear()
+            written = await self._flush_completions()
+            if self._closing:  # set by stop() once no send is in flight any more
+                if written and self._completed:
+                    await self._flush_completions()
+                return
+            if not written:
+                await asyncio.sleep(IDLE_POLL)  # storage refused: keep them, try again
+                self._completions_due.set()
+
+    async def _flush_completions(self) -> bool:
+        """Mark everything sent so far delivered, in one operation; False if that failed."""
+        if not self._completed:
+            return True
+        ids, self._completed = self._completed, []
+        try:
+            await self.outbox.complete(ids, self.clock())
+        except Exception:
+            log.exception("marking deliveries delivered failed; will try again",
+                          extra={"deliveries": len(ids)})
+            self._completed[:0] = ids
+            return False
+        return True
 
     async def _sweep(self) -> None:
         retention = self.config.defaults.delivered_retention

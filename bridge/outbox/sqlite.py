@@ -72,7 +72,7 @@ _COLUMNS = (
 )
 
 
-def _key(delivery_id: str) -> bytes | str:
+def stored_id(delivery_id: str) -> bytes | str:
     """The stored form of an id: the 16 bytes behind `dlv_<32 hex>`, other ids as they are.
 
     The UNIQUE index on ids is the largest cost of an insert (their order is random), and
@@ -88,7 +88,7 @@ def _key(delivery_id: str) -> bytes | str:
     return delivery_id
 
 
-def _id(stored: bytes | str) -> str:
+def id_of_stored(stored: bytes | str) -> str:
     return "dlv_" + stored.hex() if isinstance(stored, bytes) else stored
 
 
@@ -134,7 +134,7 @@ def _unpack(text: str) -> dict[str, str]:
 
 def _row(r: tuple[Any, ...]) -> Delivery:
     return Delivery(
-        id=_id(r[0]), sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
+        id=id_of_stored(r[0]), sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
         payload=_unpack(r[6]), status=Status(r[7]), attempts=r[8], next_attempt_at=r[9],
         last_error=r[10], created_at=r[11], enqueued_at=r[12], updated_at=r[13],
         group_key=r[14],
@@ -280,7 +280,7 @@ class SqliteOutbox(Outbox):
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
         rows = [
-            (_key(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
+            (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
              _pack(d.payload), Status.DEAD.value if d.error else Status.PENDING.value,
              now + d.delay, d.error, now, now, now, d.group_key)
             for d in deliveries
@@ -328,7 +328,7 @@ class SqliteOutbox(Outbox):
     async def complete(self, ids: list[str], now: float) -> None:
         await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
-            "updated_at = ? WHERE id = ?", [(now, _key(i)) for i in ids]))
+            "updated_at = ? WHERE id = ?", [(now, stored_id(i)) for i in ids]))
 
     async def retry_at(
         self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
@@ -336,17 +336,17 @@ class SqliteOutbox(Outbox):
         await self._call(lambda c: c.execute(
             "UPDATE deliveries SET next_attempt_at = ?, last_error = ?, lease_until = NULL, "
             "updated_at = ?, attempts = MAX(attempts - ?, 0) WHERE id = ? AND status = 'pending'",
-            (when, error, now, 1 if refund else 0, _key(delivery_id))))
+            (when, error, now, 1 if refund else 0, stored_id(delivery_id))))
 
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
         await self._call(lambda c: c.execute(
             "UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = NULL, "
-            "updated_at = ? WHERE id = ?", (reason, now, _key(delivery_id))))
+            "updated_at = ? WHERE id = ?", (reason, now, stored_id(delivery_id))))
 
     async def release(self, ids: list[str], now: float) -> None:
         await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL "
-            "WHERE id = ? AND status = 'pending'", [(_key(i),) for i in ids]))
+            "WHERE id = ? AND status = 'pending'", [(stored_id(i),) for i in ids]))
 
     async def next_due(self, sink: str) -> float | None:
         def read(c: sqlite3.Connection) -> float | None:
@@ -360,7 +360,7 @@ class SqliteOutbox(Outbox):
     async def get(self, delivery_id: str) -> Delivery | None:
         def read(c: sqlite3.Connection) -> Delivery | None:
             row = c.execute(f"SELECT {_COLUMNS} FROM deliveries WHERE id = ?",
-                            (_key(delivery_id),)).fetchone()
+                            (stored_id(delivery_id),)).fetchone()
             return _row(row) if row else None
 
         return await self._call(read)
@@ -380,7 +380,7 @@ class SqliteOutbox(Outbox):
             if ids is None:
                 c.execute(sql, (now, now, now))
             else:
-                c.executemany(sql + " AND id = ?", [(now, now, now, _key(i)) for i in ids])
+                c.executemany(sql + " AND id = ?", [(now, now, now, stored_id(i)) for i in ids])
             return c.total_changes - before
 
         return await self._call(write)

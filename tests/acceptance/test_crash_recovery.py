@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bridge.outbox.sqlite import id_of_stored
 from tests.helpers.bridge import eventually, sample_batches
 from tests.helpers.process import BridgeProcess, free_port
 from tests.helpers.receiver import Answer, Receiver
@@ -44,7 +45,8 @@ def _db_counts(db: Path) -> dict[str, int]:
 def _db_ids(db: Path) -> set[str]:
     conn = sqlite3.connect(db)
     try:
-        return {row[0] for row in conn.execute("SELECT id FROM deliveries")}
+        # Read straight from the file, as an operator would; ids are stored as 16 bytes.
+        return {id_of_stored(row[0]) for row in conn.execute("SELECT id FROM deliveries")}
     finally:
         conn.close()
 

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.outbox.sqlite import _id, _key, _pack, _unpack
+from bridge.outbox.sqlite import _pack, _unpack, id_of_stored, stored_id
 
 
 @given(st.dictionaries(st.text(), st.text(), max_size=5))
@@ -22,11 +22,11 @@ def test_rows_written_as_json_before_packing_still_read() -> None:
 
 @given(st.text())
 def test_ids_round_trip_through_their_stored_form(text: str) -> None:
-    assert _id(_key(text)) == text
+    assert id_of_stored(stored_id(text)) == text
 
 
 def test_delivery_ids_are_stored_as_16_bytes() -> None:
-    stored = _key("dlv_" + "0123456789abcdef" * 2)
+    stored = stored_id("dlv_" + "0123456789abcdef" * 2)
     assert stored == bytes.fromhex("0123456789abcdef" * 2)
     for other in ("dlv_" + "z" * 32, "dlv_" + "AB" * 16, "dlv_" + "ab " * 10 + "ab"):
-        assert _key(other) == other  # not lower-case hex: kept as text, so it reads back
+        assert stored_id(other) == other  # not lower-case hex: kept as text, so it reads back
