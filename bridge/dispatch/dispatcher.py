@@ -7,6 +7,7 @@ deliveries as it has free slots. Every outcome is written back to the outbox at 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -47,6 +48,9 @@ class Dispatcher:
         self.clock = clock
         self._wake = {name: asyncio.Event() for name in sinks}
         self._inflight: dict[str, dict[str, asyncio.Task[None]]] = {name: {} for name in sinks}
+        # Claimed, not yet started (with when they were claimed): at most a slot's worth each.
+        self._ready: dict[str, collections.deque[tuple[float, list[Delivery]]]] = {
+            name: collections.deque() for name in sinks}
         self._chunks: dict[str, list[str]] = {}  # in-flight task key -> its delivery ids
         self._buckets: dict[str, TokenBucket] = {}
         for name, sink in sinks.items():
@@ -88,6 +92,11 @@ class Dispatcher:
         """Stop claiming; let sends in flight finish for up to `grace`; leave the rest pending."""
         self._stopping = True
         self.wake()
+        # Workers first, so that none starts a send after the in-flight ones are counted.
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
         inflight = [t for tasks in self._inflight.values() for t in tasks.values()]
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=grace)
@@ -100,10 +109,12 @@ class Dispatcher:
                 await self.outbox.release(unfinished, self.clock())
                 log.warning("stopped with sends unfinished; they stay pending",
                             extra={"deliveries": len(unfinished)})
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers.clear()
+        never_started = [d.id for ready in self._ready.values() for _, chunk in ready
+                         for d in chunk]
+        for ready in self._ready.values():
+            ready.clear()
+        if never_started:
+            await self.outbox.release(never_started, self.clock())
         if self._completion_writer is not None:
             # Not cancelled: a write cut off halfway would leave sent deliveries to be resent.
             self._closing = True
@@ -125,13 +136,20 @@ class Dispatcher:
         limit = self.config.sinks[name].concurrency
         per_task = max(1, sink.batch_size)
         bucket = self._buckets.get(name)
+        # Unthrottled one-at-a-time sinks claim one slot's worth ahead per slot, so a freed
+        # slot starts its next send at once instead of after a claim's round trip to storage.
+        # (A throttled sink must not take tokens ahead; a batching one claims big chunks.)
+        ahead = limit if bucket is None and per_task == 1 else 0
         wake = self._wake[name]
         inflight = self._inflight[name]
+        ready = self._ready[name]
         while not self._stopping:
             wake.clear()
             timeout: float | None = None
             paused = sink.paused_until - time.monotonic()
-            want = (limit - len(inflight)) * per_task
+            if paused <= 0:
+                await self._start_ready(sink, limit)
+            want = (limit + ahead - len(inflight) - len(ready)) * per_task
             if paused > 0:
                 timeout = paused
             elif want > 0:
@@ -142,8 +160,10 @@ class Dispatcher:
                     claimed = await self._claim(name, granted)
                     if bucket is not None and len(claimed) < granted:
                         bucket.give_back(granted - len(claimed))
-                    for chunk in await self._chunk(sink, claimed, per_task):
-                        self._spawn(sink, chunk)
+                    now = time.monotonic()
+                    ready.extend((now, chunk)
+                                 for chunk in await self._chunk(sink, claimed, per_task))
+                    await self._start_ready(sink, limit)
                     if claimed and len(claimed) == granted:
                         continue  # there may be more due work: claim again at once
                     if not claimed:
@@ -152,6 +172,23 @@ class Dispatcher:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _start_ready(self, sink: Sink, limit: int) -> None:
+        """Start claimed chunks while slots are free; give back any claimed so long ago that
+        its lease could run out mid-send (another replica might then send it too)."""
+        ready, inflight = self._ready[sink.name], self._inflight[sink.name]
+        stale: list[str] = []
+        while ready and len(inflight) < limit:
+            claimed_at, chunk = ready.popleft()
+            if time.monotonic() - claimed_at > self.outbox.lease_seconds / 2:
+                stale += [d.id for d in chunk]
+            else:
+                self._spawn(sink, chunk)
+        if stale:
+            try:
+                await self.outbox.release(stale, self.clock())
+            except Exception:
+                log.exception("giving back stale claims failed", extra={"sink": sink.name})
 
     async def _claim(self, name: str, count: int) -> list[Delivery]:
         try:
