@@ -305,7 +305,10 @@ class Dispatcher:
     async def _failed(self, sink: Sink, d: Delivery, error: SinkError, now: float) -> None:
         extra = {"delivery_id": d.id, "sink": sink.name, "route": d.route,
                  "batch_id": d.batch_id, "attempt": d.attempts}
-        self.metrics.sink_failing.labels(sink.name).set(1)
+        if isinstance(error, TransientSinkError) or error.kind == "auth_error":
+            # The receiver is away or refuses our credentials. One item it refuses (a bad
+            # topic, an invalid payload) says nothing about the sink as a whole.
+            self.metrics.sink_failing.labels(sink.name).set(1)
         error.reason = redact(error.reason)
         rate_limited = isinstance(error, TransientSinkError) and error.kind == "rate_limited"
         if rate_limited:

@@ -320,6 +320,20 @@ async def test_topic_the_broker_refuses_is_dead_lettered_with_its_reason(
     assert json.loads(record.value)["kind"] == "tracking"
 
 
+async def test_a_refused_record_alone_does_not_mark_the_sink_failing(
+    make_bridge: BridgeFactory, tansu: Tansu
+) -> None:
+    text = CONFIG.replace('"${PREFIX}.{{ kind }}"', "\"{{ 'no such topic!' }}\"")
+    bridge = await make_bridge(text, {"BOOTSTRAP": tansu.bootstrap, "PREFIX": prefix()})
+    status, _ = await bridge.post(batch([], [0], [str(uuid.uuid4())]))
+    assert status == 200
+
+    async def dead() -> bool:
+        return (await counts(bridge))["dead"] == 1
+    await eventually(dead, timeout=30, what="the refused delivery dead")
+    assert await metric(bridge, "bridge_sink_failing") == 0  # the broker itself is fine
+
+
 async def test_message_too_large_is_dead_lettered(make_bridge: BridgeFactory, tansu: Tansu) -> None:
     topic = prefix()
     text = CONFIG + "    message: \"{{ 'x' * 4000 }}\"\n"
