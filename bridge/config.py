@@ -89,6 +89,8 @@ class Defaults(StrictModel):
     retry: RetryPolicy = RetryPolicy()
     # How long delivered rows are kept: they let a repeated isendu item be recognised.
     delivered_retention: Duration = 7 * 86400.0
+    # How long a sink's memory of an item (a shipment's Slack thread) is kept once written.
+    state_retention: Duration = 90 * 86400.0
 
 
 # ---- conditions ---------------------------------------------------------------------------

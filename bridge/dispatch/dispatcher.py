@@ -359,12 +359,15 @@ class Dispatcher:
         return True
 
     async def _sweep(self) -> None:
-        retention = self.config.defaults.delivered_retention
+        defaults = self.config.defaults
         while not self._stopping:
             try:
-                removed = await self.outbox.sweep(self.clock() - retention)
-                if removed:
-                    log.info("swept delivered rows", extra={"removed": removed})
+                removed = await self.outbox.sweep(self.clock() - defaults.delivered_retention)
+                forgotten = await self.outbox.forget_state(
+                    self.clock() - defaults.state_retention)
+                if removed or forgotten:
+                    log.info("swept the outbox", extra={"delivered_rows": removed,
+                                                        "sink_state_entries": forgotten})
             except Exception:
                 log.exception("sweeping the outbox failed")
             await asyncio.sleep(SWEEP_EVERY)

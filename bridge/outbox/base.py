@@ -87,6 +87,11 @@ class Outbox(ABC):
         """Number of deliveries per status (pending, delivered, dead)."""
 
     @abstractmethod
+    async def forget_state(self, updated_before: float) -> int:
+        """Forget sink state not written since then (e.g. threads of long-settled shipments);
+        returns how many entries."""
+
+    @abstractmethod
     async def get_state(self, scope: str, key: str) -> str | None:
         """A sink's small durable memory, e.g. the Slack thread of a shipment."""
 

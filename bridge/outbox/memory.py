@@ -13,7 +13,7 @@ class MemoryOutbox(Outbox):
         self._rows: dict[str, Delivery] = {}
         self._seq: dict[str, int] = {}
         self._lease: dict[str, float] = {}
-        self._state: dict[tuple[str, str], str] = {}
+        self._state: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def open(self, *, recover: bool = False) -> None:
         if recover:
@@ -147,11 +147,18 @@ class MemoryOutbox(Outbox):
             out[row.status.value] += 1
         return out
 
+    async def forget_state(self, updated_before: float) -> int:
+        old = [k for k, (_, at) in self._state.items() if at < updated_before]
+        for k in old:
+            del self._state[k]
+        return len(old)
+
     async def get_state(self, scope: str, key: str) -> str | None:
-        return self._state.get((scope, key))
+        entry = self._state.get((scope, key))
+        return None if entry is None else entry[0]
 
     async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
-        self._state[(scope, key)] = value
+        self._state[(scope, key)] = (value, now)
 
     async def ping(self) -> None:
         pass

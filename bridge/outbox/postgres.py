@@ -209,6 +209,11 @@ class PostgresOutbox(Outbox):
             out[row["status"]] = row["n"]
         return out
 
+    async def forget_state(self, updated_before: float) -> int:
+        result = await self.pool.execute(
+            "DELETE FROM sink_state WHERE updated_at < $1", updated_before)
+        return int(result.split()[-1])
+
     async def get_state(self, scope: str, key: str) -> str | None:
         value = await self.pool.fetchval(
             "SELECT value FROM sink_state WHERE scope = $1 AND key = $2", scope, key)

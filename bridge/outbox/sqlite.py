@@ -403,6 +403,10 @@ class SqliteOutbox(Outbox):
 
         return await self._call(read)
 
+    async def forget_state(self, updated_before: float) -> int:
+        return await self._call(lambda c: c.execute(
+            "DELETE FROM sink_state WHERE updated_at < ?", (updated_before,)).rowcount)
+
     async def get_state(self, scope: str, key: str) -> str | None:
         def read(c: sqlite3.Connection) -> str | None:
             row = c.execute("SELECT value FROM sink_state WHERE scope = ? AND key = ?",

@@ -132,6 +132,17 @@ async def test_release_gives_work_back_untouched(box: Outbox) -> None:
     assert row.attempts == 1
 
 
+async def test_old_sink_state_is_forgotten_and_recent_kept(box: Outbox) -> None:
+    await box.put_state("slack:C1", "old", "1.1", 100.0)
+    await box.put_state("slack:C1", "new", "2.2", 500.0)
+    await box.put_state("slack:C2", "rewritten", "3.3", 100.0)
+    await box.put_state("slack:C2", "rewritten", "3.4", 600.0)  # written again: young
+    assert await box.forget_state(400.0) == 1
+    assert await box.get_state("slack:C1", "old") is None
+    assert await box.get_state("slack:C1", "new") == "2.2"
+    assert await box.get_state("slack:C2", "rewritten") == "3.4"
+
+
 async def test_sweep_forgets_only_old_delivered_rows(box: Outbox) -> None:
     await box.enqueue([new(1), new(2), new(3)], 100.0)
     await box.claim("s", 3, 100.0, 30)
