@@ -141,6 +141,20 @@ def _row(r: tuple[Any, ...]) -> Delivery:
     )
 
 
+SCHEMA_VERSION = 1
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Version 1 stores `dlv_` ids as 16 bytes: ids written as text before are converted,
+    or lookups by id (complete, retry, replay) and the duplicate check would miss them."""
+    conn.execute("BEGIN IMMEDIATE")
+    rows = conn.execute("SELECT seq, id FROM deliveries WHERE typeof(id) = 'text'").fetchall()
+    conn.executemany("UPDATE OR IGNORE deliveries SET id = ? WHERE seq = ?",
+                     [(stored_id(i), seq) for seq, i in rows if stored_id(i) != i])
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.execute("COMMIT")
+
+
 class _Op:
     __slots__ = ("fn", "future", "loop")
 
@@ -182,6 +196,8 @@ class SqliteOutbox(Outbox):
         if columns and "group_key" not in columns:  # a file from before digests existed
             conn.execute("ALTER TABLE deliveries ADD COLUMN group_key TEXT")
         conn.executescript(SCHEMA)
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            _upgrade(conn)
         return conn
 
     def _serve(self, conn: sqlite3.Connection) -> None:

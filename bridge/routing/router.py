@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -64,16 +65,19 @@ def canonical_json(data: object) -> str:
 def delivery_id(sink: str, route: str, kind: str, item_json: str) -> str:
     """Stable per (sink, route, item content): a repeated isendu item maps to the same
     delivery, which the outbox stores once and receivers can recognise by `webhook-id`."""
-    return delivery_id_of(item_digest(kind, item_json), sink, route)
+    return delivery_id_of(item_json.encode(), sink, route, kind)
 
 
-def item_digest(kind: str, item_json: str) -> bytes:
-    """Hashes the item's content once; each (sink, route) then only hashes a few bytes."""
-    return hashlib.sha256(f"{kind}\x1f{item_json}".encode()).digest()
+@functools.lru_cache(maxsize=4096)
+def _id_prefix(sink: str, route: str, kind: str) -> hashlib._Hash:
+    return hashlib.sha256(f"{sink}\x1f{route}\x1f{kind}\x1f".encode())
 
 
-def delivery_id_of(digest: bytes, sink: str, route: str) -> str:
-    return "dlv_" + hashlib.sha256(digest + f"\x1f{sink}\x1f{route}".encode()).hexdigest()[:32]
+def delivery_id_of(item_bytes: bytes, sink: str, route: str, kind: str) -> str:
+    """`delivery_id` for an item already encoded (once per item, not once per delivery)."""
+    h = _id_prefix(sink, route, kind).copy()
+    h.update(item_bytes)
+    return "dlv_" + h.hexdigest()[:32]
 
 
 class Router:
@@ -97,13 +101,13 @@ class Router:
             return []
         item_json = canonical_json(item.data)
         ctx = RenderContext(item.data, item.kind, batch.received_at, item_json)
-        digest = item_digest(item.kind, item_json)
+        item_bytes = item_json.encode()
         out = []
         for route in matched:
             # An item whose latest step failed is news now: it never waits for a digest.
             grouped = route.group_window is not None and not _has_error(ctx)
             for sink, message in route.targets:
-                did = delivery_id_of(digest, sink.name, route.name)
+                did = delivery_id_of(item_bytes, sink.name, route.name, item.kind)
                 try:
                     payload = sink.render(ctx, route.name, did, message)
                     if grouped:

@@ -92,3 +92,15 @@ def test_sample_stream_routes_every_tracking_item(tmp_path: Path) -> None:
         out = r.route_batch(batch(*items))
         hooked = [d for d in out if d.sink == "hook"]
         assert len(hooked) == len(items)  # via all-tracking or problems, never both
+
+
+def test_delivery_ids_keep_their_published_formula() -> None:
+    """Receivers dedupe on these ids (webhook-id, Kafka delivery-id): the formula is fixed."""
+    import hashlib
+
+    from bridge.routing.router import delivery_id
+
+    item_json = '{"status":"IN_TRANSIT","uuid":"u-1"}'
+    h = hashlib.sha256(b"slack\x1fall-tracking\x1ftracking\x1f" + item_json.encode())
+    expected = "dlv_" + h.hexdigest()[:32]
+    assert delivery_id("slack", "all-tracking", "tracking", item_json) == expected
