@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,12 +46,31 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is too large for a float")
+    return value
+
+
+def _exact_decode(body: bytes) -> Any:
+    """The stdlib path, refusing what orjson refuses: NaN, Infinity, numbers that overflow
+    a float, and lone surrogate escapes (\\ud800), which no UTF-8 text can hold."""
+    # Decoded explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes.
+    doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite)
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError("a string holds a lone surrogate escape such as \\ud800; "
+                           "expected valid Unicode text") from None
+    return doc
+
+
 def _decode(body: bytes) -> Any:
     try:
         if not _has_long_number(body):
             return orjson.loads(body)
-        # Decoded explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes.
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        return _exact_decode(body)
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
     except json.JSONDecodeError as exc:  # orjson's error is a subclass

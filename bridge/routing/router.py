@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import orjson
 
 from bridge.config import BridgeConfig, Route, predicate_of
-from bridge.errors import TemplateRenderError
+from bridge.errors import PayloadError, TemplateRenderError
 from bridge.models import Batch, Item, NewDelivery
 from bridge.routing.conditions import Predicate, always
 from bridge.sinks.base import RenderContext, Sink
@@ -58,8 +58,13 @@ def canonical_json(data: object) -> str:
     the stdlib writes exactly (each item always takes the same one of the two paths)."""
     try:
         return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
-    except TypeError:
+    except TypeError:  # also orjson's limit of 254 levels of nesting
+        pass
+    try:
         return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise PayloadError("an item is nested too deeply to store; expected at most a few "
+                           "hundred levels of objects and arrays") from None
 
 
 def delivery_id(sink: str, route: str, kind: str, item_json: str) -> str:

@@ -135,3 +135,32 @@ def test_every_integer_reads_back_exactly(number: int, spaces: str) -> None:
     data = batch.items[0].data
     assert data["n"] == number and data["l"] == [number, number]
     assert isinstance(data["n"], int)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"order": [{"uuid": "a", "f": 1e400, "n": 12345678901234567890123}]}', "too large"),
+    (b'{"order": [{"uuid": "a", "f": 1e400}]}', "malformed JSON"),
+    (b'{"order": [{"uuid": "a", "s": "\\ud800", "n": 12345678901234567890123}]}',
+     "lone surrogate"),
+    (b'{"order": [{"uuid": "a", "s": "\\ud800"}]}', "malformed JSON"),
+])
+def test_both_parsers_refuse_what_cannot_be_stored(body: bytes, message: str) -> None:
+    with pytest.raises(PayloadError, match=message):
+        parse_request(body)
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+def test_deeply_nested_items_are_stored_or_refused_never_a_crash(depth: int) -> None:
+    from bridge.routing.router import canonical_json
+
+    body = ('{"order": [{"uuid": "a", "deep": ' + "[" * depth + "]" * depth + "}]}").encode()
+    try:
+        batch = parse_request(body)
+    except PayloadError as exc:
+        assert "nested" in exc.message or "recursion" in exc.message.lower()
+        return
+    assert isinstance(batch, Batch)
+    try:
+        assert json.loads(canonical_json(batch.items[0].data)) == batch.items[0].data
+    except PayloadError as exc:
+        assert "nested too deeply" in exc.message
