@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -51,6 +52,7 @@ class Dispatcher:
         # Claimed, not yet started (with when they were claimed): at most a slot's worth each.
         self._ready: dict[str, collections.deque[tuple[float, list[Delivery]]]] = {
             name: collections.deque() for name in sinks}
+        self._max_wait: dict[str, float] = {}  # seconds a claimed chunk may wait in _ready
         self._chunks: dict[str, list[str]] = {}  # in-flight task key -> its delivery ids
         self._buckets: dict[str, TokenBucket] = {}
         for name, sink in sinks.items():
@@ -65,6 +67,7 @@ class Dispatcher:
             for route in config.routes if route.group is not None for sink in route.to
         }
         self._workers: list[asyncio.Task[None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
         # Sent, not yet marked delivered: written in bulk by _write_completions, so a send's
         # slot is free as soon as the receiver answered, not after another commit. A crash
@@ -84,7 +87,7 @@ class Dispatcher:
         self._stopping = self._closing = False
         for name in self.sinks:
             self._workers.append(asyncio.create_task(self._work(name), name=f"sink:{name}"))
-        self._workers.append(asyncio.create_task(self._sweep(), name="sweeper"))
+        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
         self._completion_writer = asyncio.create_task(self._write_completions(),
                                                       name="completions")
 
@@ -92,8 +95,15 @@ class Dispatcher:
         """Stop claiming; let sends in flight finish for up to `grace`; leave the rest pending."""
         self._stopping = True
         self.wake()
-        # Workers first, so that none starts a send after the in-flight ones are counted.
-        for worker in self._workers:
+        # Workers first, so that none starts a send after the in-flight ones are counted. They
+        # end by themselves at their next turn: one cancelled inside a claim would leave the
+        # rows it claimed leased by nobody until the lease runs out.
+        if self._sweeper is not None:
+            self._sweeper.cancel()  # a sweep cut off is simply done again next time
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        _, stuck = await asyncio.wait(self._workers, timeout=5.0) if self._workers else ((), ())
+        for worker in stuck:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
@@ -119,11 +129,10 @@ class Dispatcher:
             # Not cancelled: a write cut off halfway would leave sent deliveries to be resent.
             self._closing = True
             self._completions_due.set()
-            try:
-                await asyncio.wait_for(self._completion_writer, timeout=grace)
-            except TimeoutError:
-                log.warning("storage too slow to mark sent deliveries delivered; they will "
-                            "be sent again", extra={"deliveries": len(self._completed)})
+            await asyncio.wait([self._completion_writer], timeout=grace)
+            if self._completed or not self._completion_writer.done():
+                log.warning("could not mark every sent delivery delivered; those will be "
+                            "sent again", extra={"deliveries": len(self._completed)})
             self._completion_writer = None
         for sink in self.sinks.values():
             try:
@@ -139,7 +148,13 @@ class Dispatcher:
         # Unthrottled one-at-a-time sinks claim one slot's worth ahead per slot, so a freed
         # slot starts its next send at once instead of after a claim's round trip to storage.
         # (A throttled sink must not take tokens ahead; a batching one claims big chunks.)
-        ahead = limit if bucket is None and per_task == 1 else 0
+        # A claim waits at most until its lease has left room for a whole send (a few of the
+        # sink's timeouts: Slack may post and then update); where none is left, no claim ahead.
+        send_budget = 3 * float(getattr(self.config.sinks[name], "timeout", 30.0))
+        max_wait = self.outbox.lease_seconds - send_budget
+        ahead = limit if bucket is None and per_task == 1 and max_wait > 0 else 0
+        # Without claiming ahead, a chunk starts in the turn that claimed it: no wait to bound.
+        self._max_wait[name] = max_wait if ahead else math.inf
         wake = self._wake[name]
         inflight = self._inflight[name]
         ready = self._ready[name]
@@ -178,9 +193,10 @@ class Dispatcher:
         its lease could run out mid-send (another replica might then send it too)."""
         ready, inflight = self._ready[sink.name], self._inflight[sink.name]
         stale: list[str] = []
-        while ready and len(inflight) < limit:
+        max_wait = self._max_wait.get(sink.name, math.inf)
+        while ready and len(inflight) < limit and not self._stopping:
             claimed_at, chunk = ready.popleft()
-            if time.monotonic() - claimed_at > self.outbox.lease_seconds / 2:
+            if time.monotonic() - claimed_at > max_wait:
                 stale += [d.id for d in chunk]
             else:
                 self._spawn(sink, chunk)

@@ -1,0 +1,90 @@
+"""The dispatcher's claims: claimed ahead only while the lease leaves room for a whole send,
+and given back untouched when the bridge stops before sending them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bridge.http.app import create_app
+from bridge.models import Delivery, Status
+from bridge.runtime import build_runtime
+from tests.helpers.bridge import Bridge, write_config
+from tests.helpers.receiver import Answer, Receiver
+
+CONFIG = """
+storage: sqlite:///{db}
+sinks:
+  hook:
+    type: http
+    url: {url}
+    timeout: 1s
+    concurrency: 1
+routes:
+  - name: all
+    kind: tracking
+    to: hook
+"""
+
+
+def tracking(n: int) -> dict[str, Any]:
+    return {"uuid": f"shipment-{n}", "status": "IN_TRANSIT", "steps": []}
+
+
+async def start(aiohttp_client: Any, tmp_path: Path, url: str, lease: float,
+                claims: list[tuple[float, list[str]]]) -> Bridge:
+    rt = build_runtime(write_config(tmp_path, CONFIG.format(db=tmp_path / "b.db", url=url)))
+    rt.outbox.lease_seconds = lease
+    real_claim = rt.outbox.claim
+
+    async def recorded_claim(sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
+        rows = await real_claim(sink, limit, now, lease)  # the real outbox; only watched
+        claims.append((time.monotonic(), [d.id for d in rows]))
+        return rows
+
+    rt.outbox.claim = recorded_claim  # type: ignore[method-assign]
+    return Bridge(client=await aiohttp_client(create_app(rt)), rt=rt)
+
+
+async def test_a_claim_never_waits_past_what_its_lease_leaves_for_the_send(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    rec = Receiver(default=Answer(200, "ok", delay=0.8))
+    server = await aiohttp_server(rec.app())
+    claims: list[tuple[float, list[str]]] = []
+    # lease 3.1 s - 3 x timeout 1 s: a claimed delivery may wait 0.1 s for its slot, not the
+    # 0.8 s the one before it takes.
+    bridge = await start(aiohttp_client, tmp_path, f"http://127.0.0.1:{server.port}", 3.1,
+                         claims)
+    status, body = await bridge.post({"tracking": [tracking(n) for n in range(4)]})
+    assert status == 200 and body["deliveries"] == 4
+    await rec.wait_for(4, timeout=15)
+
+    sent = {r.headers["webhook-id"]: r.at for r in rec.requests}
+    assert len(rec.requests) == 4 and len(sent) == 4  # each exactly once
+    for delivery_id, arrived in sent.items():
+        claimed = max(at for at, ids in claims if delivery_id in ids and at <= arrived)
+        assert arrived - claimed < 0.1 + 0.45, f"{delivery_id} waited {arrived - claimed:.2f}s"
+    assert any(len(ids) > 1 for _, ids in claims)  # it did claim ahead (concurrency 1)
+
+
+async def test_stopping_gives_back_claims_that_never_started(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    rec = Receiver(default=Answer(200, "ok", delay=0.2))
+    server = await aiohttp_server(rec.app())
+    claims: list[tuple[float, list[str]]] = []
+    bridge = await start(aiohttp_client, tmp_path, f"http://127.0.0.1:{server.port}", 300.0,
+                         claims)
+    status, _ = await bridge.post({"tracking": [tracking(n) for n in range(4)]})
+    assert status == 200
+    await rec.wait_for(1, timeout=10)
+    assert sum(len(ids) for _, ids in claims) >= 2  # one in flight, one claimed ahead
+
+    await bridge.rt.dispatcher.stop(grace=5.0)
+    counts = await bridge.rt.outbox.counts()
+    assert counts["delivered"] == len(rec.requests) and counts["dead"] == 0
+    rest = await bridge.rt.outbox.claim("hook", 10, time.time(), 300)  # none still leased
+    assert len(rest) == 4 - len(rec.requests)
+    assert all(d.status is Status.PENDING and d.attempts == 1 for d in rest)  # this claim's
