@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+import orjson
+
 from bridge.redact import redact
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -27,7 +29,11 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(out, ensure_ascii=False, default=str))
+        try:
+            line = orjson.dumps(out, default=str).decode()
+        except TypeError:  # an integer past 64 bits, say
+            line = json.dumps(out, ensure_ascii=False, default=str)
+        return redact(line)
 
 
 def setup_logging(level: str = "INFO") -> None:

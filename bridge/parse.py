@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -112,7 +112,9 @@ def parse_request(body: bytes, received_at: str | None = None) -> Verification |
                 problem = "missing" if "uuid" not in entry else "expected a non-empty string"
                 raise PayloadError(f"uuid {problem}", f"{where}.uuid")
             items.append(Item(kind=kind, uuid=item_uuid, data=entry))
-    return Batch(batch_id=uuid.uuid4().hex, received_at=received_at or utc_now(), items=items)
+    # As random as a uuid4's hex, without building the UUID object (a cost per batch).
+    return Batch(batch_id=os.urandom(16).hex(), received_at=received_at or utc_now(),
+                 items=items)
 
 
 def utc_now() -> str:
