@@ -48,6 +48,9 @@ class ServerConfig(StrictModel):
     listen: str = "0.0.0.0:8080"
     webhook_path: str = "/isendu/webhook"
     max_body_bytes: ByteSize = 1 << 20
+    # Batches being accepted at once; more wait their turn. Every one in progress lengthens
+    # the event loop's turns, and a verification request waits for turns.
+    intake_concurrency: int = Field(8, ge=1, le=1024)
 
     @field_validator("listen")
     @classmethod

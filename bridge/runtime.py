@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class Runtime:
     metrics: Metrics
     secrets_by_key: dict[str, str]
     # One thread: routing is CPU-bound, so more threads would only contend for the GIL.
+    intake_slots: asyncio.Semaphore  # server.intake_concurrency
     routing_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="router"))
 
@@ -64,4 +66,5 @@ def build_runtime(config: BridgeConfig, outbox: Outbox | None = None) -> Runtime
         dispatcher=Dispatcher(outbox, sinks, config, metrics),
         metrics=metrics,
         secrets_by_key={i.key_id: i.secret.get_secret_value() for i in config.integrations},
+        intake_slots=asyncio.Semaphore(config.server.intake_concurrency),
     )

@@ -76,7 +76,8 @@ async def webhook(request: web.Request) -> web.Response:
         raise
     if isinstance(parsed, Verification):
         return verify(rt, parsed)
-    return await accept(rt, parsed)
+    async with rt.intake_slots:
+        return await accept(rt, parsed)
 
 
 def verify(rt: Runtime, v: Verification) -> web.Response:
