@@ -433,12 +433,14 @@ ROUTES_YAML = """\
 
 
 def bridge_config(port: int, sink_url: str, db_path: Path, sink_concurrency: int = 8,
-                  sink_timeout: str = "10s") -> str:
+                  sink_timeout: str = "10s", intake_concurrency: int | None = None) -> str:
+    # None: the bridge's default (older revisions have no such setting).
+    intake = "" if intake_concurrency is None else f"\n  intake_concurrency: {intake_concurrency}"
     return f"""\
 # Written by benchmarks/; a throwaway bridge on 127.0.0.1.
 server:
   listen: {HOST}:{port}
-  webhook_path: {WEBHOOK_PATH}
+  webhook_path: {WEBHOOK_PATH}{intake}
 integrations:
   - key_id: {KEY_ID}
     secret: {SECRET}

@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="batches in flight")
     p.add_argument("--items", type=int, default=10, help="items per batch")
     p.add_argument("--sink-concurrency", type=int, default=8, help="the HTTP sink's")
+    p.add_argument("--intake-concurrency", type=int, default=None,
+                   help="the bridge's server.intake_concurrency (default: its own default)")
     p.add_argument("--drain", type=float, default=10.0, help="seconds of backlog draining")
     p.add_argument("--paced-load", type=float, default=0.5,
                    help="paced phase rate as a fraction of the measured drain rate")
@@ -171,7 +173,8 @@ class Bench:
     def config(self, name: str) -> str:
         db = self.kids.workdir / name / "bridge.db"
         return bridge_config(free_port(), self.sink + "/hook", db,
-                             sink_concurrency=self.args.sink_concurrency)
+                             sink_concurrency=self.args.sink_concurrency,
+                             intake_concurrency=self.args.intake_concurrency)
 
     def routes_per_item(self) -> dict[str, Any]:
         """What `bridge dry-run` says the load's item mix fans out to."""
