@@ -109,8 +109,10 @@ def parse_request(body: bytes, received_at: str | None = None) -> Verification |
                 raise PayloadError(f"expected an object, got {_json_type(entry)}", where)
             item_uuid = entry.get("uuid")
             if not isinstance(item_uuid, str) or not item_uuid.strip():
-                problem = "missing" if "uuid" not in entry else "expected a non-empty string"
-                raise PayloadError(f"uuid {problem}", f"{where}.uuid")
+                got = "an empty string" if isinstance(item_uuid, str) else _json_type(item_uuid)
+                problem = ("uuid missing" if "uuid" not in entry
+                           else f"expected uuid to be a non-empty string, got {got}")
+                raise PayloadError(problem, f"{where}.uuid")
             items.append(Item(kind=kind, uuid=item_uuid, data=entry))
     # As random as a uuid4's hex, without building the UUID object (a cost per batch).
     return Batch(batch_id=os.urandom(16).hex(), received_at=received_at or utc_now(),

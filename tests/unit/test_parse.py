@@ -45,8 +45,10 @@ def test_empty_batches_are_fine(body: bytes) -> None:
     (b'{"tracking": "x"}', "$.tracking", "expected a list of tracking items, got a string"),
     (b'{"tracking": [{"uuid": "a"}, 5]}', "$.tracking[1]", "expected an object, got a number"),
     (b'{"order": [{"status": "NEW"}]}', "$.order[0].uuid", "uuid missing"),
-    (b'{"order": [{"uuid": ""}]}', "$.order[0].uuid", "expected a non-empty string"),
-    (b'{"order": [{"uuid": 42}]}', "$.order[0].uuid", "expected a non-empty string"),
+    (b'{"order": [{"uuid": ""}]}', "$.order[0].uuid",
+     "expected uuid to be a non-empty string, got an empty string"),
+    (b'{"order": [{"uuid": 42}]}', "$.order[0].uuid",
+     "expected uuid to be a non-empty string, got a number"),
     (b'{"keyId": 42}', "$.keyId", "non-empty string"),
 ])
 def test_bad_bodies_say_what_and_where(body: bytes, where: str, message: str) -> None:
