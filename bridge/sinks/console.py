@@ -5,15 +5,25 @@ from __future__ import annotations
 import sys
 from typing import Literal, TextIO
 
+from pydantic import model_validator
+
 from bridge.config_types import SinkConfigBase, TemplateField
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink
+from bridge.sinks.chat import burst_problem
 from bridge.templates import DEFAULT_TEXT, Template
 
 
 class ConsoleSinkConfig(SinkConfigBase):
     type: Literal["console"]
     message: TemplateField | None = None  # default: a one-line summary per kind
+
+    @model_validator(mode="after")
+    def _burst(self) -> ConsoleSinkConfig:
+        problem = burst_problem(self, "the console")
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ConsoleSink(Sink):

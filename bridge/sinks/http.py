@@ -10,11 +10,12 @@ import time
 from typing import Literal
 
 import aiohttp
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
+from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
 
 
@@ -26,6 +27,13 @@ class HttpSinkConfig(SinkConfigBase):
     timeout: Duration = 10.0
     body: TemplateField | None = None  # default: the JSON envelope
     signing_secret: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _burst(self) -> HttpSinkConfig:
+        problem = burst_problem(self, "an HTTP endpoint")
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 def signing_key(secret: str) -> bytes:

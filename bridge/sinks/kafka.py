@@ -50,6 +50,7 @@ from bridge.errors import (
 from bridge.models import Delivery
 from bridge.redact import MASK
 from bridge.sinks.base import RenderContext, Sink, excerpt
+from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
 
 log = logging.getLogger("bridge.sinks.kafka")
@@ -202,7 +203,8 @@ class KafkaSinkConfig(SinkConfigBase):
     @model_validator(mode="after")
     def _coherent(self) -> KafkaSinkConfig:
         problems = [p for p in (self._idempotence_problem(), self._sasl_problem(),
-                                self._tls_problem(), self._timeout_problem()) if p]
+                                self._tls_problem(), self._timeout_problem(),
+                                burst_problem(self, "Kafka")) if p]
         if problems:
             raise ValueError("; ".join(problems))
         return self
