@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import logging
 import re
+import time
 import traceback
 import urllib.parse
 from collections import OrderedDict
@@ -163,6 +165,7 @@ class AppriseSink(Sink):
         REDACTOR.add(*self._secrets)
         # delivery id -> indexes of URLs already notified, so a retry skips them
         self._done: OrderedDict[str, set[int]] = OrderedDict()
+        self._scope = f"apprise:{name}"
 
     def _load(self) -> list[apprise_module.Apprise]:
         if self._targets is None:
@@ -207,21 +210,35 @@ class AppriseSink(Sink):
             targets = self._load()
         except ImportError as exc:
             raise PermanentSinkError(str(exc), "config_error") from None
-        done = self._done.get(delivery.id, set())
+        done = await self._already_notified(delivery)
         todo = [i for i in range(len(targets)) if i not in done]
         results = await asyncio.gather(*(self._notify(targets[i], delivery) for i in todo))
         failed = [i for i, ok in zip(todo, results, strict=True) if not ok]
         if not failed:
             self._done.pop(delivery.id, None)
             return
-        self._done[delivery.id] = done | (set(todo) - set(failed))
+        done = done | (set(todo) - set(failed))
+        self._done[delivery.id] = done
         self._done.move_to_end(delivery.id)
         while len(self._done) > _REMEMBERED:
             self._done.popitem(last=False)
+        if self.state is not None and done:
+            # Kept in storage too: a restarted bridge must not notify those URLs again.
+            await self.state.put_state(self._scope, delivery.id, json.dumps(sorted(done)),
+                                       time.time())
         which = ", ".join(f"urls[{i}] ({self._services[i]})" for i in failed)
         raise TransientSinkError(
             f"apprise: {len(failed)} of {len(targets)} notifications failed: {which}; "
             "Apprise's log lines say why", "server_error")
+
+    async def _already_notified(self, delivery: Delivery) -> set[int]:
+        """URLs (by index) an earlier attempt of this delivery reached."""
+        if delivery.id in self._done:
+            return self._done[delivery.id]
+        if delivery.attempts <= 1 or self.state is None:
+            return set()  # a first attempt: nothing reached yet, nothing to look up
+        stored = await self.state.get_state(self._scope, delivery.id)
+        return set(json.loads(stored)) if stored else set()
 
     async def _notify(self, target: apprise_module.Apprise, delivery: Delivery) -> bool:
         p = delivery.payload

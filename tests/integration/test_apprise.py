@@ -125,6 +125,28 @@ async def test_only_the_failed_url_is_notified_again(
     assert len(rec_a.requests) == 1  # it had its notification; the retry did not repeat it
 
 
+async def test_urls_already_notified_stay_skipped_across_a_restart(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str], aiohttp_server: Any
+) -> None:
+    rec_a, url_a = receiver
+    rec_b = Receiver(default=Answer(503, "down for a while"))
+    server_b = await aiohttp_server(rec_b.app())
+    config = CONFIG.replace("/hooks/${PATH_TOKEN}\n",
+                            "/hooks/${PATH_TOKEN}\n      - json://${HOST_B}/other\n")
+    hosts = env(url_a, f"127.0.0.1:{server_b.port}")
+    first = await make_bridge(config, hosts)
+    await first.post({"tracking": [TRACKING_FAILED]})
+    await rec_b.wait_for(2, timeout=10)  # B refused twice; A had its notification
+    await first.client.close()  # the bridge stops with the delivery still pending
+    assert len(rec_a.requests) == 1
+
+    rec_b.default = Answer(200, "back")
+    second = await make_bridge(config, hosts)  # same storage, a new process's memory
+    await delivered(second)
+    assert len(rec_a.requests) == 1  # not notified again after the restart
+    assert rec_b.requests[-1].body and len(rec_b.requests) >= 3
+
+
 async def test_a_timeout_is_retried(
     make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
 ) -> None:
