@@ -50,7 +50,7 @@ class ServerConfig(StrictModel):
     max_body_bytes: ByteSize = 1 << 20
     # Batches being accepted at once; more wait their turn. Every one in progress lengthens
     # the event loop's turns, and a verification request waits for turns.
-    intake_concurrency: int = Field(16, ge=1, le=1024)
+    intake_concurrency: int = Field(8, ge=1, le=1024)
 
     @field_validator("listen")
     @classmethod
