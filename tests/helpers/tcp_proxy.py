@@ -1,4 +1,5 @@
-"""A TCP proxy that can play a network outage: refuse new connections and reset open ones.
+"""A TCP proxy that can play a network outage: refuse new connections and reset open ones,
+or play a peer that stops answering: connections stay open, but no byte passes.
 
 Put in front of a broker whose advertised listener is the proxy's port, so that every
 connection a client makes (bootstrap and the ones metadata points it to) passes through here.
@@ -21,6 +22,16 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
         self.connections = 0  # accepted while up, for tests to see traffic went through
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """Hold every byte from now on (connections are still accepted and kept)."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        """Let bytes pass again; what was held passes now, late."""
+        self._flowing.set()
 
     @property
     def up(self) -> bool:
@@ -65,6 +76,7 @@ class TcpProxy:
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

@@ -4,7 +4,6 @@ how refusals and outages end, and that `bridge check` speaks clearly about Kafka
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -74,41 +73,12 @@ def tansu(tansu_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         broker.stop()
 
 
-class StallingProxy(TcpProxy):
-    """Can also play a broker that stops answering: connections stay open and are accepted,
-    but no byte passes until `flow()`; what was held then passes, late."""
-
-    def __init__(self, target_port: int, port: int) -> None:
-        super().__init__(target_port=target_port, port=port)
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def flow(self) -> None:
-        self._flowing.set()
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                await self._flowing.wait()
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(dst)
-            with contextlib.suppress(Exception):
-                dst.close()
-
-
 @pytest.fixture
 async def stalling_tansu(tansu_bin: str, tmp_path: Path
-                         ) -> AsyncIterator[tuple[Tansu, StallingProxy]]:
+                         ) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
     proxy_port = free_port()
     broker = start_tansu(tansu_bin, tmp_path / "tansu-stalling.log", advertised_port=proxy_port)
-    proxy = StallingProxy(target_port=broker.port, port=proxy_port)
+    proxy = TcpProxy(target_port=broker.port, port=proxy_port)
     try:
         await proxy.start()
         yield broker, proxy
@@ -399,7 +369,7 @@ async def test_broker_away_for_seconds_loses_nothing(
 
 
 async def test_broker_that_stops_answering_ends_attempts_at_delivery_timeout(
-    make_bridge: BridgeFactory, stalling_tansu: tuple[Tansu, StallingProxy],
+    make_bridge: BridgeFactory, stalling_tansu: tuple[Tansu, TcpProxy],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Acknowledgements that never come: each attempt ends by its deadline, the producer that
