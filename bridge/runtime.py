@@ -44,8 +44,8 @@ class Runtime:
     dispatcher: Dispatcher
     metrics: Metrics
     secrets_by_key: dict[str, str]
-    # One thread: routing is CPU-bound, so more threads would only contend for the GIL.
     intake_slots: asyncio.Semaphore  # server.intake_concurrency
+    # One thread: routing is CPU-bound, so more threads would only contend for the GIL.
     routing_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="router"))
 
