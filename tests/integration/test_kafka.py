@@ -26,6 +26,7 @@ from bridge.routing.router import canonical_json, delivery_id
 from bridge.sinks.kafka import KafkaSink, KafkaSinkConfig
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers.bridge import Bridge, eventually
+from tests.helpers.cases import directives
 from tests.helpers.tansu import Tansu, broker_bin, free_port, start_tansu
 from tests.helpers.tcp_proxy import TcpProxy
 
@@ -74,23 +75,9 @@ def tansu(tansu_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture
-async def stalling_tansu(tansu_bin: str, tmp_path: Path
-                         ) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
-    proxy_port = free_port()
-    broker = start_tansu(tansu_bin, tmp_path / "tansu-stalling.log", advertised_port=proxy_port)
-    proxy = TcpProxy(target_port=broker.port, port=proxy_port)
-    try:
-        await proxy.start()
-        yield broker, proxy
-    finally:
-        proxy.flow()
-        await proxy.close()
-        broker.stop()
-
-
-@pytest.fixture
 async def proxied_tansu(tansu_bin: str, tmp_path: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
-    """A broker of its own that clients reach only through a proxy, which can cut them off."""
+    """A broker of its own that clients reach only through a proxy, which can cut them off
+    (go_down) or hold every byte (stall)."""
     proxy_port = free_port()
     broker = start_tansu(tansu_bin, tmp_path / "tansu-proxied.log", advertised_port=proxy_port)
     proxy = TcpProxy(target_port=broker.port, port=proxy_port)
@@ -98,6 +85,7 @@ async def proxied_tansu(tansu_bin: str, tmp_path: Path) -> AsyncIterator[tuple[T
         await proxy.start()
         yield broker, proxy
     finally:
+        proxy.flow()
         await proxy.close()
         broker.stop()
 
@@ -369,13 +357,13 @@ async def test_broker_away_for_seconds_loses_nothing(
 
 
 async def test_broker_that_stops_answering_ends_attempts_at_delivery_timeout(
-    make_bridge: BridgeFactory, stalling_tansu: tuple[Tansu, TcpProxy],
+    make_bridge: BridgeFactory, proxied_tansu: tuple[Tansu, TcpProxy],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Acknowledgements that never come: each attempt ends by its deadline, the producer that
     holds them is given up on and rebuilt, and once the broker answers again all arrive."""
     caplog.set_level(logging.INFO, logger="bridge.sinks.kafka")
-    broker, proxy = stalling_tansu
+    broker, proxy = proxied_tansu
     topic = prefix()
     await create_topics(broker.bootstrap, f"{topic}.tracking")
     # delivery_timeout = request_timeout: the sink's deadline comes before aiokafka's own
@@ -550,12 +538,6 @@ def test_errors_are_sorted_by_what_a_retry_can_do(
 CASES = sorted(DATA.glob("kafka-*.yaml"))
 
 
-def _directives(path: Path, name: str) -> list[str]:
-    head = f"# {name}: "
-    return [line[len(head):].rstrip() for line in path.read_text().splitlines()
-            if line.startswith(head)]
-
-
 def test_there_are_kafka_config_cases() -> None:
     assert len(CASES) >= 8
 
@@ -563,8 +545,8 @@ def test_there_are_kafka_config_cases() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_kafka_config_messages(case: Path) -> None:
     env = {"KAFKA_PASSWORD": PASSWORD}
-    expected = _directives(case, "expect")
-    codec = _directives(case, "codec")
+    expected = directives(case, "expect")
+    codec = directives(case, "codec")
     if codec and getattr(aiokafka.codec, f"has_{codec[0]}")():
         # This install has the codec after all: the same file must then load cleanly.
         assert load_config(case, env).config.sinks["kafka"].type == "kafka"

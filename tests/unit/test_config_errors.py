@@ -9,14 +9,9 @@ import pytest
 
 from bridge.config import load_config
 from bridge.errors import ConfigError
+from tests.helpers.cases import directives
 
 CASES = sorted((Path(__file__).parents[1] / "data" / "config-errors").glob("*.yaml"))
-
-
-def _directives(path: Path, name: str) -> list[str]:
-    prefix = f"# {name}: "
-    return [line[len(prefix):].rstrip() for line in path.read_text().splitlines()
-            if line.startswith(prefix)]
 
 
 def test_there_are_cases() -> None:
@@ -25,14 +20,14 @@ def test_there_are_cases() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_config_error_message(case: Path) -> None:
-    expected = _directives(case, "expect")
+    expected = directives(case, "expect")
     assert expected, f"{case.name} names no expected message"
     with pytest.raises(ConfigError) as info:
         load_config(case, env={})
     text = str(info.value)
     for fragment in expected:
         assert fragment.strip() in text, f"\nexpected: {fragment}\ngot:      {text}"
-    for secret in _directives(case, "never"):
+    for secret in directives(case, "never"):
         assert secret not in text
 
 
