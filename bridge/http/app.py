@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.errors import PayloadError
-from bridge.models import Batch
+from bridge.models import Batch, NewDelivery
 from bridge.parse import Verification, parse_request
 from bridge.runtime import Runtime
 
@@ -94,12 +94,25 @@ def verify(rt: Runtime, v: Verification) -> web.Response:
     return web.json_response({"response": secret})
 
 
-async def accept(rt: Runtime, batch: Batch) -> web.Response:
-    # Routing is CPU work (conditions, hashing, rendering): on the router's own thread, the
-    # event loop gets the GIL back every few milliseconds however big the batch (a 1 MiB
-    # batch routes for tens of milliseconds), so a verification never waits for all of it.
-    deliveries = await asyncio.get_running_loop().run_in_executor(
+# Batches up to this many items are routed on the event loop: about 20 µs of work per item,
+# so at most ~1 ms during which a verification waits. Handing such a batch to the router
+# thread costs more than it saves: the thread and the SQLite writer then contend with the
+# loop for the GIL, and in the benchmark inline routing accepted 17-50% more batches/s.
+INLINE_ROUTING_ITEMS = 50
+
+
+async def route(rt: Runtime, batch: Batch) -> list[NewDelivery]:
+    if len(batch.items) <= INLINE_ROUTING_ITEMS:
+        return rt.router.route_batch(batch)
+    # A big batch (a 1 MiB body routes for tens of milliseconds) goes to the router's own
+    # thread: the event loop gets the GIL back every few milliseconds meanwhile, so a
+    # verification never waits for all of it.
+    return await asyncio.get_running_loop().run_in_executor(
         rt.routing_thread, rt.router.route_batch, batch)
+
+
+async def accept(rt: Runtime, batch: Batch) -> web.Response:
+    deliveries = await route(rt, batch)
     new = await rt.outbox.enqueue(deliveries, time.time()) if deliveries else 0
     # Only now, with the deliveries committed, may isendu hear 200.
     rt.metrics.batches_accepted.inc()

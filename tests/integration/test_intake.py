@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
 import time
 from typing import Any
 
@@ -90,6 +91,32 @@ async def test_verification_while_a_1000_item_batch_is_accepted(make_bridge: Bri
     status, body = await batch
     assert status == 200 and body == {**body, "accepted": 1000, "deliveries": 1000}
     assert waited < 2.0  # well under isendu's 5 s
+
+
+async def test_small_batches_route_on_the_loop_big_ones_on_the_router_thread(
+    make_bridge: BridgeFactory,
+) -> None:
+    """A thread handover costs more than routing a shop-sized batch; a big batch must not
+    hold the event loop (see INLINE_ROUTING_ITEMS)."""
+    from bridge.http.app import INLINE_ROUTING_ITEMS
+    bridge = await make_bridge(CONFIG.replace("64KiB", "4MiB"), ENV)
+    router = bridge.rt.router
+    threads: list[str] = []
+    real_route_batch = router.route_batch
+
+    def recording(batch: Any) -> Any:  # observes the real router; changes nothing
+        threads.append(threading.current_thread().name)
+        return real_route_batch(batch)
+
+    router.route_batch = recording  # type: ignore[method-assign]
+    template = sample_batch()["tracking"][0]
+    for n in (1, INLINE_ROUTING_ITEMS, INLINE_ROUTING_ITEMS + 1):
+        status, body = await bridge.post(
+            {"tracking": [{**template, "uuid": f"n{n}-{i}"} for i in range(n)]})
+        assert (status, body["deliveries"]) == (200, n)
+    loop_thread = threading.current_thread().name
+    assert threads[:2] == [loop_thread, loop_thread]
+    assert threads[2].startswith("router")
 
 
 async def _outbox_state(bridge: Bridge) -> dict[str, int]:
