@@ -53,6 +53,15 @@ def compile_path(path: str) -> Getter:
     return find
 
 
+def single_key(path: str) -> str | None:
+    """`status` for `$.status` or `status`: the path most leaves use, tested with one dict
+    lookup instead of a list of found values."""
+    if not isinstance(path, str) or not _FAST_PATH.match(path):
+        return None
+    steps = _steps(path)
+    return steps[0] if len(steps) == 1 and isinstance(steps[0], str) else None
+
+
 def _steps(path: str) -> tuple[str | int | object, ...]:
     body = path[1:] if path.startswith("$") else "." + path
     steps: list[str | int | object] = []
@@ -134,6 +143,7 @@ def _comparable(a: Any, b: Any) -> bool:
 def compile_leaf(path: str, op: str, value: Any) -> Predicate:
     """Compile one leaf. Raises ValueError with a message for people."""
     get = compile_path(path)
+    key = single_key(path)
     test: Callable[[Any], bool]
     negate = False
     if op in ("equals", "not_equals"):
@@ -146,9 +156,15 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
             raise ValueError(f"`{op}` expects a list of values, got {type(value).__name__}")
         negate = op == "not_in"
         options = list(value)
+        if options and all(isinstance(o, str) for o in options):
+            strings = frozenset(options)
 
-        def test(v: Any) -> bool:
-            return any(_same(v, o) for o in options)
+            def test(v: Any) -> bool:
+                return isinstance(v, str) and v in strings
+        else:
+
+            def test(v: Any) -> bool:
+                return any(_same(v, o) for o in options)
     elif op == "matches":
         if not isinstance(value, str):
             raise ValueError("`matches` expects a regular expression string")
@@ -167,6 +183,8 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
         if not isinstance(value, bool):
             raise ValueError("`exists` expects true or false")
         want = value
+        if key is not None:
+            return lambda item: (key in item) is want
 
         def exists(item: dict[str, Any]) -> bool:
             return bool(get(item)) is want
@@ -196,6 +214,11 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
             return False
     else:
         raise ValueError(f"unknown operator {op!r}; expected one of: {', '.join(OPS)}")
+
+    if key is not None:
+        if negate:
+            return lambda item: not (key in item and test(item[key]))
+        return lambda item: key in item and test(item[key])
 
     if negate:
 

@@ -156,3 +156,27 @@ def test_fast_paths_agree_with_jsonpath_ng(doc: dict[str, Any], steps: list[str]
     path = "$" + "".join(steps)
     expected = [m.value for m in parse(path).find(doc)]
     assert compile_path(path)(doc) == expected
+
+
+values = st.one_of(scalars, st.lists(scalars, max_size=3),
+                   st.dictionaries(st.sampled_from(["a", "b"]), scalars, max_size=2))
+leaves = st.one_of(
+    st.tuples(st.sampled_from(["equals", "not_equals", "contains", "gt", "lte"]),
+              st.one_of(st.integers(-5, 5), st.text(max_size=2))),
+    st.tuples(st.sampled_from(["in", "not_in"]),
+              st.one_of(st.lists(st.text(max_size=2), max_size=4), st.lists(scalars, max_size=4))),
+    st.tuples(st.just("exists"), st.booleans()),
+    st.tuples(st.just("matches"), st.sampled_from(["^a", "1", "b$"])),
+)
+
+
+@given(item=st.dictionaries(st.sampled_from(["status", "a"]), values, max_size=2), leaf=leaves)
+def test_single_key_leaves_agree_with_the_general_walk(
+    item: dict[str, Any], leaf: tuple[str, Any]
+) -> None:
+    """`$.status` leaves take a one-lookup shortcut (and `in` over strings a set): each
+    must decide exactly as the same leaf through jsonpath-ng's `$['status']`."""
+    op, value = leaf
+    fast = compile_leaf("$.status", op, value)(item)
+    assert fast == compile_leaf("status", op, value)(item)
+    assert fast == compile_leaf("$['status']", op, value)(item)
