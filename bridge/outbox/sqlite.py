@@ -92,14 +92,10 @@ def id_of_stored(stored: bytes | str) -> str:
     return "dlv_" + stored.hex() if isinstance(stored, bytes) else stored
 
 
-# The writer thread gives up the GIL in every sqlite3 step (once per statement, once per
-# executemany row, once per RETURNING row) and must wait for it back, often behind the event
-# loop: measured under load, ~400 us per wait against ~300 us of work for a whole intake.
-# So the writer runs as few statements as it can: all the intakes of one group share one
-# INSERT of up to INSERT_ROWS rows, and updates by id take one `id IN (...)` statement.
-INSERT_ROWS = 256
-COLUMNS_PER_ROW = 14
-IDS_PER_STATEMENT = 500
+# Rows per INSERT statement. One statement for many rows releases and retakes the GIL once,
+# where executemany does it for every row: with the event loop waiting for the GIL, each
+# of those handovers costs a thread switch.
+INSERT_ROWS = 64
 
 
 @functools.lru_cache(maxsize=INSERT_ROWS)
@@ -160,54 +156,11 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
 
 class _Op:
-    """One caller's work: `fn`, run in a savepoint of its own, or (`params` set) an intake's
-    rows, which the writer inserts together with every other intake of the group."""
-
-    __slots__ = ("fn", "future", "loop", "params")
+    __slots__ = ("fn", "future", "loop")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any],
-                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-                 params: list[Any] | None = None) -> None:
-        self.fn, self.loop, self.future, self.params = fn, loop, future, params
-
-
-def _insert_together(conn: sqlite3.Connection, ops: list[_Op]
-                     ) -> list[tuple[Any, BaseException | None]]:
-    """The rows of several intakes in as few statements as possible; each intake's result is
-    how many of its rows were new. When some row was already stored (a repeated item, or two
-    intakes of the group carrying the same one), the shared insert cannot tell whose rows
-    they were: it is undone and every intake inserts on its own."""
-    params = [v for op in ops for v in op.params or ()]
-    rows = len(params) // COLUMNS_PER_ROW
-    conn.execute("SAVEPOINT together")
-    before = conn.total_changes
-    try:
-        step = INSERT_ROWS * COLUMNS_PER_ROW
-        for start in range(0, len(params), step):
-            chunk = params[start:start + step]
-            conn.execute(_insert_sql(len(chunk) // COLUMNS_PER_ROW), chunk)
-        all_new = conn.total_changes - before == rows
-    except Exception:
-        all_new = False
-    if all_new:
-        conn.execute("RELEASE together")
-        return [(len(op.params or ()) // COLUMNS_PER_ROW, None) for op in ops]
-    conn.execute("ROLLBACK TO together")
-    conn.execute("RELEASE together")
-    return [_in_savepoint(conn, op) for op in ops]
-
-
-def _in_savepoint(conn: sqlite3.Connection, op: _Op) -> tuple[Any, BaseException | None]:
-    """One failure must not undo another caller's work in the same transaction."""
-    conn.execute("SAVEPOINT op")
-    try:
-        result = op.fn(conn)
-    except Exception as exc:
-        conn.execute("ROLLBACK TO op")
-        conn.execute("RELEASE op")
-        return None, exc
-    conn.execute("RELEASE op")
-    return result, None
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.fn, self.loop, self.future = fn, loop, future
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -217,15 +170,6 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def _by_ids(ids: list[bytes | str], head: tuple[Any, ...], sql: str,
-            c: sqlite3.Connection) -> None:
-    """`sql` with its `{}` filled by placeholders for up to IDS_PER_STATEMENT ids at a time:
-    one step each, where executemany would take one per id."""
-    for start in range(0, len(ids), IDS_PER_STATEMENT):
-        part = ids[start:start + IDS_PER_STATEMENT]
-        c.execute(sql.format(",".join("?" * len(part))), (*head, *part))
 
 
 class SqliteOutbox(Outbox):
@@ -243,9 +187,7 @@ class SqliteOutbox(Outbox):
         folder = os.path.dirname(self.path)
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-        # Room for every INSERT and `id IN` size in use, each prepared once.
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               cached_statements=1024)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a 200 to isendu must survive a power cut, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
@@ -280,19 +222,18 @@ class SqliteOutbox(Outbox):
         conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
-        # Concurrent callers' operations, so any order is one they could have run in:
-        # intakes go first, together.
-        inserts = [op for op in ops if op.params is not None]
-        ops = inserts + [op for op in ops if op.params is None]
         results: list[tuple[Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if len(inserts) > 1:
-                results += _insert_together(conn, inserts)
-            elif inserts:
-                results.append(_in_savepoint(conn, inserts[0]))
-            for op in ops[len(inserts):]:
-                results.append(_in_savepoint(conn, op))
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((op.fn(conn), None))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((None, exc))
             conn.execute("COMMIT")
             self.commits += 1
             self.operations += len(ops)
@@ -303,13 +244,12 @@ class SqliteOutbox(Outbox):
         for op, (result, error) in zip(ops, results, strict=True):
             op.loop.call_soon_threadsafe(_settle, op.future, result, error)
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T],
-                    params: list[Any] | None = None) -> T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None:
             raise RuntimeError("outbox is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future, params))
+        self._queue.put(_Op(fn, loop, future))
         return await future
 
     # ---- the interface -----------------------------------------------------------------
@@ -355,23 +295,27 @@ class SqliteOutbox(Outbox):
             self._lock_fd = None
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        # One flat parameter list, built here on the event loop: the writer thread then only
-        # binds and steps, holding the GIL (which the loop needs) as briefly as it can.
-        params: list[Any] = []
-        for d in deliveries:
-            params += (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
-                       _pack(d.payload), Status.DEAD.value if d.error else Status.PENDING.value,
-                       now + d.delay, d.error, now, now, now, d.group_key)
+        # One flat parameter list per statement, built here on the event loop: the writer
+        # thread then only binds and steps, and needs the GIL (held by the loop most of the
+        # time under load) as briefly as possible.
+        chunks: list[tuple[str, list[Any]]] = []
+        for start in range(0, len(deliveries), INSERT_ROWS):
+            part = deliveries[start:start + INSERT_ROWS]
+            params: list[Any] = []
+            for d in part:
+                params += (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
+                           _pack(d.payload),
+                           Status.DEAD.value if d.error else Status.PENDING.value,
+                           now + d.delay, d.error, now, now, now, d.group_key)
+            chunks.append((_insert_sql(len(part)), params))
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
-            step = INSERT_ROWS * COLUMNS_PER_ROW
-            for start in range(0, len(params), step):
-                chunk = params[start:start + step]
-                c.execute(_insert_sql(len(chunk) // COLUMNS_PER_ROW), chunk)
+            for sql, params in chunks:
+                c.execute(sql, params)
             return c.total_changes - before
 
-        return await self._call(write, params)
+        return await self._call(write)
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:
@@ -404,9 +348,9 @@ class SqliteOutbox(Outbox):
         return await self._call(take)
 
     async def complete(self, ids: list[str], now: float) -> None:
-        await self._call(functools.partial(_by_ids, [stored_id(i) for i in ids], (now,),
+        await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
-            "updated_at = ? WHERE id IN ({})"))
+            "updated_at = ? WHERE id = ?", [(now, stored_id(i)) for i in ids]))
 
     async def retry_at(
         self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
@@ -422,9 +366,9 @@ class SqliteOutbox(Outbox):
             "updated_at = ? WHERE id = ?", (reason, now, stored_id(delivery_id))))
 
     async def release(self, ids: list[str], now: float) -> None:
-        await self._call(functools.partial(_by_ids, [stored_id(i) for i in ids], (),
+        await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL "
-            "WHERE status = 'pending' AND id IN ({})"))
+            "WHERE id = ? AND status = 'pending'", [(stored_id(i),) for i in ids]))
 
     async def next_due(self, sink: str) -> float | None:
         def read(c: sqlite3.Connection) -> float | None:
