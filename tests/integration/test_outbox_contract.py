@@ -297,6 +297,61 @@ async def test_sqlite_concurrent_intakes_share_commits(tmp_path: Path) -> None:
         await box.close()
 
 
+async def test_concurrent_intakes_each_count_their_own_new_rows(box: Outbox) -> None:
+    assert await box.enqueue([new(1)], 100.0) == 1
+    results = await asyncio.gather(
+        box.enqueue([new(10), new(11)], 101.0),
+        box.enqueue([new(11), new(12)], 101.0),  # shares d0011 with the intake before
+        box.enqueue([new(1), new(13)], 101.0),   # repeats a stored delivery
+        box.enqueue([new(20 + i) for i in range(5)], 101.0),
+    )
+    assert results[2] == 1 and results[3] == 5
+    assert sorted(results[:2]) == [1, 2]  # d0011 is new for exactly one of them
+    assert (await box.counts())["pending"] == 1 + 3 + 1 + 5
+
+
+async def test_sqlite_intakes_of_one_commit_insert_together(tmp_path: Path) -> None:
+    """Intakes queued behind a locked database run in one group (one commit), each in a
+    savepoint of its own, with more rows than one INSERT takes; counts stay exact."""
+    import sqlite3
+
+    from bridge.outbox.sqlite import INSERT_ROWS, SqliteOutbox
+
+    box = SqliteOutbox(str(tmp_path / "o.db"))
+    await box.open(recover=True)
+    locker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    try:
+        await box.enqueue([new(9000)], 100.0)
+
+        async def one_group(*intakes: list[NewDelivery]) -> tuple[list[int], int]:
+            locker.execute("BEGIN EXCLUSIVE")
+            first = asyncio.create_task(box.enqueue([new(9999)], 100.0))  # waits in BEGIN
+            await asyncio.sleep(0.1)
+            rest = [asyncio.create_task(box.enqueue(i, 100.0)) for i in intakes]
+            await asyncio.sleep(0.1)
+            before = box.commits
+            locker.execute("ROLLBACK")
+            await first
+            counts = [await t for t in rest]
+            return counts, box.commits - before
+
+        big = INSERT_ROWS // 2 + 10  # three of these need two statements
+        counts, commits = await one_group(*([new(i + k * big) for i in range(big)]
+                                            for k in range(3)))
+        assert counts == [big] * 3
+        assert commits == 2  # the one waiting in BEGIN, then the three together
+        repeat = [new(1), new(9000)]  # d0001 is stored above; d9000 since the start
+        counts, commits = await one_group([new(5000), new(5001)], repeat, [new(5001)])
+        assert counts == [2, 0, 0] and commits == 2
+        total = 1 + 1 + 3 * big + 2
+        assert (await box.counts())["pending"] == total
+        stored = await box.get(f"d{big + 3:04d}")
+        assert stored is not None and stored.payload == new(big + 3).payload
+    finally:
+        locker.close()
+        await box.close()
+
+
 async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
     import sqlite3
 
