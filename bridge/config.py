@@ -297,46 +297,100 @@ class LoadedConfig:
     source: Source
 
 
-def cross_check(cfg: BridgeConfig) -> list[tuple[KeyPath, str]]:
+@dataclass(frozen=True)
+class _RouteRefs:
+    index: int
+    name: str | None
+    to: list[str | None]  # None: not a name (validation reports it), kept for the indexes
+    grouped: bool
+    message_for: list[str]
+
+
+@dataclass(frozen=True)
+class _References:
+    """The names that must refer to each other: taken from a valid config, or read as far
+    as it goes from one that failed validation, so both kinds of error come in one round."""
+    key_ids: list[tuple[int, str]]
+    sink_types: dict[str, str | None]
+    routes: list[_RouteRefs]
+
+    @classmethod
+    def of(cls, cfg: BridgeConfig) -> _References:
+        return cls(
+            key_ids=list(enumerate(i.key_id for i in cfg.integrations)),
+            sink_types={name: sink.type for name, sink in cfg.sinks.items()},
+            routes=[_RouteRefs(i, r.name, list(r.to), r.group is not None,
+                               list(r.message) if isinstance(r.message, dict) else [])
+                    for i, r in enumerate(cfg.routes)],
+        )
+
+    @classmethod
+    def of_raw(cls, data: dict[str, Any]) -> _References:
+        def names(v: Any) -> list[str | None]:
+            v = [v] if isinstance(v, str) else v
+            return [x if isinstance(x, str) else None for x in v] if isinstance(v, list) else []
+
+        integrations = data.get("integrations")
+        sinks = data.get("sinks")
+        routes = data.get("routes")
+        return cls(
+            key_ids=[(i, e["key_id"]) for i, e in enumerate(integrations)
+                     if isinstance(e, dict) and isinstance(e.get("key_id"), str)]
+            if isinstance(integrations, list) else [],
+            sink_types={str(name): (v.get("type") if isinstance(v, dict)
+                                    and isinstance(v.get("type"), str) else None)
+                        for name, v in sinks.items()} if isinstance(sinks, dict) else {},
+            routes=[_RouteRefs(i, r.get("name") if isinstance(r.get("name"), str) else None,
+                               names(r.get("to")), r.get("group") is not None,
+                               [str(k) for k in r["message"]]
+                               if isinstance(r.get("message"), dict) else [])
+                    for i, r in enumerate(routes) if isinstance(r, dict)]
+            if isinstance(routes, list) else [],
+        )
+
+
+def cross_check(refs: _References) -> list[tuple[KeyPath, str]]:
     """What a single field's validator cannot see: names that must refer to each other."""
     problems: list[tuple[KeyPath, str]] = []
     seen_keys: set[str] = set()
-    for i, integ in enumerate(cfg.integrations):
-        if integ.key_id in seen_keys:
+    for i, key_id in refs.key_ids:
+        if key_id in seen_keys:
             problems.append((("integrations", i, "key_id"),
                              "duplicate key_id; each may appear once"))
-        seen_keys.add(integ.key_id)
-    for name in cfg.sinks:
+        seen_keys.add(key_id)
+    for name in refs.sink_types:
         if not _NAME.match(name):
             problems.append((("sinks", name), "a sink name uses letters, digits, '_', '-', '.'"))
-    known = sorted(cfg.sinks)
+    known = sorted(refs.sink_types)
     seen_routes: dict[str, int] = {}
-    for i, route in enumerate(cfg.routes):
-        if route.name in seen_routes:
+    for route in refs.routes:
+        i = route.index
+        if route.name is not None and route.name in seen_routes:
             first = seen_routes[route.name]
             problems.append((("routes", i, "name"),
                              f"route name {route.name!r} is already used by routes[{first}]"))
-        seen_routes.setdefault(route.name, i)
+        if route.name is not None:
+            seen_routes.setdefault(route.name, i)
+        to = [sink for sink in route.to if sink is not None]
         for j, sink in enumerate(route.to):
-            if sink not in cfg.sinks:
+            if sink is not None and sink not in refs.sink_types:
                 hint = difflib.get_close_matches(sink, known, n=1)
                 expected = f"did you mean {hint[0]!r}?" if hint else (
                     f"expected one of: {', '.join(known)}" if known else "no sinks are defined")
                 problems.append((("routes", i, "to", j), f"unknown sink {sink!r}; {expected}"))
-        if route.group is not None:
+        if route.grouped:
             for j, sink in enumerate(route.to):
-                sink_cfg = cfg.sinks.get(sink)
-                if sink_cfg is not None and not SINK_TYPES[sink_cfg.type].supports_digest:
+                kind = refs.sink_types.get(sink) if sink is not None else None
+                if kind in SINK_TYPES and not SINK_TYPES[kind].supports_digest:
                     problems.append((("routes", i, "to", j),
-                                     f"sink {sink!r} ({sink_cfg.type}) cannot send digests, so "
+                                     f"sink {sink!r} ({kind}) cannot send digests, so "
                                      f"this route cannot use `group`; route the items to it "
                                      f"from a route without `group`"))
-        if isinstance(route.message, dict):
-            for sink in route.message:
-                if sink not in route.to:
-                    problems.append((("routes", i, "message", sink),
-                                     f"message for {sink!r}, but the route does not send to it; "
-                                     f"expected one of: {', '.join(route.to)}"))
+        for sink in route.message_for:
+            if sink not in to:
+                problems.append((("routes", i, "message", sink),
+                                 f"message for {sink!r}, but the route does not send to it; "
+                                 f"expected one of: {', '.join(to)}"))
     return problems
 
 
@@ -398,7 +452,7 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
         if hint:
             text += f"; did you mean {hint[0]!r}?"
         if allowed:
-            text += f" Expected one of: {', '.join(allowed)}"
+            text += (" Expected" if hint else "; expected") + f" one of: {', '.join(allowed)}"
         return text
     if etype == "union_tag_invalid" and path and path[0] == "sinks":
         return (f"unknown sink type {err['ctx'].get('tag')!r}; expected one of: "
@@ -431,8 +485,9 @@ def parse_config(source: Source) -> BridgeConfig:
             if err["type"] == "union_tag_invalid" and path[:1] == ("sinks",):
                 path = (*path, "type")  # point at the `type:` line itself
             problems.append(f"{source.where(path)}: {_message(err, path, data)}")
+        problems += [f"{source.where(p)}: {m}" for p, m in cross_check(_References.of_raw(data))]
         raise ConfigError(list(dict.fromkeys(problems))) from None
-    crossed = cross_check(cfg)
+    crossed = cross_check(_References.of(cfg))
     if crossed:
         raise ConfigError([f"{source.where(p)}: {m}" for p, m in crossed])
     return cfg

@@ -43,7 +43,36 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     problems = info.value.problems
     assert any("server.listen" in p for p in problems)
     assert any("sinks.out.colour: unknown key 'colour'" in p for p in problems)
+    # Names that must refer to each other are checked in the same round, not after a fix.
+    assert any("routes[0].to[0]: unknown sink 'missing'; expected one of: out" in p
+               for p in problems)
     assert all(p.startswith(f"{path}:") for p in problems)
+
+
+def test_reference_checks_read_what_they_can_of_a_broken_config(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "integrations: [{key_id: k, secret: s}, {key_id: k}, 7]\n"
+        "sinks:\n  out: {type: console, colour: red}\n  odd: {type: nope}\n  bad: 5\n"
+        "  k: {type: kafka, topic: t}\n"
+        "routes:\n"
+        "  - {name: a, to: [out, k], group: {window: 1m}, message: {other: hi}}\n"
+        "  - {name: a, to: [odd, 3, gone], when: {path: '$.x', frobs: 1}}\n"
+        "  - just a string\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    text = "\n".join(info.value.problems)
+    for fragment in (
+        "integrations[1].key_id: duplicate key_id",
+        "routes[0].to[1]: sink 'k' (kafka) cannot send digests",
+        "routes[0].message.other: message for 'other', but the route does not send to it; "
+        "expected one of: out, k",
+        "routes[1].name: route name 'a' is already used by routes[0]",
+        "routes[1].to[2]: unknown sink 'gone'",
+        "sinks.out.colour: unknown key 'colour'",
+    ):
+        assert fragment in text, f"\nexpected: {fragment}\ngot:\n{text}"
 
 
 def test_env_substitution_with_defaults_and_escape(tmp_path: Path) -> None:
