@@ -304,6 +304,7 @@ class _RouteRefs:
     to: list[str | None]  # None: not a name (validation reports it), kept for the indexes
     grouped: bool
     message_for: list[str]
+    to_readable: bool = True  # False: `to` is no name or list of names; nothing to compare
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ class _References:
     """The names that must refer to each other: taken from a valid config, or read as far
     as it goes from one that failed validation, so both kinds of error come in one round."""
     key_ids: list[tuple[int, str]]
-    sink_types: dict[str, str | None]
+    sink_types: dict[str, str | None] | None  # None: `sinks` is not a mapping; unknown
     routes: list[_RouteRefs]
 
     @classmethod
@@ -326,25 +327,36 @@ class _References:
 
     @classmethod
     def of_raw(cls, data: dict[str, Any]) -> _References:
+        """Only what validation would have read the same way; the rest it reports itself."""
         def names(v: Any) -> list[str | None]:
             v = [v] if isinstance(v, str) else v
             return [x if isinstance(x, str) else None for x in v] if isinstance(v, list) else []
 
+        def key_id(e: Any) -> str | None:
+            k = e.get("key_id") if isinstance(e, dict) else None
+            k = str(k) if isinstance(k, int) and not isinstance(k, bool) else k  # as validated
+            return k if isinstance(k, str) and k else None
+
+        def route(i: int, r: dict[str, Any]) -> _RouteRefs:
+            name = r.get("name")
+            to = names(r.get("to"))
+            message = r.get("message")
+            return _RouteRefs(
+                i, name if isinstance(name, str) and name else None, to,
+                r.get("group") is not None,
+                [str(k) for k in message] if isinstance(message, dict) else [],
+                to_readable=bool(to) and None not in to)
+
         integrations = data.get("integrations")
-        sinks = data.get("sinks")
+        sinks = data.get("sinks")  # missing or misspelt: say nothing of the names in routes
         routes = data.get("routes")
         return cls(
-            key_ids=[(i, e["key_id"]) for i, e in enumerate(integrations)
-                     if isinstance(e, dict) and isinstance(e.get("key_id"), str)]
+            key_ids=[(i, k) for i, e in enumerate(integrations) if (k := key_id(e)) is not None]
             if isinstance(integrations, list) else [],
             sink_types={str(name): (v.get("type") if isinstance(v, dict)
                                     and isinstance(v.get("type"), str) else None)
-                        for name, v in sinks.items()} if isinstance(sinks, dict) else {},
-            routes=[_RouteRefs(i, r.get("name") if isinstance(r.get("name"), str) else None,
-                               names(r.get("to")), r.get("group") is not None,
-                               [str(k) for k in r["message"]]
-                               if isinstance(r.get("message"), dict) else [])
-                    for i, r in enumerate(routes) if isinstance(r, dict)]
+                        for name, v in sinks.items()} if isinstance(sinks, dict) else None,
+            routes=[route(i, r) for i, r in enumerate(routes) if isinstance(r, dict)]
             if isinstance(routes, list) else [],
         )
 
@@ -358,10 +370,11 @@ def cross_check(refs: _References) -> list[tuple[KeyPath, str]]:
             problems.append((("integrations", i, "key_id"),
                              "duplicate key_id; each may appear once"))
         seen_keys.add(key_id)
-    for name in refs.sink_types:
+    sink_types = refs.sink_types if refs.sink_types is not None else {}
+    for name in sink_types:
         if not _NAME.match(name):
             problems.append((("sinks", name), "a sink name uses letters, digits, '_', '-', '.'"))
-    known = sorted(refs.sink_types)
+    known = sorted(sink_types)
     seen_routes: dict[str, int] = {}
     for route in refs.routes:
         i = route.index
@@ -372,21 +385,21 @@ def cross_check(refs: _References) -> list[tuple[KeyPath, str]]:
         if route.name is not None:
             seen_routes.setdefault(route.name, i)
         to = [sink for sink in route.to if sink is not None]
-        for j, sink in enumerate(route.to):
-            if sink is not None and sink not in refs.sink_types:
+        for j, sink in enumerate(route.to if refs.sink_types is not None else []):
+            if sink is not None and sink not in sink_types:
                 hint = difflib.get_close_matches(sink, known, n=1)
                 expected = f"did you mean {hint[0]!r}?" if hint else (
                     f"expected one of: {', '.join(known)}" if known else "no sinks are defined")
                 problems.append((("routes", i, "to", j), f"unknown sink {sink!r}; {expected}"))
         if route.grouped:
             for j, sink in enumerate(route.to):
-                kind = refs.sink_types.get(sink) if sink is not None else None
+                kind = sink_types.get(sink) if sink is not None else None
                 if kind in SINK_TYPES and not SINK_TYPES[kind].supports_digest:
                     problems.append((("routes", i, "to", j),
                                      f"sink {sink!r} ({kind}) cannot send digests, so "
                                      f"this route cannot use `group`; route the items to it "
                                      f"from a route without `group`"))
-        for sink in route.message_for:
+        for sink in route.message_for if route.to_readable else []:
             if sink not in to:
                 problems.append((("routes", i, "message", sink),
                                  f"message for {sink!r}, but the route does not send to it; "

@@ -98,7 +98,7 @@ async def test_small_batches_route_on_the_loop_big_ones_on_the_router_thread(
 ) -> None:
     """A thread handover costs more than routing a shop-sized batch; a big batch must not
     hold the event loop (see INLINE_ROUTING_ITEMS)."""
-    from bridge.http.app import INLINE_ROUTING_ITEMS
+    from bridge.http.app import INLINE_ROUTING_BYTES, INLINE_ROUTING_ITEMS
     bridge = await make_bridge(CONFIG.replace("64KiB", "4MiB"), ENV)
     router = bridge.rt.router
     threads: list[str] = []
@@ -114,9 +114,11 @@ async def test_small_batches_route_on_the_loop_big_ones_on_the_router_thread(
         status, body = await bridge.post(
             {"tracking": [{**template, "uuid": f"n{n}-{i}"} for i in range(n)]})
         assert (status, body["deliveries"]) == (200, n)
+    bulky = {**template, "uuid": "bulky", "note": "x" * INLINE_ROUTING_BYTES}  # few items, big
+    assert (await bridge.post({"tracking": [bulky]}))[0] == 200
     loop_thread = threading.current_thread().name
     assert threads[:2] == [loop_thread, loop_thread]
-    assert threads[2].startswith("router")
+    assert threads[2].startswith("router") and threads[3].startswith("router")
 
 
 async def _outbox_state(bridge: Bridge) -> dict[str, int]:

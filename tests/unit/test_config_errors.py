@@ -75,6 +75,28 @@ def test_reference_checks_read_what_they_can_of_a_broken_config(tmp_path: Path) 
         assert fragment in text, f"\nexpected: {fragment}\ngot:\n{text}"
 
 
+@pytest.mark.parametrize(("text", "present", "absent"), [
+    ("integrations: [{key_id: 1, secret: s}, {key_id: 1, secret: s}]\nx: 1\n",
+     "integrations[1].key_id: duplicate key_id", None),  # numbers are key ids as text
+    ("sinks: {out: {type: console}}\nroutes: [{name: a, to: {out: 1}, message: {out: hi}}]\n",
+     "routes[0].to", "message for 'out'"),  # `to` unreadable: nothing to compare messages to
+    ("sink: {out: {type: console}}\nroutes: [{name: a, to: out}]\n",
+     "unknown key 'sink'; did you mean 'sinks'?", "unknown sink 'out'"),
+    ("sinks: {out: {type: console}}\nroutes: [{name: '', to: out}, {name: '', to: out}]\n",
+     "routes[0].name", "already used"),
+])
+def test_reference_checks_say_nothing_validation_would_not(
+    tmp_path: Path, text: str, present: str, absent: str | None
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    joined = "\n".join(info.value.problems)
+    assert present in joined, joined
+    assert absent is None or absent not in joined, joined
+
+
 def test_env_substitution_with_defaults_and_escape(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(
