@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -51,11 +52,17 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     host, port = cfg.server.host_port()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
+    # What is built by now (modules, config, templates, sinks, the outbox) lives as long as
+    # the process. Frozen, the cyclic GC stops rescanning it: under saturation a full
+    # collection held the event loop (and any verification) for 35-45 ms, and ~1 ms after.
+    gc.collect()
+    gc.freeze()
     shown_path = loaded.source.raw.get(("server", "webhook_path"), cfg.server.webhook_path)
     log.info("bridge serving", extra={
         "listen": f"{host}:{port}", "webhook_path": shown_path,
         "storage": _storage_label(cfg.storage),
-        "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__})
+        "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__,
+        "gc_frozen_objects": gc.get_freeze_count()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
