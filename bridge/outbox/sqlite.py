@@ -172,6 +172,13 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+def _settle_all(
+    settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
+
+
 class SqliteOutbox(Outbox):
     def __init__(self, path: str) -> None:
         self.path = path
@@ -241,8 +248,14 @@ class SqliteOutbox(Outbox):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             results = [(None, exc) for _ in ops]
+        # One wake-up per event loop for the whole group, not one per operation: each
+        # call_soon_threadsafe writes to the loop's self-pipe and costs the loop a turn.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
+                                                            BaseException | None]]] = {}
         for op, (result, error) in zip(ops, results, strict=True):
-            op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+            by_loop.setdefault(op.loop, []).append((op.future, result, error))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None:
