@@ -88,20 +88,25 @@ async def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     cfg = loaded.config
     raw = loaded.source.raw
+    built = build_sinks(cfg)
+    register_secrets(cfg, built)
     print(f"{loaded.source.file}: OK")
-    print(f"server: listen {cfg.server.listen}, webhook_path "
-          f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
-          f"max_body_bytes {cfg.server.max_body_bytes}")
+    # A token in the path, written literally, is masked as it is in the logs.
+    print(redact(f"server: listen {cfg.server.listen}, webhook_path "
+                 f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
+                 f"max_body_bytes {cfg.server.max_body_bytes}"))
     print(f"storage: {_storage_label(cfg.storage)}")
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")
-    built = build_sinks(cfg)
     for name, sink in cfg.sinks.items():
         fields = sink.model_dump(mode="json", exclude_defaults=True, exclude={"type"},
                                  by_alias=True)
+        fields = _as_written(fields, ("sinks", name), raw)
         shown = ", ".join(f"{k}={_show(v)}" for k, v in fields.items())
-        print(f"  {name} ({sink.type}){': ' + shown if shown else ''}")
+        # Values are shown as written (`${VAR}`, not what it held); secrets written
+        # literally (an Authorization header, ?token=) are masked like everywhere else.
+        print(redact(f"  {name} ({sink.type}){': ' + shown if shown else ''}"))
         print(f"    rate limit (per replica): {rate_text(built[name])}")
     print("routes:")
     for route in cfg.routes:
@@ -127,6 +132,15 @@ def rate_text(sink: Sink) -> str:
     rate, burst = limit
     origin = "set by rate_limit" if configured else f"default for {sink.type_name}"
     return f"{format_rate(rate)}, burst {burst} ({origin})"
+
+
+def _as_written(value: Any, path: tuple[str | int, ...], raw: dict[Any, str]) -> Any:
+    """`value` with every string that came from `${VAR}` substitution put back as written."""
+    if isinstance(value, dict):
+        return {k: _as_written(v, (*path, k), raw) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_written(v, (*path, i), raw) for i, v in enumerate(value)]
+    return raw.get(path, value) if isinstance(value, str) else value
 
 
 def _show(value: Any) -> str:

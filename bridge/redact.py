@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 MASK = "********"
+
+# Names under which credentials travel: header names, URL query keys, environment variable
+# names. The same idea as Sentry's default scrubbing list; a name that merely mentions a key
+# ("X-Api-Key", "SLACK_TOKEN", "access_token", "sig") counts.
+_CREDENTIAL_NAME = re.compile(
+    r"auth|token|secret|passw|passwd|pwd|api[-_]?key|apikey|private[-_]?key|credential|"
+    r"cookie|session|signature|(^|[-_])sig($|[-_])|(^|[-_])key($|[-_])", re.IGNORECASE)
+
+
+def names_a_credential(name: str) -> bool:
+    """Whether a header, query parameter or environment variable of this name carries one."""
+    return bool(_CREDENTIAL_NAME.search(name))
 
 
 class Redactor:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from bridge.errors import ConfigError
+from bridge.redact import REDACTOR, names_a_credential
 
 KeyPath = tuple[str | int, ...]
 
@@ -89,16 +90,19 @@ class _Builder:
             if m.group(0) == "$${":
                 return "${"
             name, default = m.group(1), m.group(2)
-            if name in self.env:
-                return self.env[name]
-            if default is not None:
-                return default
-            self._problem(
-                node, path,
-                f"environment variable {name} is not set; set it, or write "
-                f"${{{name}:-default}} to give a default",
-            )
-            return ""
+            value = self.env.get(name, default)
+            if value is None:
+                self._problem(
+                    node, path,
+                    f"environment variable {name} is not set; set it, or write "
+                    f"${{{name}:-default}} to give a default",
+                )
+                return ""
+            if names_a_credential(name):
+                # `${SHOP_API_TOKEN}` holds a secret wherever it is used: scrubbed from every
+                # log line and stored reason from now on.
+                REDACTOR.add(value)
+            return value
 
         result = _VAR.sub(repl, text)
         if result != text:

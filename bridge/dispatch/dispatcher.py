@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from bridge.config import BridgeConfig
 from bridge.dispatch.ratelimit import TokenBucket
-from bridge.dispatch.retry import GiveUp, decide
+from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
 from bridge.errors import SinkError, TransientSinkError
 from bridge.metrics import Metrics
 from bridge.models import Delivery
@@ -327,13 +327,15 @@ class Dispatcher:
             self.metrics.sink_failing.labels(sink.name).set(1)
         error.reason = redact(error.reason)
         rate_limited = isinstance(error, TransientSinkError) and error.kind == "rate_limited"
+        policy = self.config.retry_for(sink.name)
         if rate_limited:
             # The whole sink waits, not just this delivery: its siblings would hit 429 too.
             hint = error.retry_after if isinstance(error, TransientSinkError) else None
-            sink.pause_for(hint if hint is not None else 1.0)
+            quiet = sink_quiet_period(policy, hint)
+            sink.pause_for(quiet)
             if sink.name in self._buckets:
-                self._buckets[sink.name].pause(hint if hint is not None else 1.0)
-        decision = decide(self.config.retry_for(sink.name), error, d.attempts, d.enqueued_at, now)
+                self._buckets[sink.name].pause(quiet)
+        decision = decide(policy, error, d.attempts, d.enqueued_at, now)
         if isinstance(decision, GiveUp):
             await self.outbox.dead_letter(d.id, decision.reason, now)
             self.metrics.deliveries.labels(sink.name, "dead").inc()

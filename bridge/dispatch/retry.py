@@ -28,6 +28,25 @@ class GiveUp:
 
 Decision = RetryAt | GiveUp
 
+# A receiver's Retry-After is obeyed, within bounds: "0" (or a date already past) answered
+# on every try would otherwise make a retry loop as fast as the network, and since 429s
+# are refunded, nothing but max_age would end it.
+MIN_RETRY_AFTER = 1.0
+
+
+def honoured_wait(policy: RetryPolicy, retry_after: float) -> float:
+    """How long one delivery waits on a receiver's Retry-After: at least a second, and
+    never past max_age (a longer wait dead-letters it in `decide`)."""
+    return min(max(retry_after, MIN_RETRY_AFTER), policy.max_age)
+
+
+def sink_quiet_period(policy: RetryPolicy, retry_after: float | None) -> float:
+    """How long a whole sink holds back after a 429: the hint (1 s without one), at most
+    max_delay. One huge Retry-After must not silence a sink for days: after max_delay
+    the next delivery asks again, and a receiver still busy says so with another 429."""
+    hint = 1.0 if retry_after is None else retry_after
+    return min(max(hint, MIN_RETRY_AFTER), policy.max_delay)
+
 
 def backoff(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff for the `attempt`-th failure (1-based)."""
@@ -57,7 +76,7 @@ def decide(
     if attempts >= policy.max_attempts and error.kind != "rate_limited":
         return GiveUp(f"gave up after {attempts} attempts; last error: {reason}")
     if error.retry_after is not None:
-        delay = min(error.retry_after, policy.max_age)  # the receiver's own hint wins
+        delay = honoured_wait(policy, error.retry_after)  # the receiver's own hint wins
     else:
         delay = backoff(policy, attempts, rng)
     at = now + delay

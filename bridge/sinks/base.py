@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -136,9 +137,11 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "inf" or "nan" is no answer to "when?"
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -147,8 +150,9 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def excerpt(text: str, limit: int = 200) -> str:
-    one_line = " ".join(text.split())
-    return redact(one_line[:limit] + ("..." if len(one_line) > limit else ""))
+    # Scrubbed before it is cut: a cut through a secret would leave its first characters.
+    one_line = redact(" ".join(text.split()))
+    return one_line[:limit] + ("..." if len(one_line) > limit else "")
 
 
 def classify_http(

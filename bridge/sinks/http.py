@@ -8,12 +8,14 @@ import hmac
 import json
 import time
 from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
+from bridge.redact import names_a_credential
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
 from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
@@ -108,7 +110,20 @@ class HttpSink(Sink):
             self._session = None
 
     def secrets(self) -> list[str]:
-        return [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
+        """The signing secret, header values and URL parts that carry credentials (an
+        `Authorization` header, `?token=...`, a password in the URL): a receiver's error
+        page that echoes them must not carry them into logs or dead-letter reasons."""
+        out = [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
+        out += [v for k, v in self._static_headers.items() if names_a_credential(k)]
+        for value in self._static_headers.values():  # "Bearer abc": the token alone too
+            scheme, _, token = value.partition(" ")
+            if token and scheme.lower() in ("bearer", "basic", "token", "bot"):
+                out.append(token)
+        url = urlsplit(self._url)
+        if url.password:
+            out.append(url.password)
+        out += [v for k, v in parse_qsl(url.query) if names_a_credential(k)]
+        return out
 
     def build_headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "User-Agent": "isendu-bridge"}

@@ -56,9 +56,29 @@ def test_check_prints_routes_and_sinks_with_secrets_masked(config: Path) -> None
     assert out.returncode == 0, out.stderr
     assert "OK" in out.stdout
     assert "delivered [tracking]" in out.stdout and "-> ops, hook" in out.stdout
-    assert "hook (http)" in out.stdout and "signing_secret=**********" in out.stdout
+    # A secret from a variable shows as written; one written in the file would be masked.
+    assert "hook (http)" in out.stdout and "signing_secret=${SIGNING}" in out.stdout
     assert "shop-1" in out.stdout
     for secret in ENV.values():
+        assert secret not in out.stdout + out.stderr
+
+
+def test_check_shows_variables_as_written_and_masks_literal_credentials(tmp_path: Path) -> None:
+    """What a variable held is never printed (it may be a token in a URL or a header);
+    a credential written literally in a header is masked; other values are shown."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "sinks:\n  hook:\n    type: http\n"
+        "    url: \"http://127.0.0.1:9/in?format=json&token=${HOOK_TOKEN}\"\n"
+        "    headers:\n      Authorization: \"Bearer ${BEARER}\"\n"
+        "      X-Api-Key: literal-key-0123456\n      X-Env: production\n"
+        "routes:\n  - {name: r, to: hook}\n")
+    out = bridge("check", "--config", str(path),
+                 env={"HOOK_TOKEN": "url-token-0123456", "BEARER": "bearer-0123456"})
+    assert out.returncode == 0, out.stderr
+    assert "token=${HOOK_TOKEN}" in out.stdout and "Bearer ${BEARER}" in out.stdout
+    assert '"X-Api-Key": "********"' in out.stdout and '"X-Env": "production"' in out.stdout
+    for secret in ("url-token-0123456", "bearer-0123456", "literal-key-0123456"):
         assert secret not in out.stdout + out.stderr
 
 

@@ -6,18 +6,23 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
+import logging
 import socket
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
+from bridge.logs import JsonFormatter
 from bridge.models import Status
 from bridge.routing.router import canonical_json, delivery_id
 from tests.conftest import BridgeFactory
 from tests.helpers.bridge import eventually, sample_batch
 from tests.helpers.receiver import Answer, Receiver
+from tests.helpers.sinks import assert_no_leak
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -184,3 +189,96 @@ async def _rows(bridge: Any) -> list[Any]:
 async def _quiet(seconds: float) -> None:
     """Let the dispatcher run a while, to see that nothing more is sent."""
     await asyncio.sleep(seconds)
+
+
+LEAKY_CONFIG = """
+defaults:
+  retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 5}
+sinks:
+  hook:
+    type: http
+    url: ${URL}/hooks/isendu?format=json&access_token=${QUERY_TOKEN}
+    headers:
+      Authorization: "Bearer ${SHOP_BEARER}"
+      X-Api-Key: literal-api-key-0123
+      X-Env: production
+    signing_secret: ${SIGNING_SECRET}
+routes:
+  - name: tracking-to-hook
+    kind: tracking
+    to: hook
+"""
+
+
+async def test_credentials_a_receiver_echoes_never_reach_logs_or_reasons(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Receivers' error pages echo what they were sent. The bearer token (from a variable
+    the user did not name as secret), a literal API key, a `?access_token=` and the signing
+    secret are scrubbed from dead-letter reasons and logs, even where the 200-character
+    excerpt of the page would cut through one; an ordinary header value is not."""
+    rec, url = receiver
+    bearer, query = "bearer-value-0123456789", "query-token-0123456789"
+    page = (f"invalid credentials: Authorization: Bearer {bearer}, X-Api-Key: "
+            f"literal-api-key-0123, url ?access_token={query}, X-Env: production")
+    rec.answer(Answer(401, page), Answer(400, "y" * 190 + SECRET + "z" * 50))
+    caplog.set_level(logging.DEBUG)
+    bridge = await make_bridge(LEAKY_CONFIG, {"URL": url, "SIGNING_SECRET": SECRET,
+                                              "SHOP_BEARER": bearer, "QUERY_TOKEN": query})
+    other = dict(TRACKING, uuid="5b0ad4c2-44b8-4d84-9a3b-4a0fb2b7f1a2")
+    await bridge.post({"tracking": [TRACKING]})
+    await rec.wait_for(1)
+    await bridge.post({"tracking": [other]})
+    await rec.wait_for(2)
+    assert rec.requests[0].headers["Authorization"] == f"Bearer {bearer}"  # sent as written
+
+    async def both_dead() -> bool:
+        return len(await bridge.rt.outbox.list_dead()) == 2
+    await eventually(both_dead, what="two dead letters")
+    reasons = [row.last_error or "" for row in await bridge.rt.outbox.list_dead()]
+    echoed = next(r for r in reasons if "HTTP 401" in r)
+    assert "X-Env: production" in echoed and "********" in echoed
+    cut = next(r for r in reasons if "HTTP 400" in r)
+    assert cut.endswith("...") and "********" in cut
+    secrets = [bearer, query, "literal-api-key-0123", SECRET, SECRET[:10]]
+    ours = [r for r in caplog.records if r.name.startswith("bridge")]  # not the receiver's
+    assert ours
+    assert_no_leak(secrets, ours, *reasons)
+    lines = [JsonFormatter().format(r) for r in ours]
+    assert_no_leak(secrets, [], *lines)
+
+
+QUICK_RETRY = CONFIG.replace("max_delay: 200ms", "max_delay: 1s, max_age: 1h")
+
+
+async def test_a_retry_after_past_max_age_neither_silences_the_sink_nor_loops(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
+) -> None:
+    """A 429 asking for 100,000 s dead-letters that delivery (past max_age), and the sink
+    holds back for max_delay (1 s here), not for a day: the next item still goes out."""
+    rec, url = receiver
+    rec.answer(Answer(429, "come back tomorrow", {"Retry-After": "100000"}))
+    bridge = await make_bridge(QUICK_RETRY, {"URL": url, "SIGNING_SECRET": SECRET})
+    await bridge.post({"tracking": [TRACKING]})
+    await rec.wait_for(1)
+    await bridge.post({"tracking": [dict(TRACKING, uuid="d7b1c8a6-6f0e-4a63-9a0e-3c5f1d2e4b71")]})
+    first, second = await rec.wait_for(2, timeout=10)
+    assert 1.0 <= second.at - first.at < 5.0
+    [dead] = await bridge.rt.outbox.list_dead()
+    assert dead.last_error is not None and "past max_age 1h" in dead.last_error
+
+
+async def test_retry_after_zero_is_not_a_retry_storm(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
+) -> None:
+    """`Retry-After: 0` on every answer: one try a second, not one per round trip."""
+    rec, url = receiver
+    rec.default = Answer(429, "busy", {"Retry-After": "0"})
+    bridge = await make_bridge(QUICK_RETRY, {"URL": url, "SIGNING_SECRET": SECRET})
+    await bridge.post({"tracking": [TRACKING]})
+    await rec.wait_for(1)
+    await asyncio.sleep(2.5)
+    tries = [r.at for r in rec.requests]
+    assert 3 <= len(tries) <= 4, tries
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(tries))

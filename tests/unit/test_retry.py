@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.config_types import RetryPolicy
-from bridge.dispatch.retry import GiveUp, RetryAt, backoff, decide
+from bridge.dispatch.retry import GiveUp, RetryAt, backoff, decide, sink_quiet_period
 from bridge.errors import PermanentSinkError, TransientSinkError
+from bridge.sinks.base import parse_retry_after
 
 POLICY = RetryPolicy(max_attempts=5, initial_delay=1.0, max_delay=60.0, max_age=3600.0)
 
@@ -50,3 +51,24 @@ def test_backoff_is_bounded_by_exponential_and_cap(attempt: int, seed: int) -> N
 def test_backoff_uses_full_jitter() -> None:
     draws = [backoff(POLICY, 6) for _ in range(200)]  # bound 32s
     assert min(draws) < 8 and max(draws) > 24  # spread over the whole range, not clustered
+
+
+def test_retry_after_zero_waits_a_second_not_a_loop() -> None:
+    d = decide(POLICY, TransientSinkError("429", "rate_limited", retry_after=0.0), 1, 0.0, 10.0)
+    assert d == RetryAt(11.0, "429")
+
+
+@given(st.one_of(st.none(), st.floats(min_value=0.0, max_value=1e12)))
+def test_a_sinks_quiet_period_is_at_least_a_second_and_at_most_max_delay(
+    hint: float | None,
+) -> None:
+    quiet = sink_quiet_period(POLICY, hint)
+    assert 1.0 <= quiet <= POLICY.max_delay
+    if hint is not None and 1.0 <= hint <= POLICY.max_delay:
+        assert quiet == hint
+
+
+def test_retry_after_that_is_no_time_is_ignored() -> None:
+    assert parse_retry_after("inf") is None and parse_retry_after("nan") is None
+    assert parse_retry_after("1e400") is None  # float overflow: inf
+    assert parse_retry_after("-5") == 0.0 and parse_retry_after("2.5") == 2.5
