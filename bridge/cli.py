@@ -23,7 +23,7 @@ from bridge.config_types import format_rate
 from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
-from bridge.outbox import from_url
+from bridge.outbox import Outbox, from_url
 from bridge.parse import Verification, parse_request
 from bridge.redact import MASK, redact
 from bridge.routing.router import Router, compile_routes
@@ -38,6 +38,24 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     return load_config(config_path(getattr(args, "config", None)))
 
 
+async def open_outbox(storage: str, *, recover: bool = False) -> Outbox:
+    """The outbox, opened; a storage that cannot be opened is a one-line error naming it."""
+    outbox = from_url(storage)
+    try:
+        await outbox.open(recover=recover)
+    except RuntimeError:
+        raise  # already says what is wrong (another process holds the SQLite file)
+    except Exception as exc:
+        raise RuntimeError(storage_problem(storage, exc)) from None
+    return outbox
+
+
+def storage_problem(storage: str, exc: BaseException) -> str:
+    detail = redact(str(exc)) or exc.__class__.__name__
+    return (f"cannot open storage {_storage_label(storage)} (storage in the config): "
+            f"{detail}; expected a writable SQLite path or a reachable PostgreSQL URL")
+
+
 # ---- serve ---------------------------------------------------------------------------------
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -48,10 +66,20 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     rt = build_runtime(cfg)
     app = create_app(rt)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()
+    try:
+        await runner.setup()  # opens the outbox (the app's startup hook)
+    except RuntimeError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(storage_problem(cfg.storage, exc)) from None
     host, port = cfg.server.host_port()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(f"cannot listen on {host}:{port} (server.listen): "
+                           f"{exc.strerror or exc}") from None
     # What is built by now (modules, config, templates, sinks, the outbox) lives as long as
     # the process. Frozen, the cyclic GC stops rescanning it: under saturation a full
     # collection held the event loop (and any verification) for 35-45 ms, and ~1 ms after.
@@ -261,8 +289,7 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
 
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
     cfg = _load(args).config
-    outbox = from_url(cfg.storage)
-    await outbox.open()
+    outbox = await open_outbox(cfg.storage)
     try:
         dead = await outbox.list_dead(args.limit)
     finally:
@@ -292,8 +319,7 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
         print("error: give delivery ids or --all (not both)", file=sys.stderr)
         return 2
     cfg = _load(args).config
-    outbox = from_url(cfg.storage)
-    await outbox.open()
+    outbox = await open_outbox(cfg.storage)
     try:
         count = await outbox.replay(None if args.all else args.ids, time.time())
     finally:
@@ -314,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", parents=[common],
                                      description="isendu webhooks in, notifications out.")
     parser.add_argument("--version", action="version", version=f"bridge {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "INFO"),
+                        type=str.upper, help=f"one of {', '.join(LOG_LEVELS)} "
+                        "(default: $BRIDGE_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the bridge").set_defaults(fn=cmd_serve)
     sub.add_parser("check", parents=[common], help="validate the config").set_defaults(fn=cmd_check)
@@ -340,9 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_level.upper() not in LOG_LEVELS:  # also when it came from BRIDGE_LOG_LEVEL
+        parser.error(f"--log-level {args.log_level.lower()!r}: expected one of "
+                     f"{', '.join(LOG_LEVELS)} (from --log-level or BRIDGE_LOG_LEVEL)")
+    setup_logging(args.log_level.upper())
     fn: Command = args.fn
     try:
         return asyncio.run(fn(args))
@@ -356,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `bridge check | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,43 @@ routes: []
         "ops": prefix + "none (console sinks have no default limit)",
     }
     assert "tokentoken" not in out.stdout and "sig=abc" not in out.stdout
+
+
+def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "routes.yaml"
+        path.write_text(f"server: {{listen: 127.0.0.1:{port}}}\n"
+                        f"storage: sqlite:///{tmp_path}/bridge.db\n")
+        out = bridge("serve", "--config", str(path))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port} (server.listen): error while attempting "
+        f"to bind on address ('127.0.0.1', {port}): address already in use")
+    assert "Traceback" not in out.stderr
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a file where the storage folder should be
+    path.write_text(f"server: {{listen: 127.0.0.1:{port}}}\n"
+                    f"storage: sqlite:///{blocked}/bridge.db\n")
+    for command in (["serve"], ["dlq", "list"]):
+        out = bridge(*command, "--config", str(path))
+        assert out.returncode == 1, command
+        assert "Traceback" not in out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot open storage sqlite:///{blocked}/bridge.db "
+                               "(storage in the config): "), last
+        assert last.endswith("expected a writable SQLite path or a reachable PostgreSQL URL")
+
+
+def test_a_bad_log_level_is_refused_with_the_choices(config: Path) -> None:
+    for args, env in ((["--log-level", "verbose"], None), ([], {"BRIDGE_LOG_LEVEL": "loud"})):
+        out = bridge(*args, "check", "--config", str(config), env=env)
+        assert out.returncode == 2
+        assert "expected one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert bridge("--log-level", "debug", "check", "--config", str(config)).returncode == 0

@@ -40,6 +40,7 @@ ENV = {
     "KAFKA_BOOTSTRAP": "kafka-1.example.com:9092",
     "KAFKA_USERNAME": "bridge",
     "KAFKA_PASSWORD": "kafka-password",
+    "APPRISE_URL": "ntfys://ntfy.example.com/shop-parcels",
 }
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)\}")  # only those without a `:-default`
 
