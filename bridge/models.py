@@ -30,6 +30,7 @@ class Batch:
     batch_id: str
     received_at: str  # ISO 8601, UTC
     items: list[Item]
+    unknown_keys: tuple[str, ...] = ()  # the body's keys, if it had neither order nor tracking
 
 
 @dataclass(slots=True)

@@ -115,8 +115,11 @@ def parse_request(body: bytes, received_at: str | None = None) -> Verification |
                 raise PayloadError(problem, f"{where}.uuid")
             items.append(Item(kind=kind, uuid=item_uuid, data=entry))
     # As random as a uuid4's hex, without building the UUID object (a cost per batch).
+    # A body with neither list is odd enough to name its keys in a warning (not an error:
+    # isendu may send an empty batch, and anything but 200 would only make it retry).
+    unknown = () if any(kind in doc for kind in KINDS) else tuple(doc)
     return Batch(batch_id=os.urandom(16).hex(), received_at=received_at or utc_now(),
-                 items=items)
+                 items=items, unknown_keys=unknown)
 
 
 def utc_now() -> str:

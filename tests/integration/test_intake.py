@@ -162,6 +162,66 @@ async def test_body_over_the_limit_is_413(make_bridge: BridgeFactory) -> None:
     assert await _outbox_state(bridge) == {"pending": 0, "delivered": 0, "dead": 0}
 
 
+def _count(bridge: Bridge, metric: str, outcome: str) -> float:
+    value = bridge.rt.metrics.registry.get_sample_value(metric, {"outcome": outcome})
+    return value or 0.0
+
+
+def _nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(("body", "status", "counted"), [
+    (b"{not json", 400, "batch"),  # found while parsing
+    ('{"tracking": [{"uuid": "deep", "x": ' + _nested(1000) + "}]}", 400, "batch"),  # routing
+    (json.dumps({"tracking": [{"uuid": "x", "pad": "p" * 70_000}]}), 413, "batch"),  # reading
+    (b'{"keyId": ""}', 400, "verification"),
+])
+async def test_every_refusal_is_one_log_line_and_one_count(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture,
+    body: bytes | str, status: int, counted: str,
+) -> None:
+    bridge = await _bridge(make_bridge)
+    caplog.set_level(logging.INFO)
+    got, answer = await bridge.post(body)
+    assert got == status, answer
+    refused = [r for r in caplog.records if r.getMessage() == "refused request"]
+    assert len(refused) == 1 and refused[0].__dict__["status"] == status
+    assert refused[0].__dict__["error"] == answer["error"]
+    rejected = _count(bridge, "bridge_batches_received_total", "rejected")
+    invalid = _count(bridge, "bridge_verification_requests_total", "invalid")
+    assert (rejected, invalid) == ((1.0, 0.0) if counted == "batch" else (0.0, 1.0))
+
+
+async def test_a_body_with_no_known_key_is_accepted_empty_with_a_warning(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`{"orders": [...]}` (a typo, or a test by hand) is a 200 with nothing in it, as an
+    empty batch from isendu would be, and a warning names the keys it did not know."""
+    bridge = await _bridge(make_bridge)
+    caplog.set_level(logging.INFO)
+    status, answer = await bridge.post({"orders": [{"uuid": "a"}], "keyid": "key-one"})
+    assert status == 200 and answer["accepted"] == 0 and "response" not in answer
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith("body has neither keyId, order nor tracking")
+    assert warning.__dict__["keys"] == ["orders", "keyid"]
+    caplog.clear()
+    assert (await bridge.post({}))[0] == 200  # an empty batch as such is no news
+    assert (await bridge.post({"order": [], "note": "x"}))[0] == 200  # isendu's own, empty
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_huge_unknown_key_id_is_not_echoed_whole(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    bridge = await _bridge(make_bridge)
+    caplog.set_level(logging.INFO)
+    status, answer = await bridge.post({"keyId": "k" * 60_000})  # within max_body_bytes
+    assert status == 403 and len(answer["error"]) < 300
+    assert "(60000 characters)" in answer["error"]
+    assert all(len(JsonFormatter().format(r)) < 1000 for r in caplog.records)
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_are_405(make_bridge: BridgeFactory, method: str) -> None:
     bridge = await _bridge(make_bridge)
