@@ -316,19 +316,27 @@ def _iso(ts: float) -> str:
 
 async def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.all):
-        print("error: give delivery ids or --all (not both)", file=sys.stderr)
+        given = "both delivery ids and --all" if args.all else "neither"
+        print(f"error: give delivery ids (see `bridge dlq list`) or --all; got {given}",
+              file=sys.stderr)
         return 2
     cfg = _load(args).config
     outbox = await open_outbox(cfg.storage)
+    refused: list[str] = []
     try:
+        for delivery_id in args.ids:  # say which ids cannot be replayed, and why
+            row = await outbox.get(delivery_id)
+            if row is None:
+                refused.append(f"{delivery_id}: no such delivery")
+            elif row.status is not Status.DEAD:
+                refused.append(f"{delivery_id}: is {row.status.value}, not dead")
         count = await outbox.replay(None if args.all else args.ids, time.time())
     finally:
         await outbox.close()
-    print(f"{count} deliveries back to pending")
-    if args.ids and count < len(args.ids):
-        print(f"{len(args.ids) - count} ids were not dead deliveries", file=sys.stderr)
-        return 1
-    return 0
+    print(f"{count} {'delivery' if count == 1 else 'deliveries'} back to pending")
+    for line in refused:
+        print(f"not replayed: {line}", file=sys.stderr)
+    return 1 if refused else 0
 
 
 # ---- wiring --------------------------------------------------------------------------------

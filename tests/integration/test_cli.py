@@ -137,9 +137,14 @@ async def test_dlq_list_and_replay(config: Path, tmp_path: Path) -> None:
         ("dlv_b", "hook", "delivered", "u2"), ("dlv_a", "hook", "delivered", "u1")]
 
     replayed = bridge("dlq", "replay", "dlv_a", "--config", str(config))
-    assert replayed.returncode == 0 and "1 deliveries back to pending" in replayed.stdout
-    assert bridge("dlq", "replay", "--config", str(config)).returncode == 2  # ids or --all
-    assert "1 deliveries" in bridge("dlq", "replay", "--all", "--config", str(config)).stdout
+    assert replayed.returncode == 0 and "1 delivery back to pending" in replayed.stdout
+    neither = bridge("dlq", "replay", "--config", str(config))
+    assert neither.returncode == 2 and "got neither" in neither.stderr
+    again = bridge("dlq", "replay", "dlv_a", "dlv_nope", "--config", str(config))
+    assert again.returncode == 1 and "0 deliveries back to pending" in again.stdout
+    assert "not replayed: dlv_a: is pending, not dead" in again.stderr
+    assert "not replayed: dlv_nope: no such delivery" in again.stderr
+    assert "1 delivery" in bridge("dlq", "replay", "--all", "--config", str(config)).stdout
     assert "no dead deliveries" in bridge("dlq", "list", "--config", str(config)).stdout
 
 
