@@ -6,12 +6,14 @@ empty (isendu sends whatever fields it has, and a missing one must not kill a me
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from bridge.errors import TemplateRenderError
@@ -34,6 +36,9 @@ def _make_env(autoescape: bool = False) -> SandboxedEnvironment:
 
 
 ENV = _make_env()
+# What every template can use (RenderContext.vars), besides Jinja's own globals (range...).
+CONTEXT_NAMES = ("item", "kind", "route", "received_at", "last_step", "delivery_id")
+KNOWN_NAMES = frozenset(CONTEXT_NAMES) | frozenset(ENV.globals)
 # For templates whose output is HTML (e-mail bodies, Telegram): values are escaped, the
 # template's own tags are not.
 HTML_ENV = _make_env(autoescape=True)
@@ -67,10 +72,19 @@ def compile_template(source: str) -> Template:
         raise ValueError(f"expected a template string, got {type(source).__name__}")
     try:
         compiled = ENV.from_string(source)
+        unknown = meta.find_undeclared_variables(ENV.parse(source)) - KNOWN_NAMES
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(
             f"template does not parse: {exc.message} (template line {exc.lineno})"
         ) from None
+    if unknown:
+        # Undefined values render empty (a field isendu left out must not kill a message),
+        # so a misspelt name like `itme.uuid` would otherwise print nothing, silently.
+        name = sorted(unknown)[0]
+        close = difflib.get_close_matches(name, CONTEXT_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"template uses {name!r}, which no message has; {hint}expected one "
+                         f"of: {', '.join(CONTEXT_NAMES)}")
     static = "{{" not in source and "{%" not in source and "{#" not in source
     return Template(source=source, compiled=compiled, is_static=static)
 

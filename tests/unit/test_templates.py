@@ -8,7 +8,7 @@ import pytest
 
 from bridge.errors import TemplateRenderError
 from bridge.sinks.base import RenderContext
-from bridge.templates import DEFAULT_TEXT, compile_template, envelope, last_step
+from bridge.templates import CONTEXT_NAMES, DEFAULT_TEXT, compile_template, envelope, last_step
 from tests.helpers.bridge import sample_batch
 
 STEPS = [
@@ -84,3 +84,14 @@ def test_default_text_without_any_invented_field() -> None:
     ctx = RenderContext(item, "tracking", "t", "{}")
     assert DEFAULT_TEXT["tracking"].render(ctx.vars("r", "d")) == (
         "[r] u: EXCEPTION - Failed [error ADDR: address not found]")
+
+
+def test_the_names_templates_may_use_are_exactly_what_rendering_gives() -> None:
+    ctx = RenderContext({"uuid": "u"}, "order", "2025-11-03T10:00:00.000Z", '{"uuid":"u"}')
+    assert set(ctx.vars("r", "dlv_x")) == set(CONTEXT_NAMES)
+
+
+def test_names_a_template_sets_or_loops_over_and_jinja_globals_are_not_unknown() -> None:
+    t = compile_template("{% for s in item.steps %}{{ loop.index }} {{ s.status }}{% endfor %}"
+                         "{% set n = namespace(x=1) %}{{ n.x }}{{ range(2) | list }}")
+    assert t.render({"item": {"steps": [{"status": "A"}]}}) == "1 A1[0, 1]"
