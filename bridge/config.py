@@ -488,22 +488,39 @@ def parse_config(source: Source) -> BridgeConfig:
     if not isinstance(data, dict):
         raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
                            f"(server, integrations, storage, defaults, sinks, routes)"])
+    read = [message for _, message in source.problems]
+    known_bad = [path for path, _ in source.problems]
+
+    def new(path: KeyPath) -> bool:
+        return not any(path[:len(bad)] == bad for bad in known_bad)
+
     try:
         cfg = BridgeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        problems = list(read)
         for err in exc.errors():
             names_key = err["type"] in ("missing", "extra_forbidden")
             path = _clean_loc(err["loc"], data, names_key)
             if err["type"] == "union_tag_invalid" and path[:1] == ("sinks",):
                 path = (*path, "type")  # point at the `type:` line itself
-            problems.append(f"{source.where(path)}: {_message(err, path, data)}")
-        problems += [f"{source.where(p)}: {m}" for p, m in cross_check(_References.of_raw(data))]
-        raise ConfigError(list(dict.fromkeys(problems))) from None
-    crossed = cross_check(_References.of(cfg))
+            if new(path):
+                problems.append(f"{source.where(path)}: {_message(err, path, data)}")
+        problems += [f"{source.where(p)}: {m}"
+                     for p, m in cross_check(_References.of_raw(data)) if new(p)]
+        raise ConfigError(_in_file_order(list(dict.fromkeys(problems)), source.file)) from None
+    crossed = read + [f"{source.where(p)}: {m}"
+                      for p, m in cross_check(_References.of(cfg)) if new(p)]
     if crossed:
-        raise ConfigError([f"{source.where(p)}: {m}" for p, m in crossed])
+        raise ConfigError(_in_file_order(crossed, source.file))
     return cfg
+
+
+def _in_file_order(problems: list[str], file: str) -> list[str]:
+    """Sorted by line (each starts `file:line: `), so they read top to bottom with the file."""
+    def line(problem: str) -> int:
+        number = problem[len(file) + 1:].split(":", 1)[0]
+        return int(number) if number.isdigit() else 0
+    return sorted(problems, key=line)
 
 
 def config_path(explicit: str | None) -> str:

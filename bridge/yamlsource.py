@@ -37,6 +37,10 @@ class Source:
     data: Any
     lines: dict[KeyPath, int] = field(default_factory=dict)
     raw: dict[KeyPath, str] = field(default_factory=dict)  # strings as written, before ${VAR}
+    # Found while reading (an unset variable, a duplicate key): reported together with what
+    # validation finds, so one `check` lists every error. Validation's own complaints about
+    # these paths (an empty value where the variable was unset) are left out.
+    problems: list[tuple[KeyPath, str]] = field(default_factory=list)
 
     def line_of(self, path: KeyPath) -> int | None:
         for end in range(len(path), -1, -1):
@@ -57,7 +61,7 @@ class _Builder:
         self.env = env
         self.lines: dict[KeyPath, int] = {}
         self.raw: dict[KeyPath, str] = {}
-        self.problems: list[str] = []
+        self.problems: list[tuple[KeyPath, str]] = []
         self._scalars = yaml.SafeLoader("")  # only its scalar constructors are used
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
@@ -111,7 +115,7 @@ class _Builder:
 
     def _problem(self, node: yaml.Node, path: KeyPath, message: str) -> None:
         line = node.start_mark.line + 1
-        self.problems.append(f"{self.file}:{line}: {format_path(path)}: {message}")
+        self.problems.append((path, f"{self.file}:{line}: {format_path(path)}: {message}"))
 
 
 def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Source:
@@ -135,6 +139,5 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
         return Source(file=file, data={})
     builder = _Builder(file, os.environ if env is None else env)
     data = builder.build(node, ())
-    if builder.problems:
-        raise ConfigError(builder.problems)
-    return Source(file=file, data=data, lines=builder.lines, raw=builder.raw)
+    return Source(file=file, data=data, lines=builder.lines, raw=builder.raw,
+                  problems=builder.problems)
