@@ -87,6 +87,8 @@ def _decode(body: bytes) -> Any:
 
 def parse_request(body: bytes, received_at: str | None = None) -> Verification | Batch:
     """Turn a request body into a Verification or a Batch; PayloadError says what and where."""
+    if not body.strip():
+        raise PayloadError("empty body; expected a JSON object")
     doc = _decode(body)
     if not isinstance(doc, dict):
         raise PayloadError(f"expected a JSON object, got {_json_type(doc)}")

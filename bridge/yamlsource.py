@@ -128,10 +128,15 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
         hint = ""
         source_line = text.splitlines()[mark.line] if mark and mark.line < len(
             text.splitlines()) else ""
+        problem = exc.problem or exc.context or ""
         if "${" in source_line:
             hint = ' (inside {...} or [...], quote values that use variables: "${VAR}")'
+        elif problem.startswith(("expected <block end>", "mapping values are not allowed")):
+            # PyYAML's words for a key indented deeper or shallower than its neighbours.
+            hint = (" (check this line's indentation: a key must start in the same column "
+                    "as the other keys of its block, e.g. `to:` under `name:` in a route)")
         raise ConfigError(
-            [f"{file}{line}: not valid YAML: {exc.problem or exc.context}{hint}"]
+            [f"{file}{line}: not valid YAML: {problem}{hint}"]
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None

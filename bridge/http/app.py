@@ -69,6 +69,11 @@ async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         body = await read_limited(request, rt.config.server.max_body_bytes)
+        if not body and request.headers.get("Content-Encoding"):
+            # aiohttp undoes gzip/deflate/br; a body that was not what it said leaves nothing.
+            raise PayloadError(f"body is empty after undoing Content-Encoding "
+                               f"{shorten(request.headers['Content-Encoding'])}; expected "
+                               "a JSON object, compressed as the header says")
         parsed = parse_request(body)
         if isinstance(parsed, Verification):
             return verify(rt, parsed)

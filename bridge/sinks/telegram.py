@@ -14,7 +14,7 @@ import re
 from typing import Any, Literal
 
 import aiohttp
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
@@ -58,14 +58,21 @@ class TelegramSinkConfig(SinkConfigBase):
             raise ValueError("expected an http(s) URL such as https://api.telegram.org")
         return v.rstrip("/")
 
-    @model_validator(mode="after")
-    def _token(self) -> TelegramSinkConfig:
-        if not _TOKEN.match(self.token.get_secret_value()):
+    # Field validators, not one for the model: the error then points at the key's own line.
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr) -> SecretStr:
+        if not _TOKEN.match(v.get_secret_value()):
             raise ValueError("token must look like 123456789:AAE... as @BotFather gives it "
                              "(the value is not shown)")
-        if isinstance(self.chat_id, str) and not self.chat_id.strip():
+        return v
+
+    @field_validator("chat_id")
+    @classmethod
+    def _chat_id_given(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and not v.strip():
             raise ValueError("chat_id must be a chat id such as -1001234567890 or @channel")
-        return self
+        return v
 
 
 def esc(text: str) -> str:

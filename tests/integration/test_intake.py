@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import sqlite3
@@ -191,6 +192,21 @@ async def test_every_refusal_is_one_log_line_and_one_count(
     rejected = _count(bridge, "bridge_batches_received_total", "rejected")
     invalid = _count(bridge, "bridge_verification_requests_total", "invalid")
     assert (rejected, invalid) == ((1.0, 0.0) if counted == "batch" else (0.0, 1.0))
+
+
+async def test_compressed_bodies_are_read_and_a_broken_one_is_named(
+    make_bridge: BridgeFactory,
+) -> None:
+    bridge = await _bridge(make_bridge)
+    batch = json.dumps({"tracking": [{"uuid": "gz-1", "status": "CREATED"}]}).encode()
+    resp = await bridge.client.post("/isendu/webhook", data=gzip.compress(batch),
+                                    headers={"Content-Encoding": "gzip"})
+    assert resp.status == 200 and (await resp.json())["accepted"] == 1
+    resp = await bridge.client.post("/isendu/webhook", data=b"\x1f\x8b\x08\x00garbage",
+                                    headers={"Content-Encoding": "gzip"})
+    assert resp.status == 400
+    assert (await resp.json())["error"].startswith(
+        "body is empty after undoing Content-Encoding gzip; expected a JSON object")
 
 
 async def test_a_body_with_no_known_key_is_accepted_empty_with_a_warning(

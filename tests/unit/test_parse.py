@@ -37,7 +37,8 @@ def test_empty_batches_are_fine(body: bytes) -> None:
 
 @pytest.mark.parametrize(("body", "where", "message"), [
     (b"{bad", "$", "malformed JSON at line 1 column 2"),
-    (b"", "$", "malformed JSON"),
+    (b"", "$", "empty body; expected a JSON object"),
+    (b" \r\n", "$", "empty body; expected a JSON object"),
     (b"\xff\xfe", "$", "not UTF-8"),
     (b"[1, 2]", "$", "expected a JSON object, got an array"),
     (b'"text"', "$", "expected a JSON object, got a string"),
