@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.redact import redact
 
@@ -36,6 +37,22 @@ class JsonFormatter(logging.Formatter):
         return redact(line)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs an HTTP request it cannot even parse (`Content-Length: -1`, chunked plus
+    a length) as an error with a traceback: anyone who can reach the port could fill the
+    log with them. They become one info line saying what was wrong; the client got a 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and exc.code == 400:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "refused malformed HTTP request", ()
+            record.error = " ".join(str(exc.message).split())[:200]
+            record.status = 400
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -43,3 +60,6 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True  # it would log the secret webhook path
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(MalformedRequests())

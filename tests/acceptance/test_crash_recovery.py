@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -117,3 +118,30 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
     # The startup heap was frozen out of the cyclic GC's rescans (see cmd_serve).
     serving = next(line for line in lines if line.get("msg") == "bridge serving")
     assert serving["gc_frozen_objects"] > 10_000
+
+
+async def test_a_request_aiohttp_cannot_parse_is_one_quiet_log_line(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """Anyone who reaches the port can send broken HTTP; the log gets one info line per
+    such request, not an error with a traceback."""
+    receiver = Receiver()
+    server = await aiohttp_server(receiver.app())
+    config = tmp_path / "routes.yaml"
+    config.write_text(CONFIG.format(db=tmp_path / "bridge.db",
+                                    url=f"http://127.0.0.1:{server.port}"))
+    async with BridgeProcess(config, tmp_path / "bridge.log") as bridge:
+        await bridge.start(free_port())
+        for head in (b"Content-Length: -1", b"Content-Length: 2\r\nTransfer-Encoding: chunked"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"POST /isendu/webhook HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n{}")
+            await writer.drain()
+            assert (await reader.read(12)).endswith(b" 400")
+            writer.close()
+        assert await bridge.terminate() == 0
+    lines = [json.loads(line) for line in (tmp_path / "bridge.log").read_text().splitlines()
+             if line.startswith("{")]
+    refused = [line for line in lines if line.get("msg") == "refused malformed HTTP request"]
+    assert len(refused) == 2 and all(line["level"] == "info" for line in refused)
+    assert "Content-Length" in refused[0]["error"]
+    assert not [line for line in lines if line["level"] == "error" or "exc" in line]
