@@ -279,16 +279,17 @@ class Dispatcher:
                 log.exception("sink raised an unexpected error", extra={"sink": sink.name})
                 errors = [TransientSinkError(f"unexpected {exc.__class__.__name__} in sink")
                           for _ in chunk]
-        self.metrics.send_duration.labels(sink.name).observe(time.monotonic() - started)
+        metrics = self.metrics.sends_of(sink.name)
+        metrics.send_duration.observe(time.monotonic() - started)
         now = self.clock()
         sent = [d for d, e in zip(chunk, errors, strict=True) if e is None]
         if sent:
             self._completed.extend(d.id for d in sent)
             self._completions_due.set()
-            self.metrics.deliveries.labels(sink.name, "delivered").inc(len(sent))
+            metrics.delivered.inc(len(sent))
             for d in sent:
-                self.metrics.latency.labels(sink.name).observe(max(0.0, now - d.created_at))
-            self.metrics.sink_failing.labels(sink.name).set(0)
+                metrics.latency.observe(max(0.0, now - d.created_at))
+            metrics.failing.set(0)
         for d, error in zip(chunk, errors, strict=True):
             if error is not None:
                 await self._failed(sink, d, error, now)
