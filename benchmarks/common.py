@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -312,6 +312,15 @@ def children_in(workdir: Path) -> Iterator[Children]:
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit with `main()`'s status; Ctrl-C (or SIGTERM) stops every child first."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started has been stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextlib.contextmanager

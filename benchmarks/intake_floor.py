@@ -37,6 +37,7 @@ from common import (
     free_port,
     loadgen_argv,
     run_json,
+    run_main,
     start_bridge,
     wait_ready,
     work_dir,
@@ -145,8 +146,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -52,6 +52,7 @@ from common import (
     print_table,
     proc_status_kb,
     run_json,
+    run_main,
     sample_items,
     start_bridge,
     wait_ready,
@@ -381,8 +382,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
