@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 # A closed set, so dashboards and dead-letter reasons stay comparable across sinks.
@@ -52,7 +53,9 @@ class TransientSinkError(SinkError):
         self, reason: str, kind: FailureKind = "server_error", retry_after: float | None = None
     ) -> None:
         super().__init__(reason, kind)
-        self.retry_after = retry_after
+        # A hint that is no time (inf, nan, below zero) is no hint: backoff applies.
+        usable = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
+        self.retry_after = retry_after if usable else None
 
 
 class PermanentSinkError(SinkError):

@@ -13,6 +13,7 @@ import tenacity
 
 from bridge.config_types import RetryPolicy, format_duration
 from bridge.errors import PermanentSinkError, SinkError, TransientSinkError
+from bridge.sinks.base import MAX_PAUSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +43,11 @@ def honoured_wait(policy: RetryPolicy, retry_after: float) -> float:
 
 def sink_quiet_period(policy: RetryPolicy, retry_after: float | None) -> float:
     """How long a whole sink holds back after a 429: the hint (1 s without one), at most
-    max_delay. One huge Retry-After must not silence a sink for days: after max_delay
-    the next delivery asks again, and a receiver still busy says so with another 429."""
+    an hour (or max_delay, if longer). Services that count violations (Telegram's flood
+    control) get their full wait; one absurd Retry-After cannot silence a sink for days:
+    after the cap the next delivery asks again, and a receiver still busy says so."""
     hint = 1.0 if retry_after is None else retry_after
-    return min(max(hint, MIN_RETRY_AFTER), policy.max_delay)
+    return min(max(hint, MIN_RETRY_AFTER), max(policy.max_delay, MAX_PAUSE))
 
 
 def backoff(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:

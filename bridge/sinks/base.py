@@ -76,8 +76,13 @@ class Sink(ABC):
         self.paused_until = 0.0  # time.monotonic(); the dispatcher sends nothing before it
 
     def pause_for(self, seconds: float) -> None:
-        """The service asked for quiet (429, or rate-limit headers saying none is left)."""
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        """The service asked for quiet (429, or rate-limit headers saying none is left):
+        obeyed up to MAX_PAUSE. A value that is no time (inf, nan) is ignored, so no answer
+        can silence a sink until the next restart."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            return
+        self.paused_until = max(self.paused_until,
+                                time.monotonic() + min(seconds, MAX_PAUSE))
 
     @abstractmethod
     def render(
@@ -129,6 +134,10 @@ class Sink(ABC):
 
         Each delivery's payload carries `summary`, a one-line description of its item."""
         raise NotImplementedError(f"{self.type_name} sinks cannot send digests")
+
+
+# The longest a sink holds back on a service's word (Retry-After, rate-limit headers).
+MAX_PAUSE = 3600.0
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -10,6 +10,7 @@ bucket waits instead of spending requests that Discord counts against the IP.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -213,7 +214,8 @@ def retry_after(body: str, headers: Mapping[str, str]) -> float:
         value = json.loads(body).get("retry_after")
     except (ValueError, AttributeError):
         value = None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0):
         # Very old API versions gave milliseconds; the Retry-After header is always seconds.
         if header is not None and value > 100 * (header + 1):
             return header

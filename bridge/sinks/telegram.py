@@ -236,7 +236,7 @@ def telegram_error(status: int, answer: dict[str, Any]) -> TransientSinkError | 
     reason = f"Telegram answered {code}: {description}"
     retry = params.get("retry_after")
     if code == 429 or isinstance(retry, int | float):
-        hint = float(retry) if isinstance(retry, int | float) and retry >= 0 else None
+        hint = float(retry) if isinstance(retry, int | float) else None  # checked by the error
         return TransientSinkError(reason, "rate_limited", hint)
     migrated = params.get("migrate_to_chat_id")
     if isinstance(migrated, int):

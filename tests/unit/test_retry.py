@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
+import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,6 +14,8 @@ from bridge.config_types import RetryPolicy
 from bridge.dispatch.retry import GiveUp, RetryAt, backoff, decide, sink_quiet_period
 from bridge.errors import PermanentSinkError, TransientSinkError
 from bridge.sinks.base import parse_retry_after
+from bridge.sinks.console import ConsoleSink, ConsoleSinkConfig
+from bridge.sinks.discord import retry_after as discord_retry_after
 
 POLICY = RetryPolicy(max_attempts=5, initial_delay=1.0, max_delay=60.0, max_age=3600.0)
 
@@ -59,13 +64,30 @@ def test_retry_after_zero_waits_a_second_not_a_loop() -> None:
 
 
 @given(st.one_of(st.none(), st.floats(min_value=0.0, max_value=1e12)))
-def test_a_sinks_quiet_period_is_at_least_a_second_and_at_most_max_delay(
+def test_a_sinks_quiet_period_is_at_least_a_second_and_at_most_an_hour(
     hint: float | None,
 ) -> None:
-    quiet = sink_quiet_period(POLICY, hint)
-    assert 1.0 <= quiet <= POLICY.max_delay
-    if hint is not None and 1.0 <= hint <= POLICY.max_delay:
+    quiet = sink_quiet_period(POLICY, hint)  # max_delay 60 s: the hour is the bound
+    assert 1.0 <= quiet <= 3600.0
+    if hint is not None and 1.0 <= hint <= 3600.0:
         assert quiet == hint
+    longer = RetryPolicy(max_attempts=5, initial_delay=1.0, max_delay=7200.0, max_age=1e6)
+    assert sink_quiet_period(longer, 5000.0) == 5000.0  # a longer max_delay raises it
+
+
+@pytest.mark.parametrize("hint", [math.inf, math.nan, -1.0])
+def test_a_hint_that_is_no_time_is_no_hint(hint: float) -> None:
+    assert TransientSinkError("429", "rate_limited", retry_after=hint).retry_after is None
+
+
+def test_no_answer_pauses_a_sink_past_an_hour_or_forever() -> None:
+    sink = ConsoleSink("c", ConsoleSinkConfig(type="console"))
+    for seconds in (math.inf, math.nan, -5.0):
+        sink.pause_for(seconds)
+        assert sink.paused_until == 0.0
+    sink.pause_for(1e9)
+    assert sink.paused_until - time.monotonic() <= 3600.0
+    assert discord_retry_after('{"retry_after": Infinity}', {}) == 1.0  # Python's JSON reads it
 
 
 def test_retry_after_that_is_no_time_is_ignored() -> None:
