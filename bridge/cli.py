@@ -25,7 +25,7 @@ from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
 from bridge.outbox import Outbox, from_url
 from bridge.parse import Verification, parse_request
-from bridge.redact import MASK, redact
+from bridge.redact import MASK, names_a_credential, redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
 from bridge.sinks.base import Sink
@@ -88,7 +88,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     shown_path = loaded.source.raw.get(("server", "webhook_path"), cfg.server.webhook_path)
     log.info("bridge serving", extra={
         "listen": f"{host}:{port}", "webhook_path": shown_path,
-        "storage": _storage_label(cfg.storage),
+        "storage": _storage_as_written(loaded),
         "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__,
         "gc_frozen_objects": gc.get_freeze_count()})
     stop = asyncio.Event()
@@ -103,11 +103,22 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _storage_label(url: str) -> str:
-    # A PostgreSQL URL may carry a password; SQLite paths do not.
+    """The storage URL for people: a PostgreSQL URL's password (`user:pw@`, or
+    `?password=` in its query) masked; SQLite paths carry none."""
     if "@" in url:
         scheme, _, rest = url.partition("://")
-        return f"{scheme}://{MASK}@{rest.split('@', 1)[1]}"
-    return url
+        url = f"{scheme}://{MASK}@{rest.rsplit('@', 1)[1]}"
+    head, sep, query = url.partition("?")
+    if sep:
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(k + eq + (MASK if eq and names_a_credential(k) else v)
+                         for k, eq, v in pairs)
+    return head + sep + query
+
+
+def _storage_as_written(loaded: LoadedConfig) -> str:
+    """`storage` as written in the file (`${BRIDGE_STORAGE}`), else its value, masked."""
+    return _storage_label(loaded.source.raw.get(("storage",), loaded.config.storage))
 
 
 # ---- check ---------------------------------------------------------------------------------
@@ -123,7 +134,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
                  f"max_body_bytes {cfg.server.max_body_bytes}"))
-    print(f"storage: {_storage_label(cfg.storage)}")
+    print(f"storage: {_storage_as_written(loaded)}")
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")
@@ -209,20 +220,22 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
                  else "unknown keyId, would answer 403"))
         return 0
     report = dry_run(router, parsed)
+    # Every line scrubbed: a template may put a header's token into what a sink would get.
     if args.json:
         for row in report:
-            print(json.dumps(row, ensure_ascii=False))
+            print(redact(json.dumps(row, ensure_ascii=False)))
     else:
         for row in report:
             print(f"{row['kind']} {row['uuid']}: "
                   + (", ".join(row["routes"]) if row["routes"] else "no route matches"))
             for d in row["deliveries"]:
                 if d["error"]:
-                    print(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: {d['error']}")
+                    print(redact(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: "
+                                 f"{d['error']}"))
                 else:
                     print(f"  -> {d['sink']} via {d['route']}:")
                     for key, value in d["payload"].items():
-                        print(f"     {key}: {value}")
+                        print(redact(f"     {key}: {value}"))
     print(f"{len(parsed.items)} items, {sum(len(r['deliveries']) for r in report)} deliveries; "
           "nothing sent, nothing stored", file=sys.stderr)
     return 0
@@ -289,6 +302,9 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
 
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
     cfg = _load(args).config
+    # Reasons are scrubbed when stored; scrubbed again here with today's secrets, for
+    # rows stored before a secret was known as one.
+    register_secrets(cfg, build_sinks(cfg))
     outbox = await open_outbox(cfg.storage)
     try:
         dead = await outbox.list_dead(args.limit)
@@ -298,15 +314,16 @@ async def cmd_dlq_list(args: argparse.Namespace) -> int:
         for d in dead:
             print(json.dumps({"id": d.id, "sink": d.sink, "route": d.route, "kind": d.kind,
                               "item_uuid": d.item_uuid, "attempts": d.attempts,
-                              "reason": d.last_error, "dead_at": _iso(d.updated_at)},
-                             ensure_ascii=False))
+                              "reason": redact(d.last_error or ""),
+                              "dead_at": _iso(d.updated_at)}, ensure_ascii=False))
         return 0
     if not dead:
         print("no dead deliveries")
         return 0
     for d in dead:
         print(f"{d.id}  {_iso(d.updated_at)}  sink={d.sink} route={d.route} "
-              f"{d.kind}={d.item_uuid} attempts={d.attempts}\n    reason: {d.last_error}")
+              f"{d.kind}={d.item_uuid} attempts={d.attempts}\n"
+              f"    reason: {redact(d.last_error or '')}")
     return 0
 
 
@@ -376,13 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # WARN and FATAL work too
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.log_level.upper() not in LOG_LEVELS:  # also when it came from BRIDGE_LOG_LEVEL
+    if args.log_level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):  # BRIDGE_LOG_LEVEL too
         parser.error(f"--log-level {args.log_level.lower()!r}: expected one of "
                      f"{', '.join(LOG_LEVELS)} (from --log-level or BRIDGE_LOG_LEVEL)")
     setup_logging(args.log_level.upper())

@@ -489,10 +489,14 @@ def parse_config(source: Source) -> BridgeConfig:
         raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
                            f"(server, integrations, storage, defaults, sinks, routes)"])
     read = [message for _, message in source.problems]
-    known_bad = [path for path, _ in source.problems]
 
     def new(path: KeyPath) -> bool:
-        return not any(path[:len(bad)] == bad for bad in known_bad)
+        """False for what an unset variable's empty value explains: a complaint about that
+        value, or about the sink or route holding it (a model validator's)."""
+        for bad in source.unset:
+            if path[:len(bad)] == bad or (len(path) >= 2 and bad[:len(path)] == path):
+                return False
+        return True
 
     try:
         cfg = BridgeConfig.model_validate(data)

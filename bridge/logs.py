@@ -50,6 +50,8 @@ class MalformedRequests(logging.Filter):
             record.error = " ".join(str(exc.message).split())[:200]
             record.status = 400
             record.exc_info = record.exc_text = None
+            # Checked again: the level was checked as ERROR before this filter ran.
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
 
 

@@ -8,11 +8,19 @@ import threading
 MASK = "********"
 
 # Names under which credentials travel: header names, URL query keys, environment variable
-# names. The same idea as Sentry's default scrubbing list; a name that merely mentions a key
-# ("X-Api-Key", "SLACK_TOKEN", "access_token", "sig") counts.
+# names; after Sentry's default scrubbing list. `X-Author`, `ISENDU_KEY_ID`, `SESSION_TIMEOUT`
+# and `PWD` (a folder) are not among them; `X-Api-Key`, `SHOP_TOKEN`, `SMTP_PASS`,
+# `SENTRY_DSN` and `SLACK_WEBHOOK_URL` are.
 _CREDENTIAL_NAME = re.compile(
-    r"auth|token|secret|passw|passwd|pwd|api[-_]?key|apikey|private[-_]?key|credential|"
-    r"cookie|session|signature|(^|[-_])sig($|[-_])|(^|[-_])key($|[-_])", re.IGNORECASE)
+    r"authori[sz]ation|(^|[-_])auth($|[-_])|oauth|token|secret|passw|(^|[-_])pass($|[-_])|"
+    r"(^|[-_])pw($|[-_])|api[-_]?key|apikey|private[-_]?key|(^|[-_])key$|credential|cookie|"
+    r"signature|(^|[-_])sig($|[-_])|(^|[-_])dsn$|jwt|hmac|hook[-_]?url",
+    re.IGNORECASE)
+
+# Values a guess (a name above) must not turn into secrets: `${TOKEN_TTL:-3600}` or
+# `${AUTH_ENABLED:-true}` would otherwise mask every "3600" or "true" in every log line.
+_PLAIN = re.compile(r"[\d\s.:,+-]*|true|false|none|null|yes|no|on|off|bearer|basic|token",
+                    re.IGNORECASE)
 
 
 def names_a_credential(name: str) -> bool:
@@ -31,6 +39,11 @@ class Redactor:
         with self._lock:
             merged = set(self._secrets) | new
             self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    def add_guessed(self, *values: str | None) -> None:
+        """Values that are secrets by the name they came under, not by their declared
+        type: numbers and plain words are skipped, and the value is taken stripped."""
+        self.add(*(v.strip() for v in values if v and not _PLAIN.fullmatch(v.strip())))
 
     def clear(self) -> None:
         with self._lock:

@@ -41,6 +41,7 @@ class Source:
     # validation finds, so one `check` lists every error. Validation's own complaints about
     # these paths (an empty value where the variable was unset) are left out.
     problems: list[tuple[KeyPath, str]] = field(default_factory=list)
+    unset: list[KeyPath] = field(default_factory=list)  # where a variable was unset ("" left)
 
     def line_of(self, path: KeyPath) -> int | None:
         for end in range(len(path), -1, -1):
@@ -62,6 +63,7 @@ class _Builder:
         self.lines: dict[KeyPath, int] = {}
         self.raw: dict[KeyPath, str] = {}
         self.problems: list[tuple[KeyPath, str]] = []
+        self.unset: list[KeyPath] = []
         self._scalars = yaml.SafeLoader("")  # only its scalar constructors are used
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
@@ -96,6 +98,7 @@ class _Builder:
             name, default = m.group(1), m.group(2)
             value = self.env.get(name, default)
             if value is None:
+                self.unset.append(path)
                 self._problem(
                     node, path,
                     f"environment variable {name} is not set; set it, or write "
@@ -105,7 +108,7 @@ class _Builder:
             if names_a_credential(name):
                 # `${SHOP_API_TOKEN}` holds a secret wherever it is used: scrubbed from every
                 # log line and stored reason from now on.
-                REDACTOR.add(value)
+                REDACTOR.add_guessed(value)
             return value
 
         result = _VAR.sub(repl, text)
@@ -131,10 +134,15 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
         problem = exc.problem or exc.context or ""
         if "${" in source_line:
             hint = ' (inside {...} or [...], quote values that use variables: "${VAR}")'
-        elif problem.startswith(("expected <block end>", "mapping values are not allowed")):
-            # PyYAML's words for a key indented deeper or shallower than its neighbours.
+        elif problem.startswith("expected <block end>"):
+            # PyYAML's words for a key indented less than its neighbours.
             hint = (" (check this line's indentation: a key must start in the same column "
                     "as the other keys of its block, e.g. `to:` under `name:` in a route)")
+        elif problem.startswith("mapping values are not allowed"):
+            # A `: ` inside a plain value (`message: Shipped: {{ ... }}`), or a key
+            # indented more than its neighbours.
+            hint = (' (quote a value that contains ": ", e.g. message: "Shipped: {{ '
+                    "item.uuid }}\"; or check this line's indentation against the keys above)")
         raise ConfigError(
             [f"{file}{line}: not valid YAML: {problem}{hint}"]
         ) from None
@@ -145,4 +153,4 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
     builder = _Builder(file, os.environ if env is None else env)
     data = builder.build(node, ())
     return Source(file=file, data=data, lines=builder.lines, raw=builder.raw,
-                  problems=builder.problems)
+                  problems=builder.problems, unset=builder.unset)

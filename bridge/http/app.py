@@ -55,7 +55,12 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await request.content.read(65536)
+        try:
+            chunk = await request.content.read(65536)
+        except web.RequestPayloadError:  # aiohttp could not undo the Content-Encoding
+            encoding = shorten(request.headers.get("Content-Encoding", "none"))
+            raise PayloadError(f"body cannot be decoded as Content-Encoding {encoding}; "
+                               "expected a JSON object, compressed as the header says") from None
         if not chunk:
             break
         size += len(chunk)
@@ -69,7 +74,7 @@ async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         body = await read_limited(request, rt.config.server.max_body_bytes)
-        if not body and request.headers.get("Content-Encoding"):
+        if not body and request.headers.get("Content-Encoding", "identity") != "identity":
             # aiohttp undoes gzip/deflate/br; a body that was not what it said leaves nothing.
             raise PayloadError(f"body is empty after undoing Content-Encoding "
                                f"{shorten(request.headers['Content-Encoding'])}; expected "

@@ -76,6 +76,8 @@ def _parsable(url: SecretStr) -> SecretStr:
     except ImportError:
         return url  # reported once, for the whole list, below
     raw = url.get_secret_value()
+    if not raw.strip():  # Apprise would log "Unsupported URL" at error level for nothing
+        raise ValueError("an Apprise URL is empty; expected one such as ntfys://ntfy.sh/topic")
     # Apprise may log a URL it cannot parse; make sure that line is scrubbed.
     REDACTOR.add(raw)
     if apprise.Apprise.instantiate(raw, asset=_asset(apprise)) is None:

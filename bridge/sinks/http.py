@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 from typing import Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
@@ -110,19 +110,28 @@ class HttpSink(Sink):
             self._session = None
 
     def secrets(self) -> list[str]:
-        """The signing secret, header values and URL parts that carry credentials (an
-        `Authorization` header, `?token=...`, a password in the URL): a receiver's error
-        page that echoes them must not carry them into logs or dead-letter reasons."""
-        out = [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
-        out += [v for k, v in self._static_headers.items() if names_a_credential(k)]
-        for value in self._static_headers.values():  # "Bearer abc": the token alone too
-            scheme, _, token = value.partition(" ")
-            if token and scheme.lower() in ("bearer", "basic", "token", "bot"):
-                out.append(token)
+        """The signing secret, and what carries a credential by its name: a header such as
+        `Authorization` or `X-Api-Key` (its value, and the token after `Bearer `), a
+        password in the URL, and URL query values such as `?access_token=` (as written and
+        decoded). A receiver's error page that echoes them must not carry them into logs or
+        dead-letter reasons. The by-name ones go through REDACTOR.add_guessed."""
+        return [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
+
+    def guessed_secrets(self) -> list[str]:
+        out: list[str] = []
+        for name, value in self._static_headers.items():
+            if names_a_credential(name):
+                out.append(value)
+                scheme, _, token = value.strip().partition(" ")
+                if scheme.lower() in ("bearer", "basic", "token", "bot"):
+                    out.append(token)
         url = urlsplit(self._url)
         if url.password:
-            out.append(url.password)
-        out += [v for k, v in parse_qsl(url.query) if names_a_credential(k)]
+            out += [url.password, unquote(url.password)]
+        for pair in url.query.split("&"):
+            key, _, value = pair.partition("=")
+            if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
+                out += [value, unquote_plus(value)]  # `?code=`: Azure Functions' key
         return out
 
     def build_headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:

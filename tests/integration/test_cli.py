@@ -270,4 +270,41 @@ def test_a_bad_log_level_is_refused_with_the_choices(config: Path) -> None:
         assert out.returncode == 2
         assert "expected one of DEBUG, INFO, WARNING, ERROR" in out.stderr
         assert "Traceback" not in out.stderr
-    assert bridge("--log-level", "debug", "check", "--config", str(config)).returncode == 0
+    for level in ("debug", "critical", "warn"):
+        assert bridge("--log-level", level, "check", "--config", str(config)).returncode == 0
+
+
+def test_check_shows_storage_as_written_and_never_a_database_password(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("storage: ${BRIDGE_STORAGE}\n")
+    url = "postgresql://127.0.0.1/bridge?user=bridge&password=hunter2hunter2"
+    out = bridge("check", "--config", str(path), env={"BRIDGE_STORAGE": url})
+    assert out.returncode == 0, out.stderr
+    assert "storage: ${BRIDGE_STORAGE}" in out.stdout
+    path.write_text(f"storage: {url}\n")
+    out = bridge("check", "--config", str(path))
+    assert "storage: postgresql://127.0.0.1/bridge?user=bridge&password=********" in out.stdout
+    assert "hunter2hunter2" not in out.stdout + out.stderr
+
+
+async def test_dlq_list_scrubs_reasons_stored_before_a_secret_was_known(tmp_path: Path) -> None:
+    """A reason written by an older bridge, echoing a header token that was no secret to it
+    then, prints masked by today's config."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"storage: sqlite:///{tmp_path / 'bridge.db'}\n"
+                    "sinks:\n  hook:\n    type: http\n    url: http://127.0.0.1:9/in\n"
+                    "    headers: {Authorization: \"Bearer ${ERP_TOKEN}\"}\n"
+                    "routes:\n  - {name: r, to: hook}\n")
+    box = from_url(f"sqlite:///{tmp_path / 'bridge.db'}")
+    await box.open()
+    await box.enqueue([NewDelivery("dlv_old", "hook", "r", "u1", "order", {"body": "{}"},
+                                   "b")], 100.0)
+    await box.dead_letter("dlv_old", "receiver answered HTTP 401: bad Bearer erp-token-98765",
+                          101.0)
+    await box.close()
+    for args in ([], ["--json"]):
+        out = bridge("dlq", "list", *args, "--config", str(path),
+                     env={"ERP_TOKEN": "erp-token-98765"})
+        assert out.returncode == 0, out.stderr
+        assert "dlv_old" in out.stdout and "erp-token-98765" not in out.stdout
+        assert "HTTP 401: bad ********" in out.stdout

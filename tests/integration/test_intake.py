@@ -204,9 +204,17 @@ async def test_compressed_bodies_are_read_and_a_broken_one_is_named(
     assert resp.status == 200 and (await resp.json())["accepted"] == 1
     resp = await bridge.client.post("/isendu/webhook", data=b"\x1f\x8b\x08\x00garbage",
                                     headers={"Content-Encoding": "gzip"})
-    assert resp.status == 400
+    assert resp.status == 400  # a gzip header and nothing after it
     assert (await resp.json())["error"].startswith(
         "body is empty after undoing Content-Encoding gzip; expected a JSON object")
+    resp = await bridge.client.post("/isendu/webhook", data=b"not gzip at all",
+                                    headers={"Content-Encoding": "gzip"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == (
+        "body cannot be decoded as Content-Encoding gzip; expected a JSON object, compressed "
+        "as the header says")
+    assert bridge.rt.metrics.registry.get_sample_value(
+        "bridge_batches_received_total", {"outcome": "rejected"}) == 2
 
 
 async def test_a_body_with_no_known_key_is_accepted_empty_with_a_warning(

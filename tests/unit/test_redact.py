@@ -1,0 +1,50 @@
+"""What counts as a secret by its name, and what a guess may never mask."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.redact import MASK, Redactor, names_a_credential
+from bridge.sinks.http import HttpSink, HttpSinkConfig
+
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "Proxy-Authorization", "X-Auth-Token", "X-Api-Key", "api_key", "apikey",
+    "Cookie", "SHOP_TOKEN", "access_token", "ISENDU_SECRET", "SMTP_PASSWORD", "SMTP_PASS",
+    "DB_PW", "passwd", "SIGNING_KEY", "key", "sig", "X-Signature", "SENTRY_DSN", "JWT",
+    "HMAC_SECRET", "SLACK_WEBHOOK_URL", "ERP_HOOK_URL", "OAUTH_CLIENT", "private_key",
+])
+def test_names_that_carry_credentials(name: str) -> None:
+    assert names_a_credential(name)
+
+
+@pytest.mark.parametrize("name", [
+    "X-Author", "author", "Authority", "ISENDU_KEY_ID", "SESSION_TIMEOUT", "PWD", "X-Env",
+    "Content-Type", "BRIDGE_STORAGE", "BRIDGE_LISTEN", "SMTP_HOST", "KAFKA_BOOTSTRAP",
+    "format", "passenger", "monkey", "keyboard",
+])
+def test_names_that_do_not(name: str) -> None:
+    assert not names_a_credential(name)
+
+
+def test_a_guess_never_masks_numbers_or_plain_words() -> None:
+    r = Redactor()
+    r.add_guessed("3600", "true", "none", "Bearer ", " ", "", None, "127.0.0.1:8080",
+                  " tok-en-value-1 ")
+    assert r("ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080") == (
+        "ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080")
+    assert r("got tok-en-value-1") == f"got {MASK}"
+
+
+def test_http_sink_guesses_header_and_query_credentials_as_written_and_decoded() -> None:
+    sink = HttpSink("hook", HttpSinkConfig.model_validate({
+        "type": "http",
+        "url": "https://user:p%40ss-word@erp.example.com/in?format=json&code=az-key-123"
+               "&access_token=ab+cd%2Fef%3D%3Dxyz",
+        "headers": {"Authorization": "Bearer tok-0123456789", "X-Note": "Bearer of news",
+                    "X-Author": "shipping", "X-Api-Key": "literal-key-0123"},
+    }))
+    guessed = set(sink.guessed_secrets())
+    assert {"Bearer tok-0123456789", "tok-0123456789", "literal-key-0123", "az-key-123",
+            "ab+cd%2Fef%3D%3Dxyz", "ab cd/ef==xyz", "p%40ss-word", "p@ss-word"} <= guessed
+    assert not guessed & {"of news", "Bearer of news", "shipping", "json"}
