@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -103,17 +104,20 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _storage_label(url: str) -> str:
-    """The storage URL for people: a PostgreSQL URL's password (`user:pw@`, or
-    `?password=` in its query) masked; SQLite paths carry none."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        url = f"{scheme}://{MASK}@{rest.rsplit('@', 1)[1]}"
-    head, sep, query = url.partition("?")
-    if sep:
-        pairs = [p.partition("=") for p in query.split("&")]
-        query = "&".join(k + eq + (MASK if eq and names_a_credential(k) else v)
-                         for k, eq, v in pairs)
-    return head + sep + query
+    """The storage URL for people: a PostgreSQL URL's password (`user:password@`, or
+    `?password=` in its query) masked. SQLite paths carry none and are shown as they are,
+    `@` and `?` included."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        k + eq + (MASK if eq and names_a_credential(unquote_plus(k)) else v)
+        for k, eq, v in (pair.partition("=") for pair in parts.query.split("&"))
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _storage_as_written(loaded: LoadedConfig) -> str:
@@ -134,7 +138,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
                  f"max_body_bytes {cfg.server.max_body_bytes}"))
-    print(f"storage: {_storage_as_written(loaded)}")
+    print(redact(f"storage: {_storage_as_written(loaded)}"))
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")
@@ -222,8 +226,8 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
     report = dry_run(router, parsed)
     # Every line scrubbed: a template may put a header's token into what a sink would get.
     if args.json:
-        for row in report:
-            print(redact(json.dumps(row, ensure_ascii=False)))
+        for row in report:  # scrubbed before encoding: JSON escapes would hide a secret
+            print(json.dumps(_scrubbed(row), ensure_ascii=False))
     else:
         for row in report:
             print(f"{row['kind']} {row['uuid']}: "
@@ -239,6 +243,16 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
     print(f"{len(parsed.items)} items, {sum(len(r['deliveries']) for r in report)} deliveries; "
           "nothing sent, nothing stored", file=sys.stderr)
     return 0
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
 
 
 def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:

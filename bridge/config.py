@@ -490,11 +490,14 @@ def parse_config(source: Source) -> BridgeConfig:
                            f"(server, integrations, storage, defaults, sinks, routes)"])
     read = [message for _, message in source.problems]
 
-    def new(path: KeyPath) -> bool:
+    def new(path: KeyPath, message: str) -> bool:
         """False for what an unset variable's empty value explains: a complaint about that
-        value, or about the sink or route holding it (a model validator's)."""
+        value, or one by the sink or route holding it that names the same field."""
         for bad in source.unset:
-            if path[:len(bad)] == bad or (len(path) >= 2 and bad[:len(path)] == path):
+            if path[:len(bad)] == bad:
+                return False
+            if len(bad) > len(path) >= 2 and bad[:len(path)] == path and str(
+                    bad[len(path)]) in message:
                 return False
         return True
 
@@ -507,13 +510,14 @@ def parse_config(source: Source) -> BridgeConfig:
             path = _clean_loc(err["loc"], data, names_key)
             if err["type"] == "union_tag_invalid" and path[:1] == ("sinks",):
                 path = (*path, "type")  # point at the `type:` line itself
-            if new(path):
-                problems.append(f"{source.where(path)}: {_message(err, path, data)}")
+            message = _message(err, path, data)
+            if new(path, message):
+                problems.append(f"{source.where(path)}: {message}")
         problems += [f"{source.where(p)}: {m}"
-                     for p, m in cross_check(_References.of_raw(data)) if new(p)]
+                     for p, m in cross_check(_References.of_raw(data)) if new(p, m)]
         raise ConfigError(_in_file_order(list(dict.fromkeys(problems)), source.file)) from None
     crossed = read + [f"{source.where(p)}: {m}"
-                      for p, m in cross_check(_References.of(cfg)) if new(p)]
+                      for p, m in cross_check(_References.of(cfg)) if new(p, m)]
     if crossed:
         raise ConfigError(_in_file_order(crossed, source.file))
     return cfg

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.redact import redact
 
@@ -44,10 +45,13 @@ class MalformedRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError) and exc.code == 400:
+        # RequestPayloadError: a body it could not decompress, met again while aiohttp
+        # drains what is left of it after our 400.
+        if (isinstance(exc, HttpProcessingError) and exc.code == 400) or isinstance(
+                exc, RequestPayloadError):
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "refused malformed HTTP request", ()
-            record.error = " ".join(str(exc.message).split())[:200]
+            record.error = " ".join(str(getattr(exc, "message", exc)).split())[:200]
             record.status = 400
             record.exc_info = record.exc_text = None
             # Checked again: the level was checked as ERROR before this filter ran.

@@ -8,19 +8,23 @@ import threading
 MASK = "********"
 
 # Names under which credentials travel: header names, URL query keys, environment variable
-# names; after Sentry's default scrubbing list. `X-Author`, `ISENDU_KEY_ID`, `SESSION_TIMEOUT`
-# and `PWD` (a folder) are not among them; `X-Api-Key`, `SHOP_TOKEN`, `SMTP_PASS`,
-# `SENTRY_DSN` and `SLACK_WEBHOOK_URL` are.
+# names; after Sentry's default scrubbing list. `X-Author`, `ISENDU_KEY_ID`, `SESSION_TIMEOUT`,
+# `JWT_ISSUER` and `PWD` (a folder) are not among them; `X-Api-Key`, `SHOP_TOKEN`,
+# `SMTP_PASS`, `DB_PWD`, `X-Session-Id`, `SENTRY_DSN` and `SLACK_WEBHOOK_URL` are.
 _CREDENTIAL_NAME = re.compile(
-    r"authori[sz]ation|(^|[-_])auth($|[-_])|oauth|token|secret|passw|(^|[-_])pass($|[-_])|"
-    r"(^|[-_])pw($|[-_])|api[-_]?key|apikey|private[-_]?key|(^|[-_])key$|credential|cookie|"
-    r"signature|(^|[-_])sig($|[-_])|(^|[-_])dsn$|jwt|hmac|hook[-_]?url",
+    r"authori[sz]ation|(^|[-_])auth($|[-_])|token|secret|passw|(^|[-_])pass($|[-_])|"
+    r"(^|[-_])pw($|[-_])|[-_]pwd($|[-_])|api[-_]?key|apikey|private[-_]?key|"
+    r"(^|[-_])key($|[-_](?!id$))|credential|cookie|session[-_]?(id|token|key)|signature|"
+    r"(^|[-_])sig($|[-_])|(^|[-_])(dsn|jwt|hmac)$|hook[-_]?url$",
     re.IGNORECASE)
 
-# Values a guess (a name above) must not turn into secrets: `${TOKEN_TTL:-3600}` or
-# `${AUTH_ENABLED:-true}` would otherwise mask every "3600" or "true" in every log line.
-_PLAIN = re.compile(r"[\d\s.:,+-]*|true|false|none|null|yes|no|on|off|bearer|basic|token",
-                    re.IGNORECASE)
+# Values a guess (a variable's name) must not turn into secrets: `${TOKEN_TTL:-3600}`,
+# `${AUTH_ENABLED:-true}` or `${AUTH_TIMEOUT:-120s}` would otherwise mask every "3600",
+# "true" or "120s" in every log line.
+_PLAIN = re.compile(
+    r"[\d\s.:,+-]*|\d+(\.\d+)?\s*(ms|s|m|min|h|d)|\d+(\.\d+)?/(s|m|min|h)|"
+    r"true|false|none|null|yes|no|on|off|bearer|basic|token",
+    re.IGNORECASE)
 
 
 def names_a_credential(name: str) -> bool:

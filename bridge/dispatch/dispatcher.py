@@ -332,7 +332,7 @@ class Dispatcher:
         if rate_limited:
             # The whole sink waits, not just this delivery: its siblings would hit 429 too.
             hint = error.retry_after if isinstance(error, TransientSinkError) else None
-            quiet = sink_quiet_period(policy, hint)
+            quiet = sink_quiet_period(hint)
             sink.pause_for(quiet)
             if sink.name in self._buckets:
                 self._buckets[sink.name].pause(quiet)

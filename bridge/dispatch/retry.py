@@ -41,13 +41,13 @@ def honoured_wait(policy: RetryPolicy, retry_after: float) -> float:
     return min(max(retry_after, MIN_RETRY_AFTER), policy.max_age)
 
 
-def sink_quiet_period(policy: RetryPolicy, retry_after: float | None) -> float:
+def sink_quiet_period(retry_after: float | None) -> float:
     """How long a whole sink holds back after a 429: the hint (1 s without one), at most
-    an hour (or max_delay, if longer). Services that count violations (Telegram's flood
-    control) get their full wait; one absurd Retry-After cannot silence a sink for days:
-    after the cap the next delivery asks again, and a receiver still busy says so."""
+    an hour. Services that count violations (Telegram's flood control) get their full wait;
+    one absurd Retry-After cannot silence a sink for days: after the hour the next delivery
+    asks again, and a receiver still busy says so."""
     hint = 1.0 if retry_after is None else retry_after
-    return min(max(hint, MIN_RETRY_AFTER), max(policy.max_delay, MAX_PAUSE))
+    return min(max(hint, MIN_RETRY_AFTER), MAX_PAUSE)
 
 
 def backoff(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:

@@ -117,11 +117,6 @@ class Sink(ABC):
         """Secret values this sink holds, so logs and stored reasons can be scrubbed."""
         return []
 
-    def guessed_secrets(self) -> list[str]:
-        """Values that are secrets by the name they come under (a header, a query key);
-        scrubbed too, unless they are numbers or plain words."""
-        return []
-
     def rate_limit(self) -> tuple[float, int] | None:
         """(messages per second, burst) this sink must keep to; None: unlimited."""
         cfg = self.config

@@ -52,6 +52,9 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+SCHEMES = ("bearer", "basic", "token", "bot")  # Authorization schemes before a credential
+
+
 class HttpSink(Sink):
     type_name = "http"
     config_model = HttpSinkConfig
@@ -112,27 +115,25 @@ class HttpSink(Sink):
     def secrets(self) -> list[str]:
         """The signing secret, and what carries a credential by its name: a header such as
         `Authorization` or `X-Api-Key` (its value, and the token after `Bearer `), a
-        password in the URL, and URL query values such as `?access_token=` (as written and
-        decoded). A receiver's error page that echoes them must not carry them into logs or
-        dead-letter reasons. The by-name ones go through REDACTOR.add_guessed."""
-        return [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
-
-    def guessed_secrets(self) -> list[str]:
-        out: list[str] = []
+        password in the URL, and URL query values such as `?access_token=` or Azure's
+        `?code=` (as written and decoded). A receiver's error page that echoes them must
+        not carry them into logs or dead-letter reasons."""
+        out = [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
         for name, value in self._static_headers.items():
             if names_a_credential(name):
-                out.append(value)
+                out.append(value.strip())
                 scheme, _, token = value.strip().partition(" ")
-                if scheme.lower() in ("bearer", "basic", "token", "bot"):
-                    out.append(token)
+                if scheme.lower() in SCHEMES:
+                    out.append(token.strip())
         url = urlsplit(self._url)
         if url.password:
             out += [url.password, unquote(url.password)]
         for pair in url.query.split("&"):
             key, _, value = pair.partition("=")
             if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
-                out += [value, unquote_plus(value)]  # `?code=`: Azure Functions' key
-        return out
+                out += [value, unquote_plus(value)]
+        # `Bearer ${TOKEN:-}` leaves the scheme word alone: no secret, and no word to mask.
+        return [v for v in out if v and v.lower() not in SCHEMES]
 
     def build_headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "User-Agent": "isendu-bridge"}

@@ -138,10 +138,17 @@ async def test_a_request_aiohttp_cannot_parse_is_one_quiet_log_line(
             await writer.drain()
             assert (await reader.read(12)).endswith(b" 400")
             writer.close()
+        # Well-formed HTTP, but not gzip inside.
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{bridge.url}/isendu/webhook", data=b"not gzip at all",
+                headers={"Content-Encoding": "gzip"}) as resp:
+            assert resp.status == 400
+            assert "Content-Encoding gzip" in (await resp.json())["error"]
         assert await bridge.terminate() == 0
     lines = [json.loads(line) for line in (tmp_path / "bridge.log").read_text().splitlines()
              if line.startswith("{")]
     refused = [line for line in lines if line.get("msg") == "refused malformed HTTP request"]
-    assert len(refused) == 2 and all(line["level"] == "info" for line in refused)
+    assert len(refused) >= 2 and all(line["level"] == "info" for line in refused)
     assert "Content-Length" in refused[0]["error"]
+    assert [line for line in lines if line.get("msg") == "refused request"]  # the gzip one
     assert not [line for line in lines if line["level"] == "error" or "exc" in line]

@@ -308,3 +308,18 @@ async def test_dlq_list_scrubs_reasons_stored_before_a_secret_was_known(tmp_path
         assert out.returncode == 0, out.stderr
         assert "dlv_old" in out.stdout and "erp-token-98765" not in out.stdout
         assert "HTTP 401: bad ********" in out.stdout
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://db.example/bridge?user=admin@corp&password=hunter2hunter2",
+     "postgresql://db.example/bridge?user=admin@corp&password=********"),
+    ("postgresql://bridge:pw-0123@db:5432/bridge", "postgresql://********@db:5432/bridge"),
+    ("postgresql://u:pw-0123@h/db?options=a@y", "postgresql://********@h/db?options=a@y"),
+    ("sqlite:////var/lib/bridge@eu/outbox.db", "sqlite:////var/lib/bridge@eu/outbox.db"),
+])
+def test_storage_is_shown_with_its_password_masked_and_nothing_else_touched(
+    url: str, shown: str
+) -> None:
+    from bridge.cli import _storage_label
+
+    assert _storage_label(url) == shown

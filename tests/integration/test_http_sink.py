@@ -252,7 +252,7 @@ async def test_credentials_a_receiver_echoes_never_reach_logs_or_reasons(
 QUICK_RETRY = CONFIG.replace("max_delay: 200ms", "max_delay: 1s, max_age: 1h")
 
 
-async def test_a_retry_after_past_max_age_neither_silences_the_sink_nor_loops(
+async def test_a_retry_after_past_max_age_dead_letters_and_holds_the_sink_an_hour_at_most(
     make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
 ) -> None:
     """A 429 asking for 100,000 s dead-letters that delivery (past max_age) and holds the

@@ -12,7 +12,8 @@ from bridge.sinks.http import HttpSink, HttpSinkConfig
     "Authorization", "Proxy-Authorization", "X-Auth-Token", "X-Api-Key", "api_key", "apikey",
     "Cookie", "SHOP_TOKEN", "access_token", "ISENDU_SECRET", "SMTP_PASSWORD", "SMTP_PASS",
     "DB_PW", "passwd", "SIGNING_KEY", "key", "sig", "X-Signature", "SENTRY_DSN", "JWT",
-    "HMAC_SECRET", "SLACK_WEBHOOK_URL", "ERP_HOOK_URL", "OAUTH_CLIENT", "private_key",
+    "HMAC_SECRET", "SLACK_WEBHOOK_URL", "ERP_HOOK_URL", "private_key", "DB_PWD", "MYSQL_PWD",
+    "ENCRYPTION_KEY_B64", "X-Session-Id", "HMAC",
 ])
 def test_names_that_carry_credentials(name: str) -> None:
     assert names_a_credential(name)
@@ -21,7 +22,8 @@ def test_names_that_carry_credentials(name: str) -> None:
 @pytest.mark.parametrize("name", [
     "X-Author", "author", "Authority", "ISENDU_KEY_ID", "SESSION_TIMEOUT", "PWD", "X-Env",
     "Content-Type", "BRIDGE_STORAGE", "BRIDGE_LISTEN", "SMTP_HOST", "KAFKA_BOOTSTRAP",
-    "format", "passenger", "monkey", "keyboard",
+    "format", "passenger", "monkey", "keyboard", "JWT_ISSUER", "HMAC_HEADER", "OAUTH_CLIENT_ID",
+    "WEBHOOK_PATH",
 ])
 def test_names_that_do_not(name: str) -> None:
     assert not names_a_credential(name)
@@ -30,21 +32,29 @@ def test_names_that_do_not(name: str) -> None:
 def test_a_guess_never_masks_numbers_or_plain_words() -> None:
     r = Redactor()
     r.add_guessed("3600", "true", "none", "Bearer ", " ", "", None, "127.0.0.1:8080",
-                  " tok-en-value-1 ")
-    assert r("ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080") == (
-        "ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080")
+                  "120s", "5/s", "1.5 h", " tok-en-value-1 ")
+    plain = "ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080, 120s, 5/s, 1.5 h"
+    assert r(plain) == plain
     assert r("got tok-en-value-1") == f"got {MASK}"
 
 
-def test_http_sink_guesses_header_and_query_credentials_as_written_and_decoded() -> None:
+def test_http_sink_secrets_by_header_and_query_names_as_written_and_decoded() -> None:
     sink = HttpSink("hook", HttpSinkConfig.model_validate({
         "type": "http",
-        "url": "https://user:p%40ss-word@erp.example.com/in?format=json&code=az-key-123"
+        "url": "https://user:p%40ss-word@erp.example.com/in?format=json&code=48213377"
                "&access_token=ab+cd%2Fef%3D%3Dxyz",
         "headers": {"Authorization": "Bearer tok-0123456789", "X-Note": "Bearer of news",
-                    "X-Author": "shipping", "X-Api-Key": "literal-key-0123"},
+                    "X-Author": "shipping", "X-Api-Key": "8675309123456"},
     }))
-    guessed = set(sink.guessed_secrets())
-    assert {"Bearer tok-0123456789", "tok-0123456789", "literal-key-0123", "az-key-123",
-            "ab+cd%2Fef%3D%3Dxyz", "ab cd/ef==xyz", "p%40ss-word", "p@ss-word"} <= guessed
-    assert not guessed & {"of news", "Bearer of news", "shipping", "json"}
+    secrets = set(sink.secrets())
+    # Written literally under a credential's name: a secret even when it is all digits.
+    assert {"Bearer tok-0123456789", "tok-0123456789", "8675309123456", "48213377",
+            "ab+cd%2Fef%3D%3Dxyz", "ab cd/ef==xyz", "p%40ss-word", "p@ss-word"} <= secrets
+    assert not secrets & {"of news", "Bearer of news", "shipping", "json"}
+
+
+def test_an_empty_bearer_leaves_no_word_to_mask() -> None:
+    sink = HttpSink("hook", HttpSinkConfig.model_validate({
+        "type": "http", "url": "https://erp.example.com/in",
+        "headers": {"Authorization": "Bearer "}}))
+    assert sink.secrets() == []
