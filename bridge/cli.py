@@ -25,6 +25,7 @@ from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
 from bridge.outbox import Outbox, from_url
+from bridge.outbox.base import StorageInUse
 from bridge.parse import Verification, parse_request
 from bridge.redact import MASK, names_a_credential, redact
 from bridge.routing.router import Router, compile_routes
@@ -44,8 +45,8 @@ async def open_outbox(storage: str, *, recover: bool = False) -> Outbox:
     outbox = from_url(storage)
     try:
         await outbox.open(recover=recover)
-    except RuntimeError:
-        raise  # already says what is wrong (another process holds the SQLite file)
+    except StorageInUse:
+        raise  # already says what is wrong and what to do
     except Exception as exc:
         raise RuntimeError(storage_problem(storage, exc)) from None
     return outbox
@@ -69,7 +70,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     try:
         await runner.setup()  # opens the outbox (the app's startup hook)
-    except RuntimeError:
+    except StorageInUse:
         raise
     except Exception as exc:
         raise RuntimeError(storage_problem(cfg.storage, exc)) from None

@@ -13,23 +13,41 @@ MASK = "********"
 # `SMTP_PASS`, `DB_PWD`, `X-Session-Id`, `SENTRY_DSN` and `SLACK_WEBHOOK_URL` are.
 _CREDENTIAL_NAME = re.compile(
     r"authori[sz]ation|(^|[-_])auth($|[-_])|token|secret|passw|(^|[-_])pass($|[-_])|"
-    r"(^|[-_])pw($|[-_])|[-_]pwd($|[-_])|api[-_]?key|apikey|private[-_]?key|"
-    r"(^|[-_])key($|[-_](?!id$))|credential|cookie|session[-_]?(id|token|key)|signature|"
-    r"(^|[-_])sig($|[-_])|(^|[-_])(dsn|jwt|hmac)$|hook[-_]?url$",
+    r"(^|[-_])pw($|[-_])|[-_]pwd($|[-_])|api[-_]?key|private[-_]?key|(^|[-_])key($|[-_])|"
+    r"credential|cookie|session[-_]?(id|token|key)|signature|(^|[-_])sig($|[-_])|"
+    r"(^|[-_])(dsn|jwt|hmac)$|hook[-_]?url$",
     re.IGNORECASE)
+# ...unless the name says it holds something about the credential, not the credential:
+# `ISENDU_API_KEY_ID`, `X-Signature-Algorithm`, `X-Auth-Enabled`, `SMTP_AUTH_USER`, `TOKEN_TTL`.
+_ABOUT_A_CREDENTIAL = re.compile(
+    r"[-_](id|algorithm|alg|enabled|version|type|method|scheme|header|name|user|username|"
+    r"login|email|mail|from|host|port|ttl|timeout|expires?|lifetime|rate|limit|url)$",
+    re.IGNORECASE)
+# ...yet a session id and a webhook URL are credentials themselves (`TOKEN_URL` is not).
+_CREDENTIAL_ITSELF = re.compile(r"session[-_]?id$|hook[-_]?url$", re.IGNORECASE)
 
 # Values a guess (a variable's name) must not turn into secrets: `${TOKEN_TTL:-3600}`,
-# `${AUTH_ENABLED:-true}` or `${AUTH_TIMEOUT:-120s}` would otherwise mask every "3600",
-# "true" or "120s" in every log line.
+# `${AUTH_ENABLED:-true}`, `${AUTH_TIMEOUT:-120s}` or `${TOKEN_RATE:-100/10s}` would
+# otherwise mask every "3600", "true", "120s" or "100/10s" in every log line. A long run of
+# digits (a numeric token) is not plain.
 _PLAIN = re.compile(
-    r"[\d\s.:,+-]*|\d+(\.\d+)?\s*(ms|s|m|min|h|d)|\d+(\.\d+)?/(s|m|min|h)|"
-    r"true|false|none|null|yes|no|on|off|bearer|basic|token",
+    r"\s*(\d{1,8}|[\d\s,+-]*[.:][\d\s.:,+-]*|"
+    r"\d+(\.\d+)?\s*(ms|s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?|d|days?)|"
+    r"\d+(\.\d+)?\s*/\s*(\d+(\.\d+)?\s*)?[a-z]+|"
+    r"true|false|none|null|yes|no|on|off|bearer|basic|token)?\s*",
     re.IGNORECASE)
 
 
 def names_a_credential(name: str) -> bool:
     """Whether a header, query parameter or environment variable of this name carries one."""
-    return bool(_CREDENTIAL_NAME.search(name))
+    if not _CREDENTIAL_NAME.search(name):
+        return False
+    return not _ABOUT_A_CREDENTIAL.search(name) or bool(_CREDENTIAL_ITSELF.search(name))
+
+
+def is_plain(value: str) -> bool:
+    """A number, duration, rate, boolean or scheme word: never a secret by itself."""
+    return bool(_PLAIN.fullmatch(value))
 
 
 class Redactor:
@@ -47,7 +65,7 @@ class Redactor:
     def add_guessed(self, *values: str | None) -> None:
         """Values that are secrets by the name they came under, not by their declared
         type: numbers and plain words are skipped, and the value is taken stripped."""
-        self.add(*(v.strip() for v in values if v and not _PLAIN.fullmatch(v.strip())))
+        self.add(*(v.strip() for v in values if v and not is_plain(v)))
 
     def clear(self) -> None:
         with self._lock:

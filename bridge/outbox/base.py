@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from bridge.models import Delivery, NewDelivery
 
 
+class StorageInUse(RuntimeError):
+    """Another process serves this storage; the message says which and what to do."""
+
+
 class Outbox(ABC):
     # How long a claim holds a delivery. Only matters when a process dies mid-send: then the
     # delivery waits this long before another process (or the restarted one) sends it again.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bridge.models import Delivery, NewDelivery, Status
-from bridge.outbox.base import Outbox
+from bridge.outbox.base import Outbox, StorageInUse
 
 T = TypeVar("T")
 MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
@@ -292,7 +292,7 @@ class SqliteOutbox(Outbox):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RuntimeError(
+            raise StorageInUse(
                 f"another bridge process is serving {self.path}; SQLite storage is for one "
                 "process (several replicas need PostgreSQL)") from None
         self._lock_fd = fd

@@ -15,7 +15,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
-from bridge.redact import names_a_credential
+from bridge.redact import is_plain, names_a_credential
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
 from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
@@ -50,9 +50,6 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     signed = msg_id.encode() + b"." + str(timestamp).encode() + b"." + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
-
-
-SCHEMES = ("bearer", "basic", "token", "bot")  # Authorization schemes before a credential
 
 
 class HttpSink(Sink):
@@ -122,9 +119,10 @@ class HttpSink(Sink):
         for name, value in self._static_headers.items():
             if names_a_credential(name):
                 out.append(value.strip())
-                scheme, _, token = value.strip().partition(" ")
-                if scheme.lower() in SCHEMES:
-                    out.append(token.strip())
+                # `<scheme> <credential>` (Bearer, Basic, Splunk, ...): the credential alone.
+                token = value.strip().partition(" ")[2].strip()
+                if token and " " not in token:
+                    out.append(token)
         url = urlsplit(self._url)
         if url.password:
             out += [url.password, unquote(url.password)]
@@ -132,8 +130,9 @@ class HttpSink(Sink):
             key, _, value = pair.partition("=")
             if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
                 out += [value, unquote_plus(value)]
-        # `Bearer ${TOKEN:-}` leaves the scheme word alone: no secret, and no word to mask.
-        return [v for v in out if v and v.lower() not in SCHEMES]
+        # A literal value under a credential's name is one even if all digits, but never a
+        # word like `true` or a lone scheme (`Bearer ${TOKEN:-}` leaves "Bearer").
+        return [v for v in out if v and (v.isdigit() or not is_plain(v))]
 
     def build_headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "User-Agent": "isendu-bridge"}

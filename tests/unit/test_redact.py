@@ -13,7 +13,7 @@ from bridge.sinks.http import HttpSink, HttpSinkConfig
     "Cookie", "SHOP_TOKEN", "access_token", "ISENDU_SECRET", "SMTP_PASSWORD", "SMTP_PASS",
     "DB_PW", "passwd", "SIGNING_KEY", "key", "sig", "X-Signature", "SENTRY_DSN", "JWT",
     "HMAC_SECRET", "SLACK_WEBHOOK_URL", "ERP_HOOK_URL", "private_key", "DB_PWD", "MYSQL_PWD",
-    "ENCRYPTION_KEY_B64", "X-Session-Id", "HMAC",
+    "ENCRYPTION_KEY_B64", "X-Session-Id", "SESSION_ID", "HMAC",
 ])
 def test_names_that_carry_credentials(name: str) -> None:
     assert names_a_credential(name)
@@ -23,7 +23,9 @@ def test_names_that_carry_credentials(name: str) -> None:
     "X-Author", "author", "Authority", "ISENDU_KEY_ID", "SESSION_TIMEOUT", "PWD", "X-Env",
     "Content-Type", "BRIDGE_STORAGE", "BRIDGE_LISTEN", "SMTP_HOST", "KAFKA_BOOTSTRAP",
     "format", "passenger", "monkey", "keyboard", "JWT_ISSUER", "HMAC_HEADER", "OAUTH_CLIENT_ID",
-    "WEBHOOK_PATH",
+    "WEBHOOK_PATH", "ISENDU_API_KEY_ID", "X-Api-Key-Id", "X-Signature-Algorithm",
+    "X-Auth-Enabled", "SMTP_AUTH_USER", "X-Auth-Email", "TOKEN_TTL", "TOKEN_URL",
+    "TOKEN_RATE_LIMIT",
 ])
 def test_names_that_do_not(name: str) -> None:
     assert not names_a_credential(name)
@@ -32,9 +34,12 @@ def test_names_that_do_not(name: str) -> None:
 def test_a_guess_never_masks_numbers_or_plain_words() -> None:
     r = Redactor()
     r.add_guessed("3600", "true", "none", "Bearer ", " ", "", None, "127.0.0.1:8080",
-                  "120s", "5/s", "1.5 h", " tok-en-value-1 ")
-    plain = "ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080, 120s, 5/s, 1.5 h"
+                  "120s", "5/s", "1.5 h", "100/10s", "20/minute", "10 minutes",
+                  " tok-en-value-1 ", "40817362951847362")
+    plain = ("ttl 3600, enabled true, none, Bearer x, 127.0.0.1:8080, 120s, 5/s, 1.5 h, "
+             "100/10s, 20/minute, 10 minutes")
     assert r(plain) == plain
+    assert r("/hooks/40817362951847362") == f"/hooks/{MASK}"  # a numeric token is no TTL
     assert r("got tok-en-value-1") == f"got {MASK}"
 
 
@@ -43,14 +48,18 @@ def test_http_sink_secrets_by_header_and_query_names_as_written_and_decoded() ->
         "type": "http",
         "url": "https://user:p%40ss-word@erp.example.com/in?format=json&code=48213377"
                "&access_token=ab+cd%2Fef%3D%3Dxyz",
-        "headers": {"Authorization": "Bearer tok-0123456789", "X-Note": "Bearer of news",
-                    "X-Author": "shipping", "X-Api-Key": "8675309123456"},
+        "headers": {"Authorization": "Splunk tok-0123456789", "X-Note": "Bearer of news",
+                    "X-Author": "shipping", "X-Api-Key": "8675309123456",
+                    "X-Api-Key-Id": "shop-main", "X-Auth-Enabled": "true",
+                    "X-Signature-Algorithm": "hmac-sha256"},
     }))
     secrets = set(sink.secrets())
-    # Written literally under a credential's name: a secret even when it is all digits.
-    assert {"Bearer tok-0123456789", "tok-0123456789", "8675309123456", "48213377",
+    # Written literally under a credential's name: a secret even when it is all digits;
+    # after any scheme word, the credential alone too.
+    assert {"Splunk tok-0123456789", "tok-0123456789", "8675309123456", "48213377",
             "ab+cd%2Fef%3D%3Dxyz", "ab cd/ef==xyz", "p%40ss-word", "p@ss-word"} <= secrets
-    assert not secrets & {"of news", "Bearer of news", "shipping", "json"}
+    assert not secrets & {"of news", "Bearer of news", "shipping", "json", "shop-main",
+                          "true", "hmac-sha256"}
 
 
 def test_an_empty_bearer_leaves_no_word_to_mask() -> None:
