@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import web
 
@@ -25,9 +24,9 @@ from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
 from bridge.outbox import Outbox, from_url
-from bridge.outbox.base import StorageInUse
+from bridge.outbox.base import open_explained, storage_label
 from bridge.parse import Verification, parse_request
-from bridge.redact import MASK, names_a_credential, redact
+from bridge.redact import redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
 from bridge.sinks.base import Sink
@@ -40,22 +39,10 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
     return load_config(config_path(getattr(args, "config", None)))
 
 
-async def open_outbox(storage: str, *, recover: bool = False) -> Outbox:
-    """The outbox, opened; a storage that cannot be opened is a one-line error naming it."""
+async def open_outbox(storage: str) -> Outbox:
     outbox = from_url(storage)
-    try:
-        await outbox.open(recover=recover)
-    except StorageInUse:
-        raise  # already says what is wrong and what to do
-    except Exception as exc:
-        raise RuntimeError(storage_problem(storage, exc)) from None
+    await open_explained(outbox, storage)
     return outbox
-
-
-def storage_problem(storage: str, exc: BaseException) -> str:
-    detail = redact(str(exc)) or exc.__class__.__name__
-    return (f"cannot open storage {_storage_label(storage)} (storage in the config): "
-            f"{detail}; expected a writable SQLite path or a reachable PostgreSQL URL")
 
 
 # ---- serve ---------------------------------------------------------------------------------
@@ -68,12 +55,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     rt = build_runtime(cfg)
     app = create_app(rt)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    try:
-        await runner.setup()  # opens the outbox (the app's startup hook)
-    except StorageInUse:
-        raise
-    except Exception as exc:
-        raise RuntimeError(storage_problem(cfg.storage, exc)) from None
+    await runner.setup()  # opens the outbox: StorageUnavailable says what is wrong
     host, port = cfg.server.host_port()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
@@ -104,26 +86,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_label(url: str) -> str:
-    """The storage URL for people: a PostgreSQL URL's password (`user:password@`, or
-    `?password=` in its query) masked. SQLite paths carry none and are shown as they are,
-    `@` and `?` included."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = "&".join(
-        k + eq + (MASK if eq and names_a_credential(unquote_plus(k)) else v)
-        for k, eq, v in (pair.partition("=") for pair in parts.query.split("&"))
-    ) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 def _storage_as_written(loaded: LoadedConfig) -> str:
     """`storage` as written in the file (`${BRIDGE_STORAGE}`), else its value, masked."""
-    return _storage_label(loaded.source.raw.get(("storage",), loaded.config.storage))
+    return storage_label(loaded.source.raw.get(("storage",), loaded.config.storage))
 
 
 # ---- check ---------------------------------------------------------------------------------

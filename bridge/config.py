@@ -488,7 +488,7 @@ def parse_config(source: Source) -> BridgeConfig:
     if not isinstance(data, dict):
         raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
                            f"(server, integrations, storage, defaults, sinks, routes)"])
-    read = [message for _, message in source.problems]
+    read = source.problems
 
     def new(path: KeyPath, message: str) -> bool:
         """False for what an unset variable's empty value explains: a complaint about that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 MASK = "********"
 
@@ -43,6 +44,18 @@ def names_a_credential(name: str) -> bool:
     if not _CREDENTIAL_NAME.search(name):
         return False
     return not _ABOUT_A_CREDENTIAL.search(name) or bool(_CREDENTIAL_ITSELF.search(name))
+
+
+def url_credentials(url: str) -> list[str]:
+    """A URL's password and its query values under credential names (or `code`, Azure's
+    function key), each as written and decoded: both forms can turn up in an error."""
+    parts = urlsplit(url)
+    out = [parts.password, unquote(parts.password)] if parts.password else []
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
+            out += [value, unquote_plus(value)]
+    return out
 
 
 def is_plain(value: str) -> bool:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from bridge.config import BridgeConfig
 from bridge.dispatch.dispatcher import Dispatcher
 from bridge.metrics import Metrics
 from bridge.outbox import Outbox, from_url
-from bridge.redact import REDACTOR, names_a_credential
+from bridge.redact import REDACTOR, url_credentials
 from bridge.routing.router import Router, compile_routes
 from bridge.sinks import SINK_TYPES
 from bridge.sinks.base import Sink
@@ -28,12 +27,7 @@ def build_sinks(config: BridgeConfig) -> dict[str, Sink]:
 def register_secrets(config: BridgeConfig, sinks: dict[str, Sink]) -> None:
     REDACTOR.add(*(i.secret.get_secret_value() for i in config.integrations))
     # A PostgreSQL password, in the URL's user part or its query (?password=).
-    storage = urlsplit(config.storage)
-    if storage.password:
-        REDACTOR.add(storage.password, unquote(storage.password))
-    for key, value in parse_qsl(storage.query):
-        if names_a_credential(key):
-            REDACTOR.add(value)
+    REDACTOR.add(*url_credentials(config.storage))
     for sink in sinks.values():
         REDACTOR.add(*sink.secrets())
     # A token in the webhook path is a secret too: access to intake is access to isendu data.

@@ -39,8 +39,8 @@ class Source:
     raw: dict[KeyPath, str] = field(default_factory=dict)  # strings as written, before ${VAR}
     # Found while reading (an unset variable, a duplicate key): reported together with what
     # validation finds, so one `check` lists every error. Validation's own complaints about
-    # these paths (an empty value where the variable was unset) are left out.
-    problems: list[tuple[KeyPath, str]] = field(default_factory=list)
+    # an empty value where a variable was unset (`unset`) are left out.
+    problems: list[str] = field(default_factory=list)
     unset: list[KeyPath] = field(default_factory=list)  # where a variable was unset ("" left)
 
     def line_of(self, path: KeyPath) -> int | None:
@@ -62,7 +62,7 @@ class _Builder:
         self.env = env
         self.lines: dict[KeyPath, int] = {}
         self.raw: dict[KeyPath, str] = {}
-        self.problems: list[tuple[KeyPath, str]] = []
+        self.problems: list[str] = []
         self.unset: list[KeyPath] = []
         self._scalars = yaml.SafeLoader("")  # only its scalar constructors are used
 
@@ -118,7 +118,7 @@ class _Builder:
 
     def _problem(self, node: yaml.Node, path: KeyPath, message: str) -> None:
         line = node.start_mark.line + 1
-        self.problems.append((path, f"{self.file}:{line}: {format_path(path)}: {message}"))
+        self.problems.append(f"{self.file}:{line}: {format_path(path)}: {message}")
 
 
 def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Source:

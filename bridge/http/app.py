@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.errors import PayloadError
 from bridge.models import Batch, NewDelivery
+from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
 from bridge.runtime import Runtime
 
@@ -58,27 +59,30 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         try:
             chunk = await request.content.read(65536)
         except web.RequestPayloadError:  # aiohttp could not undo the Content-Encoding
-            encoding = shorten(request.headers.get("Content-Encoding", "none"))
-            raise PayloadError(f"body cannot be decoded as Content-Encoding {encoding}; "
-                               "expected a JSON object, compressed as the header says") from None
+            raise _undecodable(request, "cannot be decoded as") from None
         if not chunk:
             break
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"body exceeds max_body_bytes {limit}")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if not body and request.headers.get("Content-Encoding", "identity") != "identity":
+        # aiohttp undoes gzip/deflate; a body that was not what it said leaves nothing.
+        raise _undecodable(request, "is empty after undoing")
+    return body
+
+
+def _undecodable(request: web.Request, what: str) -> PayloadError:
+    encoding = shorten(request.headers.get("Content-Encoding", "none"))
+    return PayloadError(f"body {what} Content-Encoding {encoding}; expected a JSON object, "
+                        "compressed as the header says")
 
 
 async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         body = await read_limited(request, rt.config.server.max_body_bytes)
-        if not body and request.headers.get("Content-Encoding", "identity") != "identity":
-            # aiohttp undoes gzip/deflate/br; a body that was not what it said leaves nothing.
-            raise PayloadError(f"body is empty after undoing Content-Encoding "
-                               f"{shorten(request.headers['Content-Encoding'])}; expected "
-                               "a JSON object, compressed as the header says")
         parsed = parse_request(body)
         if isinstance(parsed, Verification):
             return verify(rt, parsed)
@@ -87,15 +91,15 @@ async def webhook(request: web.Request) -> web.Response:
     except (PayloadError, BodyTooLarge) as exc:
         # Every refusal, wherever it was found (reading, parsing, routing), is one log line
         # and one count; the error middleware turns it into the 400 or 413.
-        if isinstance(exc, PayloadError) and exc.where == "$.keyId":
+        if isinstance(exc, PayloadError):
+            extra: dict[str, object] = {"error": exc.message, "where": exc.where, "status": 400}
+        else:
+            extra = {"error": str(exc), "status": 413}
+        if extra.get("where") == "$.keyId":
             rt.metrics.verifications.labels("invalid").inc()
         else:
             rt.metrics.batches.labels("rejected").inc()
-        if isinstance(exc, PayloadError):
-            log.info("refused request", extra={"error": exc.message, "where": exc.where,
-                                               "status": 400})
-        else:
-            log.info("refused request", extra={"error": str(exc), "status": 413})
+        log.info("refused request", extra=extra)
         raise
 
 
@@ -213,7 +217,7 @@ def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
 
 async def _startup(app: web.Application) -> None:
     rt = app[RUNTIME]
-    await rt.outbox.open(recover=True)
+    await open_explained(rt.outbox, rt.config.storage, recover=True)
     await rt.dispatcher.start()
 
 

@@ -7,12 +7,49 @@ restart resumes exactly where the last process stopped.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from bridge.models import Delivery, NewDelivery
+from bridge.redact import MASK, names_a_credential, redact
 
 
 class StorageInUse(RuntimeError):
     """Another process serves this storage; the message says which and what to do."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage could not be opened; the message names the setting and the cause."""
+
+
+async def open_explained(outbox: Outbox, url: str, *, recover: bool = False) -> None:
+    """`outbox.open()`, with any failure but StorageInUse turned into one sentence that
+    names the `storage` setting (a missing folder, an unreachable PostgreSQL...)."""
+    try:
+        await outbox.open(recover=recover)
+    except StorageInUse:
+        raise
+    except Exception as exc:
+        detail = redact(str(exc)) or exc.__class__.__name__
+        raise StorageUnavailable(
+            f"cannot open storage {storage_label(url)} (storage in the config): {detail}; "
+            "expected a writable SQLite path or a reachable PostgreSQL URL") from None
+
+
+def storage_label(url: str) -> str:
+    """The storage URL for people: a PostgreSQL URL's password (`user:password@`, or
+    `?password=` in its query) masked. SQLite paths carry none and are shown as they are,
+    `@` and `?` included."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(
+        k + eq + (MASK if eq and names_a_credential(unquote_plus(k)) else v)
+        for k, eq, v in (pair.partition("=") for pair in parts.query.split("&"))
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class Outbox(ABC):

@@ -8,14 +8,13 @@ import hmac
 import json
 import time
 from typing import Literal
-from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import Duration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
-from bridge.redact import is_plain, names_a_credential
+from bridge.redact import is_plain, names_a_credential, url_credentials
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
 from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
@@ -123,13 +122,7 @@ class HttpSink(Sink):
                 token = value.strip().partition(" ")[2].strip()
                 if token and " " not in token:
                     out.append(token)
-        url = urlsplit(self._url)
-        if url.password:
-            out += [url.password, unquote(url.password)]
-        for pair in url.query.split("&"):
-            key, _, value = pair.partition("=")
-            if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
-                out += [value, unquote_plus(value)]
+        out += url_credentials(self._url)
         # A literal value under a credential's name is one even if all digits, but never a
         # word like `true` or a lone scheme (`Bearer ${TOKEN:-}` leaves "Bearer").
         return [v for v in out if v and (v.isdigit() or not is_plain(v))]

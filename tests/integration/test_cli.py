@@ -320,6 +320,6 @@ async def test_dlq_list_scrubs_reasons_stored_before_a_secret_was_known(tmp_path
 def test_storage_is_shown_with_its_password_masked_and_nothing_else_touched(
     url: str, shown: str
 ) -> None:
-    from bridge.cli import _storage_label
+    from bridge.outbox.base import storage_label
 
-    assert _storage_label(url) == shown
+    assert storage_label(url) == shown

@@ -22,7 +22,7 @@ from bridge.routing.router import canonical_json, delivery_id
 from tests.conftest import BridgeFactory
 from tests.helpers.bridge import eventually, sample_batch
 from tests.helpers.receiver import Answer, Receiver
-from tests.helpers.sinks import assert_no_leak
+from tests.helpers.sinks import assert_no_leak, dead
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -122,11 +122,7 @@ async def test_400_is_dead_at_once_with_the_reason(
     bridge = await make_bridge(CONFIG, {"URL": url, "SIGNING_SECRET": SECRET})
     await bridge.post({"tracking": [TRACKING]})
     await rec.wait_for(1)
-
-    async def dead() -> bool:
-        return len(await bridge.rt.outbox.list_dead()) == 1
-    await eventually(dead, what="dead letter")
-    [row] = await bridge.rt.outbox.list_dead()
+    [row] = await dead(bridge)
     assert row.attempts == 1
     assert row.last_error is not None
     assert "HTTP 400" in row.last_error and "trackingNumber rejected" in row.last_error
@@ -233,10 +229,7 @@ async def test_credentials_a_receiver_echoes_never_reach_logs_or_reasons(
     await rec.wait_for(2)
     assert rec.requests[0].headers["Authorization"] == f"Bearer {bearer}"  # sent as written
 
-    async def both_dead() -> bool:
-        return len(await bridge.rt.outbox.list_dead()) == 2
-    await eventually(both_dead, what="two dead letters")
-    reasons = [row.last_error or "" for row in await bridge.rt.outbox.list_dead()]
+    reasons = [row.last_error or "" for row in await dead(bridge, 2)]
     echoed = next(r for r in reasons if "HTTP 401" in r)
     assert "X-Env: production" in echoed and "********" in echoed
     cut = next(r for r in reasons if "HTTP 400" in r)
@@ -262,11 +255,7 @@ async def test_a_retry_after_past_max_age_dead_letters_and_holds_the_sink_an_hou
     bridge = await make_bridge(QUICK_RETRY, {"URL": url, "SIGNING_SECRET": SECRET})
     await bridge.post({"tracking": [TRACKING]})
     await rec.wait_for(1)
-
-    async def dead() -> bool:
-        return len(await bridge.rt.outbox.list_dead()) == 1
-    await eventually(dead, what="the delivery dead-lettered")
-    [row] = await bridge.rt.outbox.list_dead()
+    [row] = await dead(bridge)
     assert row.last_error is not None and "past max_age 1h" in row.last_error
     held = bridge.rt.sinks["hook"].paused_until - time.monotonic()
     assert 3500 < held <= 3600
