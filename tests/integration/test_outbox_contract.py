@@ -352,6 +352,62 @@ async def test_sqlite_intakes_of_one_commit_insert_together(tmp_path: Path) -> N
         await box.close()
 
 
+async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Path) -> None:
+    """An intake of one INSERT runs without a savepoint: when SQLite aborts that statement,
+    none of its rows stay and the group's other intakes commit; when SQLite rolls back the
+    whole transaction, every intake of the group fails (none is told it was stored)."""
+    import sqlite3
+
+    from bridge.outbox.sqlite import SqliteOutbox
+
+    box = SqliteOutbox(str(tmp_path / "o.db"))
+    await box.open(recover=True)
+    locker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    locker.execute("CREATE TRIGGER abort_boom BEFORE INSERT ON deliveries "
+                   "WHEN NEW.route = 'abort' BEGIN SELECT RAISE(ABORT, 'refused row'); END")
+    locker.execute("CREATE TRIGGER rollback_boom BEFORE INSERT ON deliveries "
+                   "WHEN NEW.route = 'rollback' BEGIN SELECT RAISE(ROLLBACK, 'gone'); END")
+
+    def routed(i: int, route: str) -> NewDelivery:
+        d = new(i)
+        d.route = route
+        return d
+
+    blockers = iter(range(9000, 9100))
+
+    async def one_group(*intakes: list[NewDelivery]) -> tuple[list[int | BaseException], int]:
+        locker.execute("BEGIN EXCLUSIVE")
+        blocker = asyncio.create_task(box.enqueue([new(next(blockers))], 100.0))
+        await asyncio.sleep(0.1)  # the writer waits in BEGIN with the blocker alone
+        tasks = [asyncio.create_task(box.enqueue(i, 100.0)) for i in intakes]
+        await asyncio.sleep(0.1)
+        before = box.commits
+        locker.execute("ROLLBACK")
+        await blocker
+        results = list(await asyncio.gather(*tasks, return_exceptions=True))
+        return results, box.commits - before
+
+    try:
+        (ok, failed, after), commits = await one_group(
+            [new(1), new(2)], [new(3), routed(4, "abort")], [new(5)])
+        assert commits == 2  # the blocker's, then one for the three intakes
+        assert (ok, after) == (2, 1)
+        assert isinstance(failed, sqlite3.IntegrityError) and "refused row" in str(failed)
+        assert await box.get("d0003") is None  # the aborted statement's first row went too
+        assert (await box.counts())["pending"] == 3 + 1  # and the blocker's
+
+        (first, doomed, last), commits = await one_group(
+            [new(11)], [routed(12, "rollback")], [new(13)])
+        assert commits == 1  # the blocker's only
+        assert all(isinstance(r, sqlite3.Error) for r in (first, doomed, last))
+        assert [await box.get(f"d00{i}") for i in (11, 12, 13)] == [None, None, None]
+        assert await box.enqueue([new(11), new(13)], 101.0) == 2  # the writer carries on
+        assert (await box.counts())["pending"] == 4 + 1 + 2
+    finally:
+        locker.close()
+        await box.close()
+
+
 async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
     import sqlite3
 
