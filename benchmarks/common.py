@@ -364,14 +364,15 @@ def wait_ready(url: str, child: Child, timeout: float = 30.0) -> None:
 
 
 def run_json(kids: Children, name: str, argv: list[str], timeout: float,
-             watch: Sequence[int] = ()) -> tuple[dict[str, Any], dict[int, int]]:
+             watch: Sequence[int] = (), env: dict[str, str] | None = None,
+             ) -> tuple[dict[str, Any], dict[int, int]]:
     """Run a helper that prints one JSON object; meanwhile track the peak RSS (KiB) of
     `watch`ed pids (VmHWM is the kernel's own peak, sampling only covers a dying pid) and
     what the rest of the machine is doing (`foreign_cpu_percent` in the result)."""
     out_path = kids.workdir / f"{name}.json"
     foreign = ForeignCpu()
     with open(out_path, "wb") as out:
-        child = kids.start(name, argv, stdout=out)
+        child = kids.start(name, argv, stdout=out, env=env)
         peaks: dict[int, int] = {}
         deadline = time.monotonic() + timeout
         n = 0

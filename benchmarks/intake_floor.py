@@ -8,7 +8,11 @@ Each round runs the same closed-loop load (10-item batches, concurrency 32) agai
    the log line and metrics, nothing routed or stored;
  - `no-storage`: the benchmark's seven routes (~20 deliveries a batch), every delivery
    routed and rendered, then dropped (benchmarks/null_serve.py: an outbox that keeps nothing);
- - `sqlite`: the same on the default SQLite outbox (WAL, synchronous=FULL): the real bridge.
+ - `sqlite`: the same on the default SQLite outbox (WAL, synchronous=FULL): the real bridge;
+ - `storage-alone`: no server and no load: benchmarks/storage_floor.py executes the bridge's
+   own INSERTs for the same batches (routed and rendered before its clock starts) on an
+   outbox opened as the bridge opens it, 32 batches a commit, one thread: what SQLite
+   itself costs for the rows, a floor under the `sqlite` variant's storage part.
 The receiver hangs (no send ever finishes), so no delivery work competes with intake.
 For each: accepted batches/s, its share of the bare app's in the same round, and the
 server's CPU per batch (all its threads). The rounds alternate, so drift hits all alike.
@@ -45,7 +49,8 @@ from common import (
 )
 
 NULL_SERVE = str(Path(__file__).resolve().with_name("null_serve.py"))
-VARIANTS = ("bare", "no-routes", "no-storage", "sqlite")
+STORAGE_FLOOR = str(Path(__file__).resolve().with_name("storage_floor.py"))
+VARIANTS = ("bare", "no-routes", "no-storage", "sqlite", "storage-alone")
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,6 +80,16 @@ def variant_config(name: str, port: int, sink_url: str, kids: Children, n: int) 
 
 def measure(kids: Children, args: argparse.Namespace, name: str, sink_url: str,
             n: int, src: str | None) -> dict[str, Any]:
+    if name == "storage-alone":
+        argv = [PYTHON, STORAGE_FLOOR, "--prefix", str(900 + n)]
+        if args.data_dir:
+            argv += ["--data-dir", args.data_dir]
+        floor, _ = run_json(kids, f"{name}-{n}", argv, timeout=600,
+                            env={"PYTHONPATH": src} if src else None)
+        return {"accepted_per_s": floor["batches_per_s"],
+                "cpu_us_per_batch": floor["cpu_us_per_batch"],
+                "deliveries_per_batch": floor["rows_per_batch"],
+                "foreign_cpu_percent": floor["foreign_cpu_percent"]}
     if name == "bare":
         port = free_port()
         server = kids.start(f"bare-{n}", [PYTHON, BARE_APP, "--port", str(port),
