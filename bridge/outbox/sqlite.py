@@ -1,10 +1,11 @@
 """SQLite outbox (WAL): the embedded default. One writer thread, group commit.
 
 Every operation is queued to one thread that owns the connection. The thread drains the
-queue, runs everything it found in ONE transaction (each operation in its own savepoint, so
-one failure cannot undo another's work), commits once and wakes all callers: concurrent
-intakes share an fsync instead of paying one each. SQLite storage is for one bridge process;
-several replicas share PostgreSQL.
+queue, runs everything it found in ONE transaction (each operation in its own savepoint, or
+as one statement, which SQLite undoes alone if it fails, so one failure cannot undo
+another's work), commits once and wakes all callers: concurrent intakes share an fsync
+instead of paying one each. SQLite storage is for one bridge process; several replicas
+share PostgreSQL.
 """
 
 from __future__ import annotations
