@@ -30,6 +30,19 @@ from bridge.sinks.base import Sink
 log = logging.getLogger("bridge.dispatch")
 
 IDLE_POLL = 1.0  # upper bound on sleeping when idle (other writers, clock drift)
+# Claimed ahead: what a sink sends in this long, so that its slots never wait for the claim
+# that refills them (a round trip to storage behind other commits, fsync included)...
+REFILL_HORIZON = 0.05
+MAX_AHEAD_PER_SLOT = 6  # ...but at most this many per slot: memory, and other replicas' share
+
+
+def claim_ahead(limit: int, send_seconds: float | None) -> int:
+    """Deliveries to hold claimed beyond a sink's `limit` slots: one per slot, or as many as
+    its recent sends say it gets through in REFILL_HORIZON, up to MAX_AHEAD_PER_SLOT each."""
+    if not send_seconds or send_seconds <= 0:
+        return limit
+    per_slot = min(MAX_AHEAD_PER_SLOT, max(1, round(REFILL_HORIZON / send_seconds)))
+    return limit * per_slot
 SWEEP_EVERY = 600.0
 
 
@@ -53,6 +66,7 @@ class Dispatcher:
         self._ready: dict[str, collections.deque[tuple[float, list[Delivery]]]] = {
             name: collections.deque() for name in sinks}
         self._max_wait: dict[str, float] = {}  # seconds a claimed chunk may wait in _ready
+        self._send_seconds: dict[str, float] = {}  # a single send's duration, smoothed
         self._chunks: dict[str, list[str]] = {}  # in-flight task key -> its delivery ids
         self._buckets: dict[str, TokenBucket] = {}
         for name, sink in sinks.items():
@@ -145,16 +159,17 @@ class Dispatcher:
         limit = self.config.sinks[name].concurrency
         per_task = max(1, sink.batch_size)
         bucket = self._buckets.get(name)
-        # Unthrottled one-at-a-time sinks claim one slot's worth ahead per slot, so a freed
-        # slot starts its next send at once instead of after a claim's round trip to storage.
+        # Unthrottled one-at-a-time sinks claim ahead (claim_ahead), so a freed slot starts
+        # its next send at once instead of after a claim's round trip to storage, and claim
+        # again only once a third of that is left: fewer, bigger claims, each a commit.
         # (A throttled sink must not take tokens ahead; a batching one claims big chunks.)
         # A claim waits at most until its lease has left room for a whole send (a few of the
         # sink's timeouts: Slack may post and then update); where none is left, no claim ahead.
         send_budget = 3 * float(getattr(self.config.sinks[name], "timeout", 30.0))
         max_wait = self.outbox.lease_seconds - send_budget
-        ahead = limit if bucket is None and per_task == 1 and max_wait > 0 else 0
+        may_claim_ahead = bucket is None and per_task == 1 and max_wait > 0
         # Without claiming ahead, a chunk starts in the turn that claimed it: no wait to bound.
-        self._max_wait[name] = max_wait if ahead else math.inf
+        self._max_wait[name] = max_wait if may_claim_ahead else math.inf
         wake = self._wake[name]
         inflight = self._inflight[name]
         ready = self._ready[name]
@@ -164,10 +179,11 @@ class Dispatcher:
             paused = sink.paused_until - time.monotonic()
             if paused <= 0:
                 await self._start_ready(sink, limit)
+            ahead = claim_ahead(limit, self._send_seconds.get(name)) if may_claim_ahead else 0
             want = (limit + ahead - len(inflight) - len(ready)) * per_task
             if paused > 0:
                 timeout = paused
-            elif want > 0:
+            elif want > 0 and len(ready) <= ahead // 3:
                 granted = bucket.take(want) if bucket else want
                 if granted == 0 and bucket is not None:
                     timeout = bucket.wait_time()
@@ -272,6 +288,8 @@ class Dispatcher:
             errors = [failure] * len(chunk)
         elif len(chunk) == 1:
             errors = [await self._send_one(sink, chunk[0])]
+            took, before = time.monotonic() - started, self._send_seconds.get(sink.name)
+            self._send_seconds[sink.name] = took if before is None else before + (took - before) / 8
         else:
             try:
                 errors = await sink.send_many(chunk)

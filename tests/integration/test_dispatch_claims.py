@@ -1,5 +1,6 @@
 """The dispatcher's claims: claimed ahead only while the lease leaves room for a whole send,
-and given back untouched when the bridge stops before sending them."""
+more of them for a fast sink (within a bound), and given back untouched when the bridge
+stops before sending them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bridge.dispatch.dispatcher import MAX_AHEAD_PER_SLOT, claim_ahead
 from bridge.http.app import create_app
 from bridge.models import Delivery, Status
 from bridge.runtime import build_runtime
@@ -20,7 +22,7 @@ sinks:
     type: http
     url: {url}
     timeout: 1s
-    concurrency: 1
+    concurrency: {concurrency}
 routes:
   - name: all
     kind: tracking
@@ -33,8 +35,9 @@ def tracking(n: int) -> dict[str, Any]:
 
 
 async def start(aiohttp_client: Any, tmp_path: Path, url: str, lease: float,
-                claims: list[tuple[float, list[str]]]) -> Bridge:
-    rt = build_runtime(write_config(tmp_path, CONFIG.format(db=tmp_path / "b.db", url=url)))
+                claims: list[tuple[float, list[str]]], concurrency: int = 1) -> Bridge:
+    rt = build_runtime(write_config(tmp_path, CONFIG.format(
+        db=tmp_path / "b.db", url=url, concurrency=concurrency)))
     rt.outbox.lease_seconds = lease
     real_claim = rt.outbox.claim
 
@@ -88,3 +91,34 @@ async def test_stopping_gives_back_claims_that_never_started(
     rest = await bridge.rt.outbox.claim("hook", 10, time.time(), 300)  # none still leased
     assert len(rest) == 4 - len(rec.requests)
     assert all(d.status is Status.PENDING and d.attempts == 1 for d in rest)  # this claim's
+
+
+def test_claim_ahead_covers_what_a_sink_sends_while_a_claim_refills() -> None:
+    assert claim_ahead(8, None) == 8  # nothing measured yet: one per slot
+    assert claim_ahead(8, 0.4) == 8  # slow sends (a chat API): one per slot, as ever
+    assert claim_ahead(8, 0.025) == 16  # two sends per slot fit in the refill horizon
+    assert claim_ahead(8, 0.0005) == 8 * MAX_AHEAD_PER_SLOT  # a local receiver: the bound
+    assert claim_ahead(1, 0.01) == 5
+
+
+async def test_a_fast_sink_claims_in_bigger_chunks_within_the_bound(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    rec = Receiver(default=Answer(200, "ok"))
+    server = await aiohttp_server(rec.app())
+    claims: list[tuple[float, list[str]]] = []
+    limit = 2
+    bridge = await start(aiohttp_client, tmp_path, f"http://127.0.0.1:{server.port}", 300.0,
+                         claims, concurrency=limit)
+    for start_at in range(0, 120, 40):
+        status, body = await bridge.post(
+            {"tracking": [tracking(n) for n in range(start_at, start_at + 40)]})
+        assert status == 200 and body["deliveries"] == 40
+    await rec.wait_for(120, timeout=30)
+
+    assert len({r.headers["webhook-id"] for r in rec.requests}) == len(rec.requests) == 120
+    sizes = [len(ids) for _, ids in claims]
+    # One slot's worth ahead would claim at most 2 x limit at once; a receiver answering in
+    # milliseconds gets more claimed ahead, never more than the bound.
+    assert max(sizes) > 2 * limit, sizes
+    assert max(sizes) <= limit * (1 + MAX_AHEAD_PER_SLOT), sizes
