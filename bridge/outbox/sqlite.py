@@ -257,10 +257,14 @@ class SqliteOutbox(Outbox):
                     # A statement that fails undoes its own changes, so it needs no
                     # savepoint: two statements less, each a wait for the GIL on this
                     # thread while the event loop holds it (~15% more intakes/s).
+                    before = conn.total_changes
                     try:
                         results.append((op.fn(conn), None))
                     except Exception as exc:
-                        if not conn.in_transaction:  # SQLite undid it all (full disk, I/O)
+                        # Unless SQLite undid the whole transaction (full disk, I/O error)
+                        # or kept part of the statement (a RAISE(FAIL) trigger): then the
+                        # group fails as a whole, and nobody is told a half was stored.
+                        if not conn.in_transaction or conn.total_changes != before:
                             raise
                         results.append((None, exc))
                     continue

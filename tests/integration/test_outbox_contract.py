@@ -355,7 +355,8 @@ async def test_sqlite_intakes_of_one_commit_insert_together(tmp_path: Path) -> N
 async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Path) -> None:
     """An intake of one INSERT runs without a savepoint: when SQLite aborts that statement,
     none of its rows stay and the group's other intakes commit; when SQLite rolls back the
-    whole transaction, every intake of the group fails (none is told it was stored)."""
+    whole transaction, or keeps part of the failed statement, every intake of the group
+    fails (none is told it was stored, nothing half-stored is committed)."""
     import sqlite3
 
     from bridge.outbox.sqlite import SqliteOutbox
@@ -367,6 +368,9 @@ async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Pat
                    "WHEN NEW.route = 'abort' BEGIN SELECT RAISE(ABORT, 'refused row'); END")
     locker.execute("CREATE TRIGGER rollback_boom BEFORE INSERT ON deliveries "
                    "WHEN NEW.route = 'rollback' BEGIN SELECT RAISE(ROLLBACK, 'gone'); END")
+    # FAIL keeps the rows its statement wrote before it: a half intake, never to be committed.
+    locker.execute("CREATE TRIGGER fail_boom BEFORE INSERT ON deliveries "
+                   "WHEN NEW.route = 'fail' BEGIN SELECT RAISE(FAIL, 'half'); END")
 
     def routed(i: int, route: str) -> NewDelivery:
         d = new(i)
@@ -403,6 +407,13 @@ async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Pat
         assert [await box.get(f"d00{i}") for i in (11, 12, 13)] == [None, None, None]
         assert await box.enqueue([new(11), new(13)], 101.0) == 2  # the writer carries on
         assert (await box.counts())["pending"] == 4 + 1 + 2
+
+        (first, halved, last), commits = await one_group(
+            [new(21)], [new(22), new(23), routed(24, "fail")], [new(25)])
+        assert commits == 1  # the blocker's only
+        assert all(isinstance(r, sqlite3.Error) for r in (first, halved, last))
+        assert [await box.get(f"d00{i}") for i in range(21, 26)] == [None] * 5
+        assert (await box.counts())["pending"] == 7 + 1
     finally:
         locker.close()
         await box.close()
