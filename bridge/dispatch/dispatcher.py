@@ -30,6 +30,7 @@ from bridge.sinks.base import Sink
 log = logging.getLogger("bridge.dispatch")
 
 IDLE_POLL = 1.0  # upper bound on sleeping when idle (other writers, clock drift)
+SWEEP_EVERY = 600.0
 # Claimed ahead: what a sink sends in this long, so that its slots never wait for the claim
 # that refills them (a round trip to storage behind other commits, fsync included)...
 REFILL_HORIZON = 0.05
@@ -43,7 +44,6 @@ def claim_ahead(limit: int, send_seconds: float | None) -> int:
         return limit
     per_slot = min(MAX_AHEAD_PER_SLOT, max(1, round(REFILL_HORIZON / send_seconds)))
     return limit * per_slot
-SWEEP_EVERY = 600.0
 
 
 class Dispatcher:
@@ -160,8 +160,8 @@ class Dispatcher:
         per_task = max(1, sink.batch_size)
         bucket = self._buckets.get(name)
         # Unthrottled one-at-a-time sinks claim ahead (claim_ahead), so a freed slot starts
-        # its next send at once instead of after a claim's round trip to storage, and claim
-        # again only once a third of that is left: fewer, bigger claims, each a commit.
+        # its next send at once instead of after a claim's round trip to storage. A fast one
+        # claims again only once a third of that is left: fewer, bigger claims, each a commit.
         # (A throttled sink must not take tokens ahead; a batching one claims big chunks.)
         # A claim waits at most until its lease has left room for a whole send (a few of the
         # sink's timeouts: Slack may post and then update); where none is left, no claim ahead.
@@ -180,10 +180,16 @@ class Dispatcher:
             if paused <= 0:
                 await self._start_ready(sink, limit)
             ahead = claim_ahead(limit, self._send_seconds.get(name)) if may_claim_ahead else 0
+            refill_at = ahead // 3 if ahead > limit else ahead
             want = (limit + ahead - len(inflight) - len(ready)) * per_task
             if paused > 0:
                 timeout = paused
-            elif want > 0 and len(ready) <= ahead // 3:
+                if ready and time.monotonic() + paused - ready[0][0] > self._max_wait[name]:
+                    # Held through the pause they would outwait their lease's room (and
+                    # another replica might take them): give them back while it is ours.
+                    await self._give_back(sink, [d.id for _, chunk in ready for d in chunk])
+                    ready.clear()
+            elif want > 0 and len(ready) <= refill_at:
                 granted = bucket.take(want) if bucket else want
                 if granted == 0 and bucket is not None:
                     timeout = bucket.wait_time()
@@ -217,10 +223,13 @@ class Dispatcher:
             else:
                 self._spawn(sink, chunk)
         if stale:
-            try:
-                await self.outbox.release(stale, self.clock())
-            except Exception:
-                log.exception("giving back stale claims failed", extra={"sink": sink.name})
+            await self._give_back(sink, stale)
+
+    async def _give_back(self, sink: Sink, ids: list[str]) -> None:
+        try:
+            await self.outbox.release(ids, self.clock())
+        except Exception:  # their leases run out instead; they are claimed again then
+            log.exception("giving back claims failed", extra={"sink": sink.name})
 
     async def _claim(self, name: str, count: int) -> list[Delivery]:
         try:
@@ -288,8 +297,10 @@ class Dispatcher:
             errors = [failure] * len(chunk)
         elif len(chunk) == 1:
             errors = [await self._send_one(sink, chunk[0])]
-            took, before = time.monotonic() - started, self._send_seconds.get(sink.name)
-            self._send_seconds[sink.name] = took if before is None else before + (took - before) / 8
+            if errors[0] is None:  # a refused connection or a 429 is quick, not a fast sink
+                took, before = time.monotonic() - started, self._send_seconds.get(sink.name)
+                self._send_seconds[sink.name] = (took if before is None
+                                                 else before + (took - before) / 8)
         else:
             try:
                 errors = await sink.send_many(chunk)

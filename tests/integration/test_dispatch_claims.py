@@ -4,6 +4,7 @@ stops before sending them."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,33 @@ async def test_a_fast_sink_claims_in_bigger_chunks_within_the_bound(
     # milliseconds gets more claimed ahead, never more than the bound.
     assert max(sizes) > 2 * limit, sizes
     assert max(sizes) <= limit * (1 + MAX_AHEAD_PER_SLOT), sizes
+
+
+async def test_claims_held_through_a_long_pause_are_given_back_at_once(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    rec = Receiver(default=Answer(200, "ok"))
+    rec.answer(Answer(429, "slow down", headers={"Retry-After": "2"}))
+    server = await aiohttp_server(rec.app())
+    claims: list[tuple[float, list[str]]] = []
+    # lease 3.1 s - 3 x timeout 1 s: a claimed delivery may wait 0.1 s; the pause is 2 s.
+    bridge = await start(aiohttp_client, tmp_path, f"http://127.0.0.1:{server.port}", 3.1,
+                         claims)
+    status, _ = await bridge.post({"tracking": [tracking(n) for n in range(3)]})
+    assert status == 200
+    await rec.wait_for(1, timeout=10)  # the 429: the sink pauses for 2 s
+    await asyncio.sleep(0.3)
+    first = next(ids for _, ids in claims if ids)
+    assert len(first) == 2  # one sent, one held ahead when the pause began
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        leased = db.execute("SELECT COUNT(*) FROM deliveries "
+                            "WHERE lease_until IS NOT NULL").fetchone()[0]
+    assert leased == 0  # nothing stays claimed by a paused sink for another replica to clash
+
+    await rec.wait_for(4, timeout=15)
+    await asyncio.sleep(0.3)
+    ids = [r.headers["webhook-id"] for r in rec.requests]
+    assert len(ids) == 4 and len(set(ids[1:])) == 3  # the 429'd one again, each once
+    assert (await bridge.rt.outbox.counts())["delivered"] == 3
