@@ -72,3 +72,6 @@ class Delivery:
     last_error: str | None = None
     batch_id: str | None = None
     group_key: str | None = None
+    # Set on a claimed delivery: the lease it was claimed with, which identifies the claim
+    # (after it runs out, another replica's claim sets another).
+    lease_until: float | None = None

@@ -67,7 +67,7 @@ class Dispatcher:
             name: collections.deque() for name in sinks}
         self._max_wait: dict[str, float] = {}  # seconds a claimed chunk may wait in _ready
         self._send_seconds: dict[str, float] = {}  # a single send's duration, smoothed
-        self._chunks: dict[str, list[str]] = {}  # in-flight task key -> its delivery ids
+        self._chunks: dict[str, list[Delivery]] = {}  # in-flight task key -> its deliveries
         self._buckets: dict[str, TokenBucket] = {}
         for name, sink in sinks.items():
             limit = sink.rate_limit()
@@ -124,8 +124,8 @@ class Dispatcher:
         inflight = [t for tasks in self._inflight.values() for t in tasks.values()]
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=grace)
-            unfinished = [i for tasks in self._inflight.values() for key, t in tasks.items()
-                          if t in pending for i in self._chunks.get(key, [key])]
+            unfinished = [d for tasks in self._inflight.values() for key, t in tasks.items()
+                          if t in pending for d in self._chunks.get(key, [])]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -133,7 +133,7 @@ class Dispatcher:
                 await self.outbox.release(unfinished, self.clock())
                 log.warning("stopped with sends unfinished; they stay pending",
                             extra={"deliveries": len(unfinished)})
-        never_started = [d.id for ready in self._ready.values() for _, chunk in ready
+        never_started = [d for ready in self._ready.values() for _, chunk in ready
                          for d in chunk]
         for ready in self._ready.values():
             ready.clear()
@@ -187,7 +187,7 @@ class Dispatcher:
                 if ready and time.monotonic() + paused - ready[0][0] > self._max_wait[name]:
                     # Held through the pause they would outwait their lease's room (and
                     # another replica might take them): give them back while it is ours.
-                    await self._give_back(sink, [d.id for _, chunk in ready for d in chunk])
+                    await self._give_back(sink, [d for _, chunk in ready for d in chunk])
                     ready.clear()
             elif want > 0 and len(ready) <= refill_at:
                 granted = bucket.take(want) if bucket else want
@@ -214,20 +214,20 @@ class Dispatcher:
         """Start claimed chunks while slots are free; give back any claimed so long ago that
         its lease could run out mid-send (another replica might then send it too)."""
         ready, inflight = self._ready[sink.name], self._inflight[sink.name]
-        stale: list[str] = []
+        stale: list[Delivery] = []
         max_wait = self._max_wait.get(sink.name, math.inf)
         while ready and len(inflight) < limit and not self._stopping:
             claimed_at, chunk = ready.popleft()
             if time.monotonic() - claimed_at > max_wait:
-                stale += [d.id for d in chunk]
+                stale += chunk
             else:
                 self._spawn(sink, chunk)
         if stale:
             await self._give_back(sink, stale)
 
-    async def _give_back(self, sink: Sink, ids: list[str]) -> None:
+    async def _give_back(self, sink: Sink, claimed: list[Delivery]) -> None:
         try:
-            await self.outbox.release(ids, self.clock())
+            await self.outbox.release(claimed, self.clock())
         except Exception:  # their leases run out instead; they are claimed again then
             log.exception("giving back claims failed", extra={"sink": sink.name})
 
@@ -264,7 +264,7 @@ class Dispatcher:
     def _spawn(self, sink: Sink, chunk: list[Delivery]) -> None:
         task = asyncio.create_task(self._deliver(sink, chunk))
         key = chunk[0].id
-        self._chunks[key] = [d.id for d in chunk]
+        self._chunks[key] = chunk
         self._inflight[sink.name][key] = task
         task.add_done_callback(functools.partial(self._done, sink.name, key))
 

@@ -101,8 +101,10 @@ class Outbox(ABC):
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None: ...
 
     @abstractmethod
-    async def release(self, ids: list[str], now: float) -> None:
-        """Give claimed deliveries back untouched (graceful stop), undoing the attempt count."""
+    async def release(self, claimed: list[Delivery], now: float) -> None:
+        """Give claimed deliveries back untouched (graceful stop), undoing the attempt count:
+        only those still held by the lease they were claimed with. One whose lease ran out
+        may have been claimed again by another replica, whose claim must stand."""
 
     @abstractmethod
     async def next_due(self, sink: str) -> float | None:

@@ -53,7 +53,7 @@ class MemoryOutbox(Outbox):
             row.attempts += 1
             row.updated_at = now
             self._lease[row.id] = now + lease
-            out.append(replace(row, payload=dict(row.payload)))
+            out.append(replace(row, payload=dict(row.payload), lease_until=now + lease))
         return out
 
     async def claim_group(
@@ -70,7 +70,7 @@ class MemoryOutbox(Outbox):
             row.attempts += 1
             row.updated_at = now
             self._lease[row.id] = now + lease
-            out.append(replace(row, payload=dict(row.payload)))
+            out.append(replace(row, payload=dict(row.payload), lease_until=now + lease))
         return out
 
     def _finish(self, delivery_id: str, now: float, **changes: object) -> None:
@@ -98,12 +98,13 @@ class MemoryOutbox(Outbox):
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
         self._finish(delivery_id, now, status=Status.DEAD, last_error=reason)
 
-    async def release(self, ids: list[str], now: float) -> None:
-        for delivery_id in ids:
-            row = self._rows.get(delivery_id)
-            if row is not None and row.status is Status.PENDING:
+    async def release(self, claimed: list[Delivery], now: float) -> None:
+        for d in claimed:
+            row = self._rows.get(d.id)
+            if (row is not None and row.status is Status.PENDING
+                    and d.id in self._lease and self._lease[d.id] == d.lease_until):
                 row.attempts = max(0, row.attempts - 1)
-                self._lease.pop(delivery_id, None)
+                self._lease.pop(d.id, None)
 
     async def next_due(self, sink: str) -> float | None:
         times = [
@@ -114,7 +115,7 @@ class MemoryOutbox(Outbox):
 
     async def get(self, delivery_id: str) -> Delivery | None:
         row = self._rows.get(delivery_id)
-        return replace(row) if row else None
+        return replace(row, lease_until=self._lease.get(delivery_id)) if row else None
 
     async def list_dead(self, limit: int = 100) -> list[Delivery]:
         dead = [r for r in self._rows.values() if r.status is Status.DEAD]

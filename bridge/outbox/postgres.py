@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sink_state (
 
 _COLUMNS = (
     "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
-    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key"
+    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until"
 )
 # Serialises schema creation when several replicas start at once.
 _SCHEMA_LOCK = 0x6272696467  # "bridg"
@@ -64,7 +64,7 @@ def _row(r: asyncpg.Record) -> Delivery:
         batch_id=r["batch_id"], payload=json.loads(r["payload"]), status=Status(r["status"]),
         attempts=r["attempts"], next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
         created_at=r["created_at"], enqueued_at=r["enqueued_at"], updated_at=r["updated_at"],
-        group_key=r["group_key"],
+        group_key=r["group_key"], lease_until=r["lease_until"],
     )
 
 
@@ -165,10 +165,12 @@ class PostgresOutbox(Outbox):
             "UPDATE deliveries SET status = 'dead', last_error = $1, lease_until = NULL, "
             "updated_at = $2 WHERE id = $3", reason, now, delivery_id)
 
-    async def release(self, ids: list[str], now: float) -> None:
+    async def release(self, claimed: list[Delivery], now: float) -> None:
         await self.pool.execute(
-            "UPDATE deliveries SET attempts = GREATEST(attempts - 1, 0), lease_until = NULL "
-            "WHERE id = ANY($1::text[]) AND status = 'pending'", ids)
+            "UPDATE deliveries AS d SET attempts = GREATEST(d.attempts - 1, 0), "
+            "lease_until = NULL FROM unnest($1::text[], $2::float8[]) AS c(id, lease_until) "
+            "WHERE d.id = c.id AND d.status = 'pending' AND d.lease_until = c.lease_until",
+            [d.id for d in claimed], [d.lease_until for d in claimed])
 
     async def next_due(self, sink: str) -> float | None:
         value = await self.pool.fetchval(

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS sink_state (
 
 _COLUMNS = (
     "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
-    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key"
+    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until"
 )
 
 
@@ -138,7 +138,7 @@ def _row(r: tuple[Any, ...]) -> Delivery:
         id=id_of_stored(r[0]), sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
         payload=_unpack(r[6]), status=Status(r[7]), attempts=r[8], next_attempt_at=r[9],
         last_error=r[10], created_at=r[11], enqueued_at=r[12], updated_at=r[13],
-        group_key=r[14],
+        group_key=r[14], lease_until=r[15],
     )
 
 
@@ -404,10 +404,11 @@ class SqliteOutbox(Outbox):
             "UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = NULL, "
             "updated_at = ? WHERE id = ?", (reason, now, stored_id(delivery_id))))
 
-    async def release(self, ids: list[str], now: float) -> None:
+    async def release(self, claimed: list[Delivery], now: float) -> None:
         await self._call(lambda c: c.executemany(
             "UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL "
-            "WHERE id = ? AND status = 'pending'", [(stored_id(i),) for i in ids]))
+            "WHERE id = ? AND status = 'pending' AND lease_until = ?",
+            [(stored_id(d.id), d.lease_until) for d in claimed]))
 
     async def next_due(self, sink: str) -> float | None:
         def read(c: sqlite3.Connection) -> float | None:

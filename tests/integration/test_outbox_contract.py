@@ -126,10 +126,26 @@ async def test_a_failed_render_is_stored_dead(box: Outbox) -> None:
 
 async def test_release_gives_work_back_untouched(box: Outbox) -> None:
     await box.enqueue([new(1)], 100.0)
-    await box.claim("s", 1, 100.0, 300)
-    await box.release(["d0001"], 101.0)
+    claimed = await box.claim("s", 1, 100.0, 300)
+    assert [d.lease_until for d in claimed] == [400.0]
+    await box.release(claimed, 101.0)
     [row] = await box.claim("s", 1, 101.0, 300)
     assert row.attempts == 1
+
+
+async def test_release_leaves_a_claim_made_after_the_lease_ran_out(box: Outbox) -> None:
+    """Replica A claims, its lease runs out, replica B claims the same delivery: A giving
+    it back late must not clear B's lease (a third replica would send it again)."""
+    await box.enqueue([new(1), new(2)], 100.0)
+    a_claim = await box.claim("s", 2, 100.0, 30)  # A's lease ends at 130
+    b_claim = await box.claim("s", 1, 131.0, 300)  # B, at 131, takes d0001 until 431
+    assert [d.id for d in b_claim] == ["d0001"]
+    await box.release(a_claim, 132.0)  # only d0002 is still A's
+    freed = await box.claim("s", 10, 133.0, 300)
+    assert [d.id for d in freed] == ["d0002"]  # d0001 stays B's
+    assert freed[0].attempts == 1  # A's attempt given back, this claim's counted
+    row = await box.get("d0001")
+    assert row is not None and row.attempts == 2 and row.lease_until == 431.0
 
 
 async def test_old_sink_state_is_forgotten_and_recent_kept(box: Outbox) -> None:
