@@ -108,7 +108,7 @@ async def records_in(bootstrap: str, topics: list[str], expected: int) -> int:
 async def delivered(rt: Runtime, count: int) -> None:
     """Poll the outbox, as an operator's dashboard would; 10 ms is far below a run's length."""
     while True:
-        if (await rt.outbox.counts())["delivered"] >= count:
+        if (await rt.store.counts())["delivered"] >= count:
             return
         await asyncio.sleep(0.01)
 
@@ -122,25 +122,25 @@ async def one_run(broker: Tansu, args: argparse.Namespace, folder: Path, n: int)
                                   topic=topic, linger_ms=args.linger_ms,
                                   concurrency=args.concurrency))
     rt = build_runtime(load_config(path, {}).config)
-    await rt.outbox.open(recover=True)
+    await rt.store.open(recover=True)
     try:
         batch = Batch(batch_id=uuid.uuid4().hex, received_at="2025-11-03T10:00:00Z",
                       items=items(args.deliveries))
         deliveries = rt.router.route_batch(batch)
         for start in range(0, len(deliveries), 1000):
-            await rt.outbox.enqueue(deliveries[start:start + 1000], time.time())
+            await rt.store.enqueue(deliveries[start:start + 1000], time.time())
         started = time.perf_counter()
         await rt.dispatcher.start()
         try:
             await asyncio.wait_for(delivered(rt, len(deliveries)), args.timeout)
         except TimeoutError:
             raise SystemExit(f"run {n}: not every delivery was delivered within "
-                             f"{args.timeout:g}s: {await rt.outbox.counts()}") from None
+                             f"{args.timeout:g}s: {await rt.store.counts()}") from None
         elapsed = time.perf_counter() - started
         await rt.dispatcher.stop()
-        counts = await rt.outbox.counts()
+        counts = await rt.store.counts()
     finally:
-        await rt.outbox.close()
+        await rt.store.close()
     stored = await records_in(broker.bootstrap, topics, len(deliveries))
     rate = len(deliveries) / elapsed
     print(f"run {n}: {len(deliveries)} deliveries in {elapsed:.3f}s = {rate:,.0f}/s "

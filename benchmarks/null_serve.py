@@ -15,13 +15,13 @@ from bridge.models import NewDelivery
 from bridge.outbox import memory
 
 
-class NullOutbox(memory.MemoryOutbox):
+class NullOutbox(memory.MemoryStore):
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
         return len(deliveries)
 
 
-# from_url() imports MemoryOutbox from that module when it is called, so `memory://` gets this.
-memory.MemoryOutbox = NullOutbox  # type: ignore[misc]
+# from_url() imports MemoryStore from that module when it is called, so `memory://` gets this.
+memory.MemoryStore = NullOutbox  # type: ignore[misc]
 
 if __name__ == "__main__":
     from bridge.cli import main

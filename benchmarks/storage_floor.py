@@ -29,8 +29,8 @@ from typing import Any
 from common import BatchFactory, bridge_config
 
 from bridge.config import load_config
-from bridge.outbox.memory import MemoryOutbox
-from bridge.outbox.sqlite import SqliteOutbox, insert_statements
+from bridge.outbox.memory import MemoryStore
+from bridge.outbox.sqlite import SqliteStore, insert_statements
 from bridge.parse import Batch, parse_request
 from bridge.runtime import build_runtime
 
@@ -52,7 +52,7 @@ def statements(workdir: Path, args: argparse.Namespace) -> tuple[list[Any], int,
     """Per batch, the bridge's INSERT statements; and the rows and payload bytes in all."""
     cfg = workdir / "bridge.yaml"
     cfg.write_text(bridge_config(1, "http://127.0.0.1:1/hook", workdir / "unused.db"))
-    runtime = build_runtime(load_config(cfg).config, outbox=MemoryOutbox())
+    runtime = build_runtime(load_config(cfg).config, outbox=MemoryStore())
     factory = BatchFactory(args.prefix, items=args.items)
     out, rows, payload_bytes = [], 0, 0
     now = time.time()
@@ -71,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="storage-floor-", dir=args.data_dir) as tmp:
         workdir = Path(tmp)
         per_batch, rows, payload_bytes = statements(workdir, args)
-        outbox = SqliteOutbox(str(workdir / "outbox.db"))
+        outbox = SqliteStore(str(workdir / "outbox.db"))
         conn = outbox._connect()  # the bridge's own pragmas, schema and indexes
 
         def write(batches: list[Any]) -> None:

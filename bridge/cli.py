@@ -1,4 +1,5 @@
-"""`bridge serve | check | dry-run | dlq list | dlq replay`: one async function per command."""
+"""`bridge serve | check | dry-run | send-test | dlq ...`: one async function per command
+(`migrate` and `batches ...` in cli_batches.py)."""
 
 from __future__ import annotations
 
@@ -18,31 +19,25 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.config import LoadedConfig, config_path, load_config
+from bridge.cli_batches import add_batch_commands
+from bridge.cli_common import _load, iso, open_store
+from bridge.config import LoadedConfig
 from bridge.config_types import format_rate
-from bridge.errors import ConfigError, PayloadError, PermanentSinkError
+from bridge.errors import BridgeError, ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
-from bridge.outbox import Outbox, from_url
-from bridge.outbox.base import open_explained, storage_label
+from bridge.outbox.base import storage_label
 from bridge.parse import Verification, parse_request
 from bridge.redact import redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
+from bridge.sequencer import plan_item
 from bridge.sinks.base import Sink
 
 log = logging.getLogger("bridge")
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-def _load(args: argparse.Namespace) -> LoadedConfig:
-    return load_config(config_path(getattr(args, "config", None)))
-
-
-async def open_outbox(storage: str) -> Outbox:
-    outbox = from_url(storage)
-    await open_explained(outbox, storage)
-    return outbox
 
 
 # ---- serve ---------------------------------------------------------------------------------
@@ -55,7 +50,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     rt = build_runtime(cfg)
     app = create_app(rt)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
-    await runner.setup()  # opens the outbox: StorageUnavailable says what is wrong
+    await runner.setup()  # opens the store: StorageUnavailable says what is wrong
     host, port = cfg.server.host_port()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
@@ -64,7 +59,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         await runner.cleanup()
         raise RuntimeError(f"cannot listen on {host}:{port} (server.listen): "
                            f"{exc.strerror or exc}") from None
-    # What is built by now (modules, config, templates, sinks, the outbox) lives as long as
+    # What is built by now (modules, config, templates, sinks, the store) lives as long as
     # the process. Frozen, the cyclic GC stops rescanning it: under saturation a full
     # collection held the event loop (and any verification) for 35-45 ms, and ~1 ms after.
     gc.collect()
@@ -222,15 +217,14 @@ def _scrubbed(value: Any) -> Any:
 
 
 def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:
+    """What the sequencer would make of `batch`: the same routing, nothing stored."""
     rows = []
     for item in batch.items:
-        deliveries = router.route_item(item, batch)
+        plan = plan_item(router, item, batch)
         rows.append({
-            "kind": item.kind, "uuid": item.uuid,
-            "routes": list(dict.fromkeys(d.route for d in deliveries))
-            or [r.name for r in router.matching(item)],
+            "kind": item.kind, "uuid": item.uuid, "routes": plan.routes,
             "deliveries": [{"route": d.route, "sink": d.sink, "id": d.id, "payload": d.payload,
-                            "error": d.error} for d in deliveries],
+                            "error": d.error} for d in plan.deliveries],
         })
     return rows
 
@@ -238,7 +232,7 @@ def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:
 # ---- send-test -----------------------------------------------------------------------------
 
 async def cmd_send_test(args: argparse.Namespace) -> int:
-    from bridge.outbox.memory import MemoryOutbox
+    from bridge.outbox.memory import MemoryStore
     from bridge.parse import utc_now
     from bridge.routing.router import canonical_json, delivery_id
     from bridge.samples import SAMPLE_ORDER, SAMPLE_TRACKING
@@ -252,7 +246,7 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
     sinks = build_sinks(cfg)
     register_secrets(cfg, sinks)
     sink = sinks[args.sink]
-    sink.state = MemoryOutbox()  # nothing is stored: a thread, if any, lives for this run
+    sink.memory = MemoryStore()  # nothing is stored: a thread, if any, lives for this run
     failures = 0
     try:
         for kind, item in (("order", SAMPLE_ORDER), ("tracking", SAMPLE_TRACKING)):
@@ -285,30 +279,26 @@ async def cmd_dlq_list(args: argparse.Namespace) -> int:
     # Reasons are scrubbed when stored; scrubbed again here with today's secrets, for
     # rows stored before a secret was known as one.
     register_secrets(cfg, build_sinks(cfg))
-    outbox = await open_outbox(cfg.storage)
+    store = await open_store(cfg.storage)
     try:
-        dead = await outbox.list_dead(args.limit)
+        dead = await store.list_dead(args.limit)
     finally:
-        await outbox.close()
+        await store.close()
     if args.json:
         for d in dead:
             print(json.dumps({"id": d.id, "sink": d.sink, "route": d.route, "kind": d.kind,
                               "item_uuid": d.item_uuid, "attempts": d.attempts,
                               "reason": redact(d.last_error or ""),
-                              "dead_at": _iso(d.updated_at)}, ensure_ascii=False))
+                              "dead_at": iso(d.updated_at)}, ensure_ascii=False))
         return 0
     if not dead:
         print("no dead deliveries")
         return 0
     for d in dead:
-        print(f"{d.id}  {_iso(d.updated_at)}  sink={d.sink} route={d.route} "
+        print(f"{d.id}  {iso(d.updated_at)}  sink={d.sink} route={d.route} "
               f"{d.kind}={d.item_uuid} attempts={d.attempts}\n"
               f"    reason: {redact(d.last_error or '')}")
     return 0
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 async def cmd_dlq_replay(args: argparse.Namespace) -> int:
@@ -318,18 +308,18 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     cfg = _load(args).config
-    outbox = await open_outbox(cfg.storage)
+    store = await open_store(cfg.storage)
     refused: list[str] = []
     try:
         for delivery_id in args.ids:  # say which ids cannot be replayed, and why
-            row = await outbox.get(delivery_id)
+            row = await store.get(delivery_id)
             if row is None:
                 refused.append(f"{delivery_id}: no such delivery")
             elif row.status is not Status.DEAD:
                 refused.append(f"{delivery_id}: is {row.status.value}, not dead")
-        count = await outbox.replay(None if args.all else args.ids, time.time())
+        count = await store.replay(None if args.all else args.ids, time.time())
     finally:
-        await outbox.close()
+        await store.close()
     print(f"{count} {'delivery' if count == 1 else 'deliveries'} back to pending")
     for line in refused:
         print(f"not replayed: {line}", file=sys.stderr)
@@ -370,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="delivery ids (see `bridge dlq list`)")
     p.add_argument("--all", action="store_true", help="replay every dead delivery")
     p.set_defaults(fn=cmd_dlq_replay)
+    add_batch_commands(sub, common)
     return parser
 
 
@@ -391,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
+    except (BridgeError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -94,6 +94,8 @@ class Defaults(StrictModel):
     delivered_retention: Duration = 7 * 86400.0
     # How long a sink's memory of an item (a shipment's Slack thread) is kept once written.
     state_retention: Duration = 90 * 86400.0
+    # How long a sequenced batch is kept in the inbox (`bridge batches`); failed ones stay.
+    inbox_retention: Duration = 7 * 86400.0
 
 
 # ---- conditions ---------------------------------------------------------------------------

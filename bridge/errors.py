@@ -60,3 +60,15 @@ class TransientSinkError(SinkError):
 
 class PermanentSinkError(SinkError):
     """Retrying cannot help; the delivery goes to the dead-letter queue at once."""
+
+
+class StorageError(BridgeError):
+    """Storage cannot be used; the message names the setting, the cause and what to do."""
+
+
+class StorageInUse(StorageError):
+    """Another process serves this storage."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage could not be opened (a missing folder, an unreachable PostgreSQL...)."""

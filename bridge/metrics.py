@@ -48,6 +48,22 @@ class Metrics:
                                        ["sink"], buckets=LATENCY_BUCKETS, registry=r)
         self.sink_failing = Gauge("bridge_sink_failing",
                                   "1 while the sink's latest attempt failed", ["sink"], registry=r)
+        self.inbox = Gauge("bridge_inbox_batches",
+                           "accepted batches not sequenced: waiting, or failed to route",
+                           ["status"], registry=r)
+        self.sequencer_lag = Gauge("bridge_sequencer_lag_seconds",
+                                   "age of the oldest batch waiting in the inbox (0: none)",
+                                   registry=r)
+        self.batches_sequenced = Counter("bridge_batches_sequenced",
+                                         "batches the sequencer settled, by outcome",
+                                         ["outcome"], registry=r)
+        self.sequencer_active = Gauge("bridge_sequencer_active",
+                                      "1 while this process is the one sequencing",
+                                      registry=r)
+        for status in ("waiting", "failed"):
+            self.inbox.labels(status)
+        for outcome in ("sequenced", "failed"):
+            self.batches_sequenced.labels(outcome)
         for outcome in ("accepted", "rejected"):
             self.batches.labels(outcome)
         self.batches_accepted = self.batches.labels("accepted")  # once per batch: bound once

@@ -75,3 +75,56 @@ class Delivery:
     # Set on a claimed delivery: the lease it was claimed with, which identifies the claim
     # (after it runs out, another replica's claim sets another).
     lease_until: float | None = None
+
+
+class BatchStatus(enum.StrEnum):
+    WAITING = "waiting"  # accepted (durable), not routed yet
+    SEQUENCED = "sequenced"  # routed; its deliveries are in the outbox
+    FAILED = "failed"  # routing it raised; kept until `bridge batches reroute`
+
+
+@dataclass(frozen=True, slots=True)
+class InboxBatch:
+    """An accepted batch as the inbox keeps it: the body as received (after undoing its
+    Content-Encoding), parsed again by the sequencer."""
+
+    id: str
+    received_at: float  # unix seconds
+    items: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class BatchInfo:
+    """A batch as `bridge batches` shows it."""
+
+    id: str
+    received_at: float
+    items: int
+    status: BatchStatus
+    deliveries: int | None = None  # new deliveries it made
+    duplicates: int | None = None  # deliveries already stored (a repeated item)
+    error: str | None = None
+    sequenced_at: float | None = None
+    summary: str | None = None  # JSON: per item, the routes matched and the deliveries made
+    body: bytes | None = None
+
+
+@dataclass(slots=True)
+class Sequenced:
+    """A batch routed: its deliveries, stored with it marked sequenced in one transaction."""
+
+    batch_id: str
+    deliveries: list[NewDelivery]
+    summary: str
+
+
+@dataclass(slots=True)
+class Failed:
+    """A batch whose routing raised ("poison"): marked failed with the reason."""
+
+    batch_id: str
+    reason: str
+
+
+Outcome = Sequenced | Failed

@@ -85,7 +85,8 @@ def _decode(body: bytes) -> Any:
         raise PayloadError("JSON nested too deeply") from None
 
 
-def parse_request(body: bytes, received_at: str | None = None) -> Verification | Batch:
+def parse_request(body: bytes, received_at: str | None = None, batch_id: str | None = None
+                  ) -> Verification | Batch:
     """Turn a request body into a Verification or a Batch; PayloadError says what and where."""
     if not body.strip():
         raise PayloadError("empty body; expected a JSON object")
@@ -116,12 +117,39 @@ def parse_request(body: bytes, received_at: str | None = None) -> Verification |
                            else f"expected uuid to be a non-empty string, got {got}")
                 raise PayloadError(problem, f"{where}.uuid")
             items.append(Item(kind=kind, uuid=item_uuid, data=entry))
+    _refuse_too_deep(body, doc, items)
     # As random as a uuid4's hex, without building the UUID object (a cost per batch).
     # A body with neither list is odd enough to name its keys in a warning (not an error:
     # isendu may send an empty batch, and anything but 200 would only make it retry).
     unknown = () if any(kind in doc for kind in KINDS) else tuple(doc)
-    return Batch(batch_id=os.urandom(16).hex(), received_at=received_at or utc_now(),
+    return Batch(batch_id=batch_id or os.urandom(16).hex(), received_at=received_at or utc_now(),
                  items=items, unknown_keys=unknown)
+
+
+# orjson writes up to this many levels; deeper items take the stdlib encoder, whose limit is
+# Python's recursion limit. Fewer brackets than this in the whole body: nothing to check.
+_ORJSON_DEPTH = 254
+
+
+def _refuse_too_deep(body: bytes, doc: Any, items: list[Item]) -> None:
+    """An item too deeply nested to be encoded again (for its delivery id, for a sink) is
+    refused here, before it is stored, not found later by the sequencer."""
+    if body.count(b"[") + body.count(b"{") <= _ORJSON_DEPTH:
+        return
+    try:
+        orjson.dumps(doc)
+        return
+    except TypeError:  # too deep for orjson, or an integer beyond 64 bits: look closer
+        pass
+    counters = dict.fromkeys(KINDS, 0)
+    for item in items:
+        where = f"$.{item.kind}[{counters[item.kind]}]"
+        counters[item.kind] += 1
+        try:
+            json.dumps(item.data)
+        except RecursionError:
+            raise PayloadError("an item is nested too deeply to store; expected at most a "
+                               "few hundred levels of objects and arrays", where) from None
 
 
 def utc_now() -> str:

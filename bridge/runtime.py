@@ -1,17 +1,18 @@
-"""Wires a loaded config into the running parts: sinks, router, outbox, dispatcher, metrics."""
+"""Wires a loaded config into the running parts: sinks, router, store, sequencer, dispatcher,
+metrics."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bridge.config import BridgeConfig
 from bridge.dispatch.dispatcher import Dispatcher
 from bridge.metrics import Metrics
-from bridge.outbox import Outbox, from_url
+from bridge.outbox import Store, from_url
 from bridge.redact import REDACTOR, url_credentials
 from bridge.routing.router import Router, compile_routes
+from bridge.sequencer import Sequencer
 from bridge.sinks import SINK_TYPES
 from bridge.sinks.base import Sink
 
@@ -42,30 +43,32 @@ class Runtime:
     config: BridgeConfig
     sinks: dict[str, Sink]
     router: Router
-    outbox: Outbox
+    store: Store
+    sequencer: Sequencer
     dispatcher: Dispatcher
     metrics: Metrics
     secrets_by_key: dict[str, str]
     intake_slots: asyncio.Semaphore  # server.intake_concurrency
-    # One thread: routing is CPU-bound, so more threads would only contend for the GIL.
-    routing_thread: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="router"))
 
 
-def build_runtime(config: BridgeConfig, outbox: Outbox | None = None) -> Runtime:
+def build_runtime(config: BridgeConfig, store: Store | None = None) -> Runtime:
     sinks = build_sinks(config)
     register_secrets(config, sinks)
     metrics = Metrics()
     metrics.add_sinks(sinks)
-    outbox = outbox or from_url(config.storage)
+    store = store or from_url(config.storage)
     for sink in sinks.values():
-        sink.state = outbox
+        sink.memory = store
+    router = Router(compile_routes(config, sinks))
+    dispatcher = Dispatcher(store, sinks, config, metrics, memory=store)
     return Runtime(
         config=config,
         sinks=sinks,
-        router=Router(compile_routes(config, sinks)),
-        outbox=outbox,
-        dispatcher=Dispatcher(outbox, sinks, config, metrics),
+        router=router,
+        store=store,
+        sequencer=Sequencer(store, router, metrics, dispatcher.wake,
+                            config.defaults.inbox_retention),
+        dispatcher=dispatcher,
         metrics=metrics,
         secrets_by_key={i.key_id: i.secret.get_secret_value() for i in config.integrations},
         intake_slots=asyncio.Semaphore(config.server.intake_concurrency),

@@ -23,7 +23,7 @@ from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
 from bridge.errors import SinkError, TransientSinkError
 from bridge.metrics import Metrics
 from bridge.models import Delivery
-from bridge.outbox import Outbox
+from bridge.outbox import Outbox, SinkMemory
 from bridge.redact import redact
 from bridge.sinks.base import Sink
 
@@ -53,9 +53,11 @@ class Dispatcher:
         sinks: dict[str, Sink],
         config: BridgeConfig,
         metrics: Metrics,
+        memory: SinkMemory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.outbox = outbox
+        self.memory = memory  # swept of what sinks have not written for state_retention
         self.sinks = sinks
         self.config = config
         self.metrics = metrics
@@ -411,11 +413,11 @@ class Dispatcher:
         while not self._stopping:
             try:
                 removed = await self.outbox.sweep(self.clock() - defaults.delivered_retention)
-                forgotten = await self.outbox.forget_state(
+                forgotten = 0 if self.memory is None else await self.memory.forget_memories(
                     self.clock() - defaults.state_retention)
                 if removed or forgotten:
                     log.info("swept the outbox", extra={"delivered_rows": removed,
-                                                        "sink_state_entries": forgotten})
+                                                        "sink_memory_entries": forgotten})
             except Exception:
                 log.exception("sweeping the outbox failed")
             await asyncio.sleep(SWEEP_EVERY)

@@ -12,10 +12,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.errors import PayloadError
-from bridge.models import Batch, NewDelivery
+from bridge.models import Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
 from bridge.runtime import Runtime
+from bridge.sequencer import received_iso
 
 log = logging.getLogger("bridge.http")
 
@@ -83,11 +84,12 @@ async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         body = await read_limited(request, rt.config.server.max_body_bytes)
-        parsed = parse_request(body)
+        received_at = time.time()
+        parsed = parse_request(body, received_iso(received_at))
         if isinstance(parsed, Verification):
             return verify(rt, parsed)
         async with rt.intake_slots:
-            return await accept(rt, parsed, len(body))
+            return await accept(rt, parsed, body, received_at)
     except (PayloadError, BodyTooLarge) as exc:
         # Every refusal, wherever it was found (reading, parsing, routing), is one log line
         # and one count; the error middleware turns it into the 400 or 413.
@@ -123,53 +125,23 @@ def verify(rt: Runtime, v: Verification) -> web.Response:
     return web.json_response({"response": secret})
 
 
-# Small batches are routed on the event loop. Routing costs ~10-25 us per delivery (more
-# with templates), so a batch this small holds the loop for a few milliseconds at most.
-# Handing it to the router thread costs more than that: the thread and the SQLite writer
-# then contend with the loop for the GIL. With sends out of the way (receiver hung), inline
-# routing accepted 17-50% more 10-item batches/s in most quick A/B pairs (benchmarks/).
-INLINE_ROUTING_ITEMS = 20
-INLINE_ROUTING_BYTES = 64 * 1024
-
-
-async def route(rt: Runtime, batch: Batch, body_bytes: int) -> list[NewDelivery]:
-    if len(batch.items) <= INLINE_ROUTING_ITEMS and body_bytes <= INLINE_ROUTING_BYTES:
-        return rt.router.route_batch(batch)
-    # A big batch (a 1 MiB body routes for tens of milliseconds) goes to the router's own
-    # thread: the event loop gets the GIL back every few milliseconds meanwhile, so a
-    # verification never waits for all of it.
-    return await asyncio.get_running_loop().run_in_executor(
-        rt.routing_thread, rt.router.route_batch, batch)
-
-
-async def accept(rt: Runtime, batch: Batch, body_bytes: int) -> web.Response:
-    deliveries = await route(rt, batch, body_bytes)
-    new = await rt.outbox.enqueue(deliveries, time.time()) if deliveries else 0
-    # Only now, with the deliveries committed, may isendu hear 200.
+async def accept(rt: Runtime, batch: Batch, body: bytes, received_at: float) -> web.Response:
+    """Make the batch durable as one inbox row, and only then answer 200: routing,
+    rendering and the deliveries come after, in the sequencer."""
+    await rt.store.append(InboxBatch(batch.batch_id, received_at, len(batch.items), body))
+    rt.sequencer.wake()
     rt.metrics.batches_accepted.inc()
     kinds = Counter(item.kind for item in batch.items)
     for kind, n in kinds.items():
         rt.metrics.items.labels(kind).inc(n)
-    for d in deliveries:
-        if d.error:
-            rt.metrics.dead_letters.labels(d.sink, "template_error").inc()
-            log.warning("template failed; delivery dead-lettered",
-                        extra={"batch_id": batch.batch_id, "delivery_id": d.id,
-                               "reason": d.error})
     if batch.unknown_keys:
         # `{"orders": ...}` or `{"keyid": ...}`: a 200 is what isendu's retries need if
         # isendu sent it, but someone testing by hand would never learn why nothing happened.
         log.warning("body has neither keyId, order nor tracking; accepted as an empty batch",
                     extra={"batch_id": batch.batch_id,
                            "keys": [shorten(k) for k in batch.unknown_keys[:10]]})
-    if new:
-        rt.dispatcher.wake()
-    log.info("batch accepted", extra={"batch_id": batch.batch_id, "items": len(batch.items),
-                                      "deliveries": new, "duplicates": len(deliveries) - new})
-    return web.json_response({
-        "accepted": len(batch.items), "deliveries": new,
-        "duplicates": len(deliveries) - new, "batch_id": batch.batch_id,
-    })
+    log.info("batch accepted", extra={"batch_id": batch.batch_id, "items": len(batch.items)})
+    return web.json_response({"accepted": len(batch.items), "batch_id": batch.batch_id})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -179,7 +151,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
-        await asyncio.wait_for(rt.outbox.ping(), timeout=2.0)
+        await asyncio.wait_for(rt.store.ping(), timeout=2.0)
     except Exception as exc:
         return web.json_response(
             {"status": "not ready", "storage": f"not writable: {exc.__class__.__name__}"},
@@ -190,17 +162,21 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
-        for status, n in (await rt.outbox.counts()).items():
+        for status, n in (await rt.store.counts()).items():
             rt.metrics.outbox.labels(status).set(n)
+        waiting, oldest, failed = await rt.store.inbox_depth()
+        rt.metrics.inbox.labels("waiting").set(waiting)
+        rt.metrics.inbox.labels("failed").set(failed)
+        rt.metrics.sequencer_lag.set(0 if oldest is None else max(0.0, time.time() - oldest))
     except Exception:
-        log.exception("reading outbox depth failed")
+        log.exception("reading storage depths failed")
     body = generate_latest(rt.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
-    """The app; with `own_lifecycle` its startup/cleanup hooks open the outbox and run the
-    dispatcher (tests and `serve` both use this)."""
+    """The app; with `own_lifecycle` its startup/cleanup hooks open the store and run the
+    sequencer and the dispatcher (tests and `serve` both use this)."""
     app = web.Application(middlewares=[json_errors],
                           client_max_size=rt.config.server.max_body_bytes)
     app[RUNTIME] = rt
@@ -217,16 +193,20 @@ def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
 
 async def _startup(app: web.Application) -> None:
     rt = app[RUNTIME]
-    await open_explained(rt.outbox, rt.config.storage, recover=True)
+    await open_explained(rt.store, rt.config.storage, recover=True)
     await rt.dispatcher.start()
+    await rt.sequencer.start()
+    # Other replicas' intakes and sequencer (PostgreSQL): woken at once, not at the next poll.
+    await rt.store.subscribe(rt.sequencer.wake, rt.dispatcher.wake)
 
 
 async def _shutdown(app: web.Application) -> None:
-    # Runs after the listener stopped accepting: finish in-flight sends, leave the rest pending.
-    await app[RUNTIME].dispatcher.stop(grace=10.0)
+    # Runs after the listener stopped accepting: the settle in flight finishes (what is not
+    # settled stays waiting), then sends in flight finish, and the rest stays pending.
+    rt = app[RUNTIME]
+    await rt.sequencer.stop(grace=10.0)
+    await rt.dispatcher.stop(grace=10.0)
 
 
 async def _cleanup(app: web.Application) -> None:
-    rt = app[RUNTIME]
-    rt.routing_thread.shutdown(wait=True)
-    await rt.outbox.close()
+    await app[RUNTIME].store.close()

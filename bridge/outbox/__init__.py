@@ -1,5 +1,5 @@
-"""Durable outbox backends behind one interface."""
+"""Storage engines (memory, SQLite, PostgreSQL) behind a few narrow interfaces."""
 
-from bridge.outbox.base import Outbox, from_url
+from bridge.outbox.base import Inbox, Outbox, SinkMemory, Store, from_url
 
-__all__ = ["Outbox", "from_url"]
+__all__ = ["Inbox", "Outbox", "SinkMemory", "Store", "from_url"]

@@ -1,31 +1,34 @@
-"""The outbox interface. Every backend passes tests/integration/test_outbox_contract.py.
+"""Storage: a few narrow interfaces, one store per engine implementing them all.
 
-Retries are decisions stored here (`next_attempt_at`, or dead), never sleeps in memory, so a
-restart resumes exactly where the last process stopped.
+- `Inbox`: accepted batches, one row each, written before the 200; the sequencer takes them
+  in acceptance order and settles each (its deliveries stored, the row marked) in one
+  transaction.
+- `Outbox`: deliveries; retries are decisions stored here (`next_attempt_at`, or dead),
+  never sleeps in memory, so a restart resumes exactly where the last process stopped.
+- `SinkMemory`: a sink's small durable memory (the Slack thread of a shipment).
+
+Every store passes tests/integration/test_storage_contract.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from bridge.models import Delivery, NewDelivery
+from bridge.errors import StorageInUse, StorageUnavailable
+from bridge.models import BatchInfo, Delivery, InboxBatch, NewDelivery, Outcome
 from bridge.redact import MASK, names_a_credential, redact
 
-
-class StorageInUse(RuntimeError):
-    """Another process serves this storage; the message says which and what to do."""
-
-
-class StorageUnavailable(RuntimeError):
-    """The storage could not be opened; the message names the setting and the cause."""
+__all__ = ["Inbox", "Outbox", "SinkMemory", "StorageInUse", "StorageUnavailable", "Store",
+           "from_url", "open_explained", "storage_label"]
 
 
-async def open_explained(outbox: Outbox, url: str, *, recover: bool = False) -> None:
-    """`outbox.open()`, with any failure but StorageInUse turned into one sentence that
+async def open_explained(store: Store, url: str, *, recover: bool = False) -> None:
+    """`store.open()`, with any failure but StorageInUse turned into one sentence that
     names the `storage` setting (a missing folder, an unreachable PostgreSQL...)."""
     try:
-        await outbox.open(recover=recover)
+        await store.open(recover=recover)
     except StorageInUse:
         raise
     except Exception as exc:
@@ -53,21 +56,16 @@ def storage_label(url: str) -> str:
 
 
 class Outbox(ABC):
+    """Deliveries: what the sequencer made, claimed and settled by the dispatcher."""
+
     # How long a claim holds a delivery. Only matters when a process dies mid-send: then the
     # delivery waits this long before another process (or the restarted one) sends it again.
     lease_seconds: float = 300.0
 
     @abstractmethod
-    async def open(self, *, recover: bool = False) -> None:
-        """Create the schema if needed. `recover` (the serving process only): take ownership
-        and release leases that a dead process of ours left behind."""
-
-    @abstractmethod
-    async def close(self) -> None: ...
-
-    @abstractmethod
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        """Store all of one intake's deliveries in one transaction; durable on return.
+        """Store deliveries in one transaction; durable on return (the sequencer stores
+        them with `Inbox.settle`, which shares this contract).
 
         A delivery whose id is already stored (a repeated isendu item) is skipped.
         Returns how many were new.
@@ -129,40 +127,112 @@ class Outbox(ABC):
     async def counts(self) -> dict[str, int]:
         """Number of deliveries per status (pending, delivered, dead)."""
 
+
+class SinkMemory(ABC):
+    """A sink's small durable memory, e.g. the Slack thread of a shipment."""
+
     @abstractmethod
-    async def forget_state(self, updated_before: float) -> int:
-        """Forget sink state not written since then (e.g. threads of long-settled shipments);
+    async def recall(self, scope: str, key: str) -> str | None: ...
+
+    @abstractmethod
+    async def remember(self, scope: str, key: str, value: str, now: float) -> None: ...
+
+    @abstractmethod
+    async def forget_memories(self, updated_before: float) -> int:
+        """Forget what was not written since then (threads of long-settled shipments);
         returns how many entries."""
 
-    @abstractmethod
-    async def get_state(self, scope: str, key: str) -> str | None:
-        """A sink's small durable memory, e.g. the Slack thread of a shipment."""
+
+class Inbox(ABC):
+    """Accepted batches, waiting to be sequenced, then kept for `inbox_retention`."""
 
     @abstractmethod
-    async def put_state(self, scope: str, key: str, value: str, now: float) -> None: ...
+    async def append(self, batch: InboxBatch) -> None:
+        """Store one accepted batch; durable on return (only then may isendu hear 200)."""
+
+    @abstractmethod
+    async def waiting(self, limit: int) -> list[InboxBatch]:
+        """The oldest waiting batches, in acceptance order."""
+
+    @abstractmethod
+    async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
+        """In ONE transaction, per outcome: a sequenced batch's deliveries stored (ids
+        already stored are skipped) and the batch marked sequenced, or the batch marked
+        failed. Returns, per outcome, how many deliveries were new (None: failed, or no
+        longer waiting, so nothing of it was written)."""
+
+    @abstractmethod
+    async def batches(self, limit: int) -> list[BatchInfo]:
+        """The newest batches first, without their bodies."""
+
+    @abstractmethod
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        """One batch with its body and per-item summary."""
+
+    @abstractmethod
+    async def reroute(self, ids: list[str] | None, since: float | None) -> int:
+        """Sequenced or failed batches back to waiting (by id, or received since then);
+        returns how many."""
+
+    @abstractmethod
+    async def inbox_depth(self) -> tuple[int, float | None, int]:
+        """(batches waiting, received_at of the oldest waiting, batches failed)."""
+
+    @abstractmethod
+    async def sweep_batches(self, sequenced_before: float) -> int:
+        """Forget sequenced batches older than the retention (failed ones are kept)."""
+
+    async def acquire_sequencer(self) -> bool:
+        """May this process sequence now? One sequencer at a time: with one process per
+        store (SQLite, memory) always; PostgreSQL holds a lock for it."""
+        return True
+
+    async def release_sequencer(self) -> None:
+        """Give the sequencer's turn up (stopping)."""
+
+
+class Store(Inbox, Outbox, SinkMemory, ABC):
+    """One engine's storage, every interface in one place."""
+
+    @abstractmethod
+    async def open(self, *, recover: bool = False) -> None:
+        """Apply pending migrations. `recover` (the serving process only): take ownership
+        and release leases that a dead process of ours left behind."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
 
     @abstractmethod
     async def ping(self) -> None:
         """Raise if the storage cannot be written right now."""
 
+    @abstractmethod
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; returns the ones applied (`0002_inbox`...)."""
 
-def from_url(url: str) -> Outbox:
+    async def subscribe(self, on_batches: Callable[[], None],
+                        on_deliveries: Callable[[], None]) -> None:
+        """Call these when another process appended batches or stored deliveries (where
+        several processes share the storage); in one process the callers wake directly."""
+
+
+def from_url(url: str) -> Store:
     """`sqlite:///rel/path.db`, `sqlite:////abs/path.db`, `postgresql://...` or `memory://`."""
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
-        from bridge.outbox.sqlite import SqliteOutbox
+        from bridge.outbox.sqlite import SqliteStore
 
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
             raise ValueError("sqlite storage URL needs a file path, e.g. sqlite:///data/bridge.db")
-        return SqliteOutbox(path)
+        return SqliteStore(path)
     if scheme in ("postgresql", "postgres"):
-        from bridge.outbox.postgres import PostgresOutbox
+        from bridge.outbox.postgres import PostgresStore
 
-        return PostgresOutbox(url)
+        return PostgresStore(url)
     if scheme == "memory":
-        from bridge.outbox.memory import MemoryOutbox
+        from bridge.outbox.memory import MemoryStore
 
-        return MemoryOutbox()
+        return MemoryStore()
     raise ValueError(f"unsupported storage URL scheme {scheme!r}; "
                      "expected sqlite://, postgresql:// or memory://")

@@ -1,19 +1,29 @@
-"""An in-memory outbox: same contract, no durability. For tests and `memory://` trials."""
+"""An in-memory store: same contract, no durability. For tests and `memory://` trials."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from bridge.models import Delivery, NewDelivery, Status
-from bridge.outbox.base import Outbox
+from bridge.models import (
+    BatchInfo,
+    BatchStatus,
+    Delivery,
+    Failed,
+    InboxBatch,
+    NewDelivery,
+    Outcome,
+    Status,
+)
+from bridge.outbox.base import Store
 
 
-class MemoryOutbox(Outbox):
+class MemoryStore(Store):
     def __init__(self) -> None:
         self._rows: dict[str, Delivery] = {}
         self._seq: dict[str, int] = {}
         self._lease: dict[str, float] = {}
-        self._state: dict[tuple[str, str], tuple[str, float]] = {}
+        self._memory: dict[tuple[str, str], tuple[str, float]] = {}
+        self._inbox: dict[str, tuple[InboxBatch, BatchInfo]] = {}  # in acceptance order
 
     async def open(self, *, recover: bool = False) -> None:
         if recover:
@@ -21,6 +31,9 @@ class MemoryOutbox(Outbox):
 
     async def close(self) -> None:
         pass
+
+    async def migrate(self) -> list[str]:
+        return []
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
         new = 0
@@ -148,18 +161,81 @@ class MemoryOutbox(Outbox):
             out[row.status.value] += 1
         return out
 
-    async def forget_state(self, updated_before: float) -> int:
-        old = [k for k, (_, at) in self._state.items() if at < updated_before]
+    async def forget_memories(self, updated_before: float) -> int:
+        old = [k for k, (_, at) in self._memory.items() if at < updated_before]
         for k in old:
-            del self._state[k]
+            del self._memory[k]
         return len(old)
 
-    async def get_state(self, scope: str, key: str) -> str | None:
-        entry = self._state.get((scope, key))
+    async def recall(self, scope: str, key: str) -> str | None:
+        entry = self._memory.get((scope, key))
         return None if entry is None else entry[0]
 
-    async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
-        self._state[(scope, key)] = (value, now)
+    async def remember(self, scope: str, key: str, value: str, now: float) -> None:
+        self._memory[(scope, key)] = (value, now)
 
     async def ping(self) -> None:
         pass
+
+    # ---- inbox -------------------------------------------------------------------------
+
+    async def append(self, batch: InboxBatch) -> None:
+        if batch.id in self._inbox:
+            raise ValueError(f"batch {batch.id} is stored already")
+        self._inbox[batch.id] = (batch, BatchInfo(
+            id=batch.id, received_at=batch.received_at, items=batch.items,
+            status=BatchStatus.WAITING))
+
+    async def waiting(self, limit: int) -> list[InboxBatch]:
+        out = [b for b, info in self._inbox.values() if info.status is BatchStatus.WAITING]
+        return out[:limit]
+
+    async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
+        results: list[int | None] = []
+        for outcome in outcomes:
+            entry = self._inbox.get(outcome.batch_id)
+            if entry is None or entry[1].status is not BatchStatus.WAITING:
+                results.append(None)
+                continue
+            info = entry[1]
+            info.sequenced_at = now
+            if isinstance(outcome, Failed):
+                info.status, info.error, info.summary = BatchStatus.FAILED, outcome.reason, None
+                results.append(None)
+                continue
+            new = await self.enqueue(outcome.deliveries, now)
+            info.status, info.error, info.summary = BatchStatus.SEQUENCED, None, outcome.summary
+            info.deliveries, info.duplicates = new, len(outcome.deliveries) - new
+            results.append(new)
+        return results
+
+    async def batches(self, limit: int) -> list[BatchInfo]:
+        newest = list(self._inbox.values())[::-1][:limit]
+        return [replace(info, summary=None, body=None) for _, info in newest]
+
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        entry = self._inbox.get(batch_id)
+        return None if entry is None else replace(entry[1], body=entry[0].body)
+
+    async def reroute(self, ids: list[str] | None, since: float | None) -> int:
+        count = 0
+        for batch_id, (batch, info) in self._inbox.items():
+            chosen = (ids is not None and batch_id in ids) or (
+                since is not None and batch.received_at >= since)
+            if chosen and info.status is not BatchStatus.WAITING:
+                info.status, info.error = BatchStatus.WAITING, None
+                count += 1
+        return count
+
+    async def inbox_depth(self) -> tuple[int, float | None, int]:
+        waiting = [b.received_at for b, i in self._inbox.values()
+                   if i.status is BatchStatus.WAITING]
+        failed = sum(1 for _, i in self._inbox.values() if i.status is BatchStatus.FAILED)
+        return len(waiting), min(waiting, default=None), failed
+
+    async def sweep_batches(self, sequenced_before: float) -> int:
+        old = [k for k, (_, i) in self._inbox.items() if i.status is BatchStatus.SEQUENCED
+               and i.sequenced_at is not None and i.sequenced_at < sequenced_before]
+        for k in old:
+            del self._inbox[k]
+        return len(old)

@@ -1,61 +1,51 @@
-"""PostgreSQL outbox: several `bridge serve` replicas share one database.
+"""PostgreSQL store: several `bridge serve` replicas share one database.
 
-Replicas claim work with `FOR UPDATE SKIP LOCKED`, so no delivery is handed to two of them at
-once, and every claim is a lease: a replica that dies mid-send loses its leases when they run
-out, and another replica sends those deliveries again (at-least-once). Leases are shorter here
-than with SQLite because nobody can release them at start: other replicas may be alive.
+Every replica accepts batches into the inbox. One sequencer runs at a time: it holds a
+session advisory lock on a connection of its own and settles batches on that connection,
+so a replica that dies (its connection ends) loses the lock and its unfinished transaction
+together, and another replica takes over at its next try. NOTIFY wakes the sequencer when a
+batch is appended, and every replica's dispatcher when deliveries are stored; polling stays
+as the fallback.
+
+Replicas claim deliveries with `FOR UPDATE SKIP LOCKED`, so no delivery is handed to two of
+them at once, and every claim is a lease: a replica that dies mid-send loses its leases when
+they run out, and another replica sends those deliveries again (at-least-once). Leases are
+shorter here than with SQLite because nobody can release them at start: other replicas may
+be alive.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
-from bridge.models import Delivery, NewDelivery, Status
-from bridge.outbox.base import Outbox
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    sink TEXT NOT NULL,
-    route TEXT NOT NULL,
-    item_uuid TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    batch_id TEXT,
-    payload TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at DOUBLE PRECISION NOT NULL,
-    lease_until DOUBLE PRECISION,
-    last_error TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    enqueued_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    group_key TEXT
-);
-CREATE INDEX IF NOT EXISTS deliveries_due
-    ON deliveries (sink, next_attempt_at, seq) WHERE status = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_by_status ON deliveries (status, updated_at);
-CREATE INDEX IF NOT EXISTS deliveries_groups
-    ON deliveries (sink, group_key, seq) WHERE status = 'pending' AND group_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS sink_state (
-    scope TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (scope, key)
-);
-"""
-
-_COLUMNS = (
-    "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
-    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until"
+from bridge.errors import StorageError
+from bridge.models import (
+    BatchInfo,
+    BatchStatus,
+    Delivery,
+    Failed,
+    InboxBatch,
+    NewDelivery,
+    Outcome,
+    Status,
 )
-# Serialises schema creation when several replicas start at once.
-_SCHEMA_LOCK = 0x6272696467  # "bridg"
+from bridge.outbox.base import Store
+from bridge.outbox.migrate import plan
+from bridge.outbox.sql import queries
+
+log = logging.getLogger("bridge.storage")
+Q = queries("postgres")
+MIGRATION_LOCK = 0x6272696467  # "bridg"
+SEQUENCER_LOCK = 0x6272696468
+RELISTEN_AFTER = 2.0  # seconds before a lost listening connection is opened again
 
 
 def _row(r: asyncpg.Record) -> Delivery:
@@ -68,19 +58,43 @@ def _row(r: asyncpg.Record) -> Delivery:
     )
 
 
-class PostgresOutbox(Outbox):
+def _info(r: asyncpg.Record) -> BatchInfo:
+    return BatchInfo(id=r["id"], received_at=r["received_at"], items=r["items"],
+                     status=BatchStatus(r["status"]), deliveries=r["deliveries"],
+                     duplicates=r["duplicates"], error=r["error"],
+                     sequenced_at=r["sequenced_at"])
+
+
+def _count(status: str) -> int:
+    """The row count of an `UPDATE 3` / `DELETE 0` status."""
+    return int(status.split()[-1])
+
+
+class PostgresStore(Store):
     lease_seconds = 60.0
 
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10) -> None:
         self.dsn = dsn
         self._sizes = (min_size, max_size)
         self._pool: asyncpg.Pool | None = None
+        self._sequencer: asyncpg.Connection | None = None  # holds SEQUENCER_LOCK
+        self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
+        self._callbacks: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self.migrated: list[str] = []
 
     @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            raise RuntimeError("outbox is not open")
+            raise StorageError("storage is not open")
         return self._pool
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(self.dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {exc.__class__.__name__}: "
+                               f"{_safe(str(exc), self.dsn)}") from None
 
     async def open(self, *, recover: bool = False) -> None:
         if self._pool is not None:
@@ -90,20 +104,82 @@ class PostgresOutbox(Outbox):
                 self.dsn, min_size=self._sizes[0], max_size=self._sizes[1], timeout=10)
         except (OSError, asyncpg.PostgresError) as exc:
             # The DSN may hold a password: describe the failure, never the DSN.
-            raise RuntimeError(f"cannot connect to PostgreSQL: {exc.__class__.__name__}: "
+            raise StorageError(f"cannot connect to PostgreSQL: {exc.__class__.__name__}: "
                                f"{_safe(str(exc), self.dsn)}") from None
+        self.migrated = await self._apply_migrations()
+
+    async def _apply_migrations(self) -> list[str]:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-            await conn.execute(SCHEMA)
+            await conn.execute(Q["migration_lock"], MIGRATION_LOCK)
+            await conn.execute(Q["create_migrations_table"])
+            applied = {r["version"] for r in await conn.fetch(Q["applied_migrations"])}
+            done = []
+            for step in plan("postgres", applied):
+                await conn.execute(step.sql)
+                await conn.execute(Q["record_migration"], step.version, step.name, time.time())
+                done.append(f"{step.version:04d}_{step.name}")
+            return done
+
+    async def migrate(self) -> list[str]:
+        await self.open()
+        return self.migrated
 
     async def close(self) -> None:
+        if self._relisten is not None:
+            self._relisten.cancel()
+            self._relisten = None
+        for conn in (self._listener, self._sequencer):
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        self._listener = self._sequencer = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        if not deliveries:
-            return 0
+    async def ping(self) -> None:
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval(Q["is_standby"]):
+                raise StorageError("PostgreSQL is a read-only standby")
+            async with conn.transaction():
+                await conn.execute(Q["ping"])
+
+    # ---- notifications -----------------------------------------------------------------
+
+    async def subscribe(self, on_batches: Callable[[], None],
+                        on_deliveries: Callable[[], None]) -> None:
+        self._callbacks = (on_batches, on_deliveries)
+        await self._listen()
+
+    async def _listen(self) -> None:
+        assert self._callbacks is not None
+        on_batches, on_deliveries = self._callbacks
+        try:
+            conn = await self._connect()
+            await conn.add_listener("bridge_inbox", lambda *_: on_batches())
+            await conn.add_listener("bridge_deliveries", lambda *_: on_deliveries())
+        except Exception as exc:  # polling covers for it meanwhile
+            log.warning("cannot listen for notifications; polling until it can",
+                        extra={"error": f"{exc.__class__.__name__}: {exc}"})
+            self._schedule_relisten()
+            return
+        conn.add_termination_listener(lambda _c: self._schedule_relisten())
+        self._listener = conn
+
+    def _schedule_relisten(self) -> None:
+        if self._pool is None or (self._relisten is not None and not self._relisten.done()):
+            return
+
+        async def again() -> None:
+            await asyncio.sleep(RELISTEN_AFTER)
+            await self._listen()
+
+        self._relisten = asyncio.get_running_loop().create_task(again())
+
+    # ---- outbox ------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_args(deliveries: list[NewDelivery], now: float) -> list[Any]:
         cols: list[list[Any]] = [[] for _ in range(11)]
         for d in deliveries:
             values = (d.id, d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
@@ -112,127 +188,173 @@ class PostgresOutbox(Outbox):
                       now + d.delay, d.error, d.group_key)
             for col, value in zip(cols, values, strict=True):
                 col.append(value)
-        # One statement, one transaction per intake; ON CONFLICT skips repeated items.
-        rows = await self.pool.fetch(
-            "INSERT INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload, status, "
-            "next_attempt_at, last_error, group_key, created_at, enqueued_at, updated_at) "
-            "SELECT *, $12::float8, $12::float8, $12::float8 FROM unnest($1::text[], $2::text[], "
-            "$3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], "
-            "$9::float8[], $10::text[], $11::text[]) ON CONFLICT (id) DO NOTHING RETURNING 1",
-            *cols, now,
-        )
+        return [*cols, now]
+
+    async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
+        if not deliveries:
+            return 0
+        rows = await self.pool.fetch(Q["insert_deliveries"], *self._insert_args(deliveries, now))
+        if rows:
+            await self.pool.execute(Q["notify_deliveries"])
         return len(rows)
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
-        rows = await self.pool.fetch(
-            f"UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2 "
-            f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = $3 "
-            f"AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2) "
-            f"ORDER BY next_attempt_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {_COLUMNS}, seq",
-            now + lease, now, sink, limit,
-        )
+        rows = await self.pool.fetch(Q["claim"], now + lease, now, sink, limit)
         return [_row(r) for r in sorted(rows, key=lambda r: (r["next_attempt_at"], r["seq"]))]
 
     async def claim_group(
         self, sink: str, group_key: str, limit: int, now: float, lease: float
     ) -> list[Delivery]:
-        rows = await self.pool.fetch(
-            f"UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2 "
-            f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = $3 "
-            f"AND group_key = $4 AND (lease_until IS NULL OR lease_until <= $2) "
-            f"ORDER BY seq LIMIT $5 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}, seq",
-            now + lease, now, sink, group_key, limit,
-        )
+        rows = await self.pool.fetch(Q["claim_group"], now + lease, now, sink, group_key, limit)
         return [_row(r) for r in sorted(rows, key=lambda r: r["seq"])]
 
     async def complete(self, ids: list[str], now: float) -> None:
-        await self.pool.execute(
-            "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
-            "updated_at = $1 WHERE id = ANY($2::text[])", now, ids)
+        await self.pool.execute(Q["complete"], now, ids)
 
     async def retry_at(
         self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
     ) -> None:
-        await self.pool.execute(
-            "UPDATE deliveries SET next_attempt_at = $1, last_error = $2, lease_until = NULL, "
-            "updated_at = $3, attempts = GREATEST(attempts - $4, 0) "
-            "WHERE id = $5 AND status = 'pending'",
-            when, error, now, 1 if refund else 0, delivery_id)
+        await self.pool.execute(Q["retry_at"], when, error, now, 1 if refund else 0, delivery_id)
 
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
-        await self.pool.execute(
-            "UPDATE deliveries SET status = 'dead', last_error = $1, lease_until = NULL, "
-            "updated_at = $2 WHERE id = $3", reason, now, delivery_id)
+        await self.pool.execute(Q["dead_letter"], reason, now, delivery_id)
 
     async def release(self, claimed: list[Delivery], now: float) -> None:
-        await self.pool.execute(
-            "UPDATE deliveries AS d SET attempts = GREATEST(d.attempts - 1, 0), "
-            "lease_until = NULL FROM unnest($1::text[], $2::float8[]) AS c(id, lease_until) "
-            "WHERE d.id = c.id AND d.status = 'pending' AND d.lease_until = c.lease_until",
-            [d.id for d in claimed], [d.lease_until for d in claimed])
+        await self.pool.execute(Q["release"], [d.id for d in claimed],
+                                [d.lease_until for d in claimed])
 
     async def next_due(self, sink: str) -> float | None:
-        value = await self.pool.fetchval(
-            "SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries "
-            "WHERE status = 'pending' AND sink = $1", sink)
+        value = await self.pool.fetchval(Q["next_due"], sink)
         return None if value is None else float(value)
 
     async def get(self, delivery_id: str) -> Delivery | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM deliveries WHERE id = $1", delivery_id)
+        row = await self.pool.fetchrow(Q["get_delivery"], delivery_id)
         return _row(row) if row else None
 
     async def list_dead(self, limit: int = 100) -> list[Delivery]:
-        rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM deliveries WHERE status = 'dead' "
-            f"ORDER BY updated_at DESC, seq DESC LIMIT $1", limit)
-        return [_row(r) for r in rows]
+        return [_row(r) for r in await self.pool.fetch(Q["list_dead"], limit)]
 
     async def replay(self, ids: list[str] | None, now: float) -> int:
-        sql = ("UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $1, "
-               "enqueued_at = $1, lease_until = NULL, updated_at = $1 WHERE status = 'dead'")
         if ids is None:
-            result = await self.pool.execute(sql, now)
-        else:
-            result = await self.pool.execute(sql + " AND id = ANY($2::text[])", now, ids)
-        return int(result.split()[-1])
+            return _count(await self.pool.execute(Q["replay_all"], now))
+        return _count(await self.pool.execute(Q["replay_ids"], now, ids))
 
     async def sweep(self, delivered_before: float) -> int:
-        result = await self.pool.execute(
-            "DELETE FROM deliveries WHERE status = 'delivered' AND updated_at < $1",
-            delivered_before)
-        return int(result.split()[-1])
+        return _count(await self.pool.execute(Q["sweep_delivered"], delivered_before))
 
     async def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in Status}
-        for row in await self.pool.fetch(
-                "SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status"):
+        for row in await self.pool.fetch(Q["count_by_status"]):
             out[row["status"]] = row["n"]
         return out
 
-    async def forget_state(self, updated_before: float) -> int:
-        result = await self.pool.execute(
-            "DELETE FROM sink_state WHERE updated_at < $1", updated_before)
-        return int(result.split()[-1])
+    # ---- a sink's memory ---------------------------------------------------------------
 
-    async def get_state(self, scope: str, key: str) -> str | None:
-        value = await self.pool.fetchval(
-            "SELECT value FROM sink_state WHERE scope = $1 AND key = $2", scope, key)
+    async def recall(self, scope: str, key: str) -> str | None:
+        value = await self.pool.fetchval(Q["recall"], scope, key)
         return None if value is None else str(value)
 
-    async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
-        await self.pool.execute(
-            "INSERT INTO sink_state (scope, key, value, updated_at) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, "
-            "updated_at = excluded.updated_at", scope, key, value, now)
+    async def remember(self, scope: str, key: str, value: str, now: float) -> None:
+        await self.pool.execute(Q["remember"], scope, key, value, now)
 
-    async def ping(self) -> None:
-        async with self.pool.acquire() as conn:
-            if await conn.fetchval("SELECT pg_is_in_recovery()"):
-                raise RuntimeError("PostgreSQL is a read-only standby")
+    async def forget_memories(self, updated_before: float) -> int:
+        return _count(await self.pool.execute(Q["forget_memories"], updated_before))
+
+    # ---- inbox -------------------------------------------------------------------------
+
+    async def append(self, batch: InboxBatch) -> None:
+        await self.pool.execute(Q["append_batch"], batch.id, batch.received_at, batch.items,
+                                batch.body)
+
+    async def waiting(self, limit: int) -> list[InboxBatch]:
+        rows = await self.pool.fetch(Q["waiting_batches"], limit)
+        return [InboxBatch(id=r["id"], received_at=r["received_at"], items=r["items"],
+                           body=bytes(r["body"])) for r in rows]
+
+    async def acquire_sequencer(self) -> bool:
+        if self._sequencer is not None and not self._sequencer.is_closed():
+            return True
+        self._sequencer = None
+        try:
+            conn = await self._connect()
+        except StorageError:
+            return False
+        try:
+            if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK):
+                self._sequencer = conn
+                return True
+        except Exception:
+            log.exception("asking for the sequencer's lock failed")
+        await conn.close()
+        return False
+
+    async def release_sequencer(self) -> None:
+        conn, self._sequencer = self._sequencer, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.close()  # ending the session releases the lock
+
+    async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
+        conn = self._sequencer
+        if conn is None or conn.is_closed():
+            raise StorageError("this replica does not hold the sequencer's lock")
+        results: list[int | None] = []
+        try:
             async with conn.transaction():
-                await conn.execute("SELECT 1 FROM deliveries LIMIT 1 FOR UPDATE SKIP LOCKED")
+                for outcome in outcomes:
+                    if isinstance(outcome, Failed):
+                        await conn.execute(Q["mark_failed"], outcome.reason, now,
+                                           outcome.batch_id)
+                        results.append(None)
+                        continue
+                    row = await conn.fetchrow(
+                        Q["settle_batch"], *self._insert_args(outcome.deliveries, now),
+                        outcome.batch_id, outcome.summary)
+                    if not row["marked"]:  # no longer waiting (settled already)
+                        results.append(None)
+                        continue
+                    new = int(row["new"])
+                    await conn.execute(Q["count_sequenced"], new, len(outcome.deliveries) - new,
+                                       outcome.batch_id)
+                    results.append(new)
+                if any(results):
+                    await conn.execute(Q["notify_deliveries"])
+        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                asyncpg.exceptions.InterfaceError):
+            # The lock went with the connection: another replica may sequence now.
+            await self.release_sequencer()
+            raise
+        return results
+
+    async def batches(self, limit: int) -> list[BatchInfo]:
+        return [_info(r) for r in await self.pool.fetch(Q["list_batches"], limit)]
+
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        r = await self.pool.fetchrow(Q["get_batch"], batch_id)
+        if r is None:
+            return None
+        info = _info(r)
+        info.summary, info.body = r["summary"], bytes(r["body"])
+        return info
+
+    async def reroute(self, ids: list[str] | None, since: float | None) -> int:
+        count = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            if ids is not None:
+                count += _count(await conn.execute(Q["reroute_ids"], ids))
+            if since is not None:
+                count += _count(await conn.execute(Q["reroute_since"], since))
+            if count:
+                await conn.execute(Q["notify_inbox"])
+        return count
+
+    async def inbox_depth(self) -> tuple[int, float | None, int]:
+        row = await self.pool.fetchrow(Q["count_waiting"])
+        failed = await self.pool.fetchval(Q["count_failed"])
+        return int(row["n"]), row["oldest"], int(failed)
+
+    async def sweep_batches(self, sequenced_before: float) -> int:
+        return _count(await self.pool.execute(Q["sweep_batches"], sequenced_before))
 
 
 def _safe(text: str, dsn: str) -> str:

@@ -1,4 +1,4 @@
-"""SQLite outbox (WAL): the embedded default. One writer thread, group commit.
+"""SQLite store (WAL): the embedded default. One writer thread, group commit.
 
 Every operation is queued to one thread that owns the connection. The thread drains the
 queue, runs everything it found in ONE transaction (each operation in its own savepoint, or
@@ -18,60 +18,29 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.models import Delivery, NewDelivery, Status
-from bridge.outbox.base import Outbox, StorageInUse
+from bridge.errors import StorageError, StorageInUse
+from bridge.models import (
+    BatchInfo,
+    BatchStatus,
+    Delivery,
+    Failed,
+    InboxBatch,
+    NewDelivery,
+    Outcome,
+    Status,
+)
+from bridge.outbox.base import Store
+from bridge.outbox.migrate import plan
+from bridge.outbox.sql import queries
 
 T = TypeVar("T")
 MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    sink TEXT NOT NULL,
-    route TEXT NOT NULL,
-    item_uuid TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    batch_id TEXT,
-    payload TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    lease_until REAL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    enqueued_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    group_key TEXT
-);
-CREATE INDEX IF NOT EXISTS deliveries_due
-    ON deliveries (sink, next_attempt_at, seq) WHERE status = 'pending';
--- Settled rows only (dead-letter list, sweep): a pending row pays for no entry here, which
--- keeps one index update off every intake. Pending rows are counted through deliveries_due.
--- Queries repeat `status <> 'pending'` word for word: only then does SQLite use this index.
-DROP INDEX IF EXISTS deliveries_by_status;
-CREATE INDEX IF NOT EXISTS deliveries_settled
-    ON deliveries (status, updated_at) WHERE status <> 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_groups
-    ON deliveries (sink, group_key, seq) WHERE status = 'pending' AND group_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS sink_state (
-    scope TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (scope, key)
-) WITHOUT ROWID;
-"""
-
-_COLUMNS = (
-    "id, sink, route, item_uuid, kind, batch_id, payload, status, attempts, "
-    "next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until"
-)
-
+Q = queries("sqlite")
 
 def stored_id(delivery_id: str) -> bytes | str:
     """The stored form of an id: the 16 bytes behind `dlv_<32 hex>`, other ids as they are.
@@ -101,10 +70,8 @@ INSERT_ROWS = 64
 
 @functools.lru_cache(maxsize=INSERT_ROWS)
 def _insert_sql(rows: int) -> str:
-    return ("INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, "
-            "payload, status, next_attempt_at, last_error, created_at, enqueued_at, "
-            "updated_at, group_key) VALUES "
-            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * rows))
+    head, values = Q["insert_deliveries"].split("VALUES")
+    return head + "VALUES " + ",".join([values.strip()] * rows)
 
 
 _PACKED = "\x01"  # marks a packed payload; older rows hold a JSON object
@@ -142,20 +109,6 @@ def _row(r: tuple[Any, ...]) -> Delivery:
     )
 
 
-SCHEMA_VERSION = 1
-
-
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Version 1 stores `dlv_` ids as 16 bytes: ids written as text before are converted,
-    or lookups by id (complete, retry, replay) and the duplicate check would miss them."""
-    conn.execute("BEGIN IMMEDIATE")
-    rows = conn.execute("SELECT seq, id FROM deliveries WHERE typeof(id) = 'text'").fetchall()
-    conn.executemany("UPDATE OR IGNORE deliveries SET id = ? WHERE seq = ?",
-                     [(stored_id(i), seq) for seq, i in rows if stored_id(i) != i])
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    conn.execute("COMMIT")
-
-
 def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[str, list[Any]]]:
     """An intake's INSERTs, one flat parameter list per statement. Built on the event loop:
     the writer thread then only binds and steps, and needs the GIL (held by the loop most of
@@ -174,16 +127,32 @@ def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[s
 
 
 class _Op:
-    __slots__ = ("fn", "future", "loop", "one_statement")
+    __slots__ = ("fn", "future", "loop", "one_statement", "urgent", "weight")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any],
                  loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-                 one_statement: bool) -> None:
+                 one_statement: bool, urgent: bool, weight: int) -> None:
         self.fn, self.loop, self.future = fn, loop, future
-        self.one_statement = one_statement
+        self.one_statement, self.urgent, self.weight = one_statement, urgent, weight
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _take_group(queued: list[_Op]) -> tuple[list[_Op], list[_Op]]:
+    """(this group, what waits for the next): every intake first, then the other work in
+    order, the first always and more while it stays under NORMAL_WEIGHT rows."""
+    group = [op for op in queued if op.urgent]
+    rest = [op for op in queued if not op.urgent]
+    weight, taken = 0, 0
+    for op in rest:
+        if taken and (weight + op.weight > NORMAL_WEIGHT or len(group) >= MAX_GROUP):
+            break
+        group.append(op)
+        weight += op.weight
+        taken += 1
+    return group, rest[taken:]
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, error: BaseException | None
+                   ) -> None:
     if future.done():
         return
     if error is not None:
@@ -196,10 +165,78 @@ def _settle_all(
     settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
 ) -> None:
     for future, result, error in settled:
-        _settle(future, result, error)
+        _settle_future(future, result, error)
 
 
-class SqliteOutbox(Outbox):
+def _adopt_unversioned(conn: sqlite3.Connection) -> None:
+    """Before 0001: a file from before digests lacks group_key (0001's index needs it)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+    if columns and "group_key" not in columns:
+        conn.execute("ALTER TABLE deliveries ADD COLUMN group_key TEXT")
+
+
+def _convert_text_ids(conn: sqlite3.Connection) -> None:
+    """After 0001: `dlv_` ids are stored as 16 bytes; ids that files from before stored as
+    text are converted, or lookups by id and the duplicate check would miss them."""
+    rows = conn.execute("SELECT seq, id FROM deliveries WHERE typeof(id) = 'text'").fetchall()
+    conn.executemany("UPDATE OR IGNORE deliveries SET id = ? WHERE seq = ?",
+                     [(stored_id(i), seq) for seq, i in rows if stored_id(i) != i])
+
+
+# Python steps around a migration's SQL, for what SQL alone cannot say.
+BEFORE = {1: _adopt_unversioned}
+AFTER = {1: _convert_text_ids}
+
+
+def apply_migrations(conn: sqlite3.Connection, now: float) -> list[str]:
+    """Each pending step in a transaction of its own, recorded with it."""
+    conn.execute(Q["create_migrations_table"])
+    applied = {row[0] for row in conn.execute(Q["applied_migrations"])}
+    done = []
+    for step in plan("sqlite", applied):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if step.version in BEFORE:
+                BEFORE[step.version](conn)
+            for statement in _statements(step.sql):
+                conn.execute(statement)
+            if step.version in AFTER:
+                AFTER[step.version](conn)
+            conn.execute(Q["record_migration"], (step.version, step.name, now))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        done.append(f"{step.version:04d}_{step.name}")
+    return done
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements (executescript would COMMIT on its own)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
+
+
+def _info(r: tuple[Any, ...]) -> BatchInfo:
+    return BatchInfo(id=r[0], received_at=r[1], items=r[2], status=BatchStatus(r[3]),
+                     deliveries=r[4], duplicates=r[5], error=r[6], sequenced_at=r[7])
+
+
+# A group's sequencing work after its intakes, at most this many rows of it (one settle
+# always goes): an intake then waits behind a few milliseconds of it, never a whole backlog.
+NORMAL_WEIGHT = 512
+
+
+class SqliteStore(Store):
     def __init__(self, path: str) -> None:
         self.path = path
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -207,6 +244,7 @@ class SqliteOutbox(Outbox):
         self._lock_fd: int | None = None
         self.commits = 0  # how many transactions served how many operations: group commit
         self.operations = 0
+        self.migrated: list[str] = []
 
     # ---- the writer thread -------------------------------------------------------------
 
@@ -219,22 +257,19 @@ class SqliteOutbox(Outbox):
         # FULL: a 200 to isendu must survive a power cut, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
-        if columns and "group_key" not in columns:  # a file from before digests existed
-            conn.execute("ALTER TABLE deliveries ADD COLUMN group_key TEXT")
-        conn.executescript(SCHEMA)
-        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-            _upgrade(conn)
+        self.migrated = apply_migrations(conn, time.time())
         return conn
 
     def _serve(self, conn: sqlite3.Connection) -> None:
+        held: list[_Op] = []  # sequencing work left for the next group
         while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            ops = [first]
+            if not held:
+                first = self._queue.get()
+                if first is None:
+                    break
+                held.append(first)
             stop = False
-            while len(ops) < MAX_GROUP:
+            while len(held) < MAX_GROUP:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -242,9 +277,12 @@ class SqliteOutbox(Outbox):
                 if nxt is None:
                     stop = True
                     break
-                ops.append(nxt)
-            self._run_group(conn, ops)
+                held.append(nxt)
+            group, held = _take_group(held)
+            self._run_group(conn, group)
             if stop:
+                for op in held:  # close() waits for nothing queued after its stop
+                    self._run_group(conn, [op])
                 break
         conn.close()
 
@@ -293,32 +331,40 @@ class SqliteOutbox(Outbox):
             loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *,
-                    one_statement: bool = False) -> T:
+                    one_statement: bool = False, urgent: bool = False, weight: int = 1) -> T:
         """Run `fn` on the writer thread in the next group's transaction. `one_statement`:
-        `fn` runs exactly one statement and nothing else that can fail after it."""
+        `fn` runs exactly one statement and nothing else that can fail after it. `urgent`
+        (intake): ahead of everything else queued. `weight`: rows it writes, roughly."""
         if self._thread is None:
-            raise RuntimeError("outbox is not open")
+            raise StorageError("storage is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future, one_statement))
+        self._queue.put(_Op(fn, loop, future, one_statement, urgent, weight))
         return await future
 
-    # ---- the interface -----------------------------------------------------------------
+    # ---- the store ---------------------------------------------------------------------
 
     async def open(self, *, recover: bool = False) -> None:
         if self._thread is not None:
             return
         if recover:
             self._lock_exclusively()
-        conn = await asyncio.to_thread(self._connect)
-        self._thread = threading.Thread(target=self._serve, args=(conn,), name="outbox-sqlite",
+        try:
+            conn = await asyncio.to_thread(self._connect)
+        except BaseException:
+            self._unlock()
+            raise
+        self._thread = threading.Thread(target=self._serve, args=(conn,), name="store-sqlite",
                                         daemon=True)
         self._thread.start()
         if recover:
             # We hold the lock, so any lease left is from a process of ours that died
             # mid-send: its deliveries are due again now (at-least-once).
-            await self._call(lambda c: c.execute(
-                "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL"))
+            await self._call(lambda c: c.execute(Q["release_every_lease"]))
+
+    async def migrate(self) -> list[str]:
+        await self.open()
+        return self.migrated
 
     def _lock_exclusively(self) -> None:
         """One serving process per SQLite file: a second would double-send leased work."""
@@ -335,15 +381,24 @@ class SqliteOutbox(Outbox):
                 "process (several replicas need PostgreSQL)") from None
         self._lock_fd = fd
 
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
     async def close(self) -> None:
         if self._thread is None:
             return
         self._queue.put(None)
         thread, self._thread = self._thread, None
         await asyncio.to_thread(thread.join)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+        self._unlock()
+
+    async def ping(self) -> None:
+        # A real write (it changes nothing) proves the file is writable.
+        await self._call(lambda c: c.execute(Q["ping_create"]) and c.execute(Q["ping_delete"]))
+
+    # ---- outbox ------------------------------------------------------------------------
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
         chunks = insert_statements(deliveries, now)
@@ -354,17 +409,13 @@ class SqliteOutbox(Outbox):
                 c.execute(sql, params)
             return c.total_changes - before
 
-        return await self._call(write, one_statement=len(chunks) == 1)
+        return await self._call(write, one_statement=len(chunks) == 1,
+                                weight=len(deliveries))
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:
-            rows = c.execute(
-                f"UPDATE deliveries SET attempts = attempts + 1, lease_until = ?, updated_at = ? "
-                f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = ? "
-                f"AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?) "
-                f"ORDER BY next_attempt_at, seq LIMIT ?) RETURNING {_COLUMNS}, seq",
-                (now + lease, now, sink, now, now, limit),
-            ).fetchall()
+            rows = c.execute(Q["claim"], {"lease_until": now + lease, "now": now, "sink": sink,
+                                          "limit": limit}).fetchall()
             rows.sort(key=lambda r: (r[9], r[-1]))  # RETURNING order is unspecified
             return [_row(r) for r in rows]
 
@@ -374,13 +425,9 @@ class SqliteOutbox(Outbox):
         self, sink: str, group_key: str, limit: int, now: float, lease: float
     ) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:
-            rows = c.execute(
-                f"UPDATE deliveries SET attempts = attempts + 1, lease_until = ?, updated_at = ? "
-                f"WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = ? "
-                f"AND group_key = ? AND (lease_until IS NULL OR lease_until <= ?) "
-                f"ORDER BY seq LIMIT ?) RETURNING {_COLUMNS}, seq",
-                (now + lease, now, sink, group_key, now, limit),
-            ).fetchall()
+            rows = c.execute(Q["claim_group"], {
+                "lease_until": now + lease, "now": now, "sink": sink, "group_key": group_key,
+                "limit": limit}).fetchall()
             rows.sort(key=lambda r: r[-1])
             return [_row(r) for r in rows]
 
@@ -388,102 +435,161 @@ class SqliteOutbox(Outbox):
 
     async def complete(self, ids: list[str], now: float) -> None:
         await self._call(lambda c: c.executemany(
-            "UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL, "
-            "updated_at = ? WHERE id = ?", [(now, stored_id(i)) for i in ids]))
+            Q["complete"], [(now, stored_id(i)) for i in ids]), weight=len(ids))
 
     async def retry_at(
         self, delivery_id: str, when: float, error: str, now: float, *, refund: bool = False
     ) -> None:
-        await self._call(lambda c: c.execute(
-            "UPDATE deliveries SET next_attempt_at = ?, last_error = ?, lease_until = NULL, "
-            "updated_at = ?, attempts = MAX(attempts - ?, 0) WHERE id = ? AND status = 'pending'",
-            (when, error, now, 1 if refund else 0, stored_id(delivery_id))))
+        await self._call(lambda c: c.execute(Q["retry_at"], {
+            "when": when, "error": error, "now": now, "refund": 1 if refund else 0,
+            "id": stored_id(delivery_id)}))
 
     async def dead_letter(self, delivery_id: str, reason: str, now: float) -> None:
         await self._call(lambda c: c.execute(
-            "UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = NULL, "
-            "updated_at = ? WHERE id = ?", (reason, now, stored_id(delivery_id))))
+            Q["dead_letter"], (reason, now, stored_id(delivery_id))))
 
     async def release(self, claimed: list[Delivery], now: float) -> None:
         await self._call(lambda c: c.executemany(
-            "UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL "
-            "WHERE id = ? AND status = 'pending' AND lease_until = ?",
-            [(stored_id(d.id), d.lease_until) for d in claimed]))
+            Q["release"], [(stored_id(d.id), d.lease_until) for d in claimed]))
 
     async def next_due(self, sink: str) -> float | None:
         def read(c: sqlite3.Connection) -> float | None:
-            row = c.execute(
-                "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries "
-                "WHERE status = 'pending' AND sink = ?", (sink,)).fetchone()
+            row = c.execute(Q["next_due"], (sink,)).fetchone()
             return None if row[0] is None else float(row[0])
 
         return await self._call(read)
 
     async def get(self, delivery_id: str) -> Delivery | None:
         def read(c: sqlite3.Connection) -> Delivery | None:
-            row = c.execute(f"SELECT {_COLUMNS} FROM deliveries WHERE id = ?",
-                            (stored_id(delivery_id),)).fetchone()
+            row = c.execute(Q["get_delivery"], (stored_id(delivery_id),)).fetchone()
             return _row(row) if row else None
 
         return await self._call(read)
 
     async def list_dead(self, limit: int = 100) -> list[Delivery]:
-        return await self._call(lambda c: [_row(r) for r in c.execute(
-            f"SELECT {_COLUMNS} FROM deliveries WHERE status = 'dead' AND status <> 'pending' "
-            f"ORDER BY updated_at DESC, seq DESC LIMIT ?", (limit,)).fetchall()])
+        return await self._call(lambda c: [
+            _row(r) for r in c.execute(Q["list_dead"], (limit,)).fetchall()])
 
     async def replay(self, ids: list[str] | None, now: float) -> int:
-        sql = ("UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?, "
-               "enqueued_at = ?, lease_until = NULL, updated_at = ? "
-               "WHERE status = 'dead' AND status <> 'pending'")
-
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
             if ids is None:
-                c.execute(sql, (now, now, now))
+                c.execute(Q["replay_all"], {"now": now})
             else:
-                c.executemany(sql + " AND id = ?", [(now, now, now, stored_id(i)) for i in ids])
+                c.executemany(Q["replay_one"], [{"now": now, "id": stored_id(i)} for i in ids])
             return c.total_changes - before
 
         return await self._call(write)
 
     async def sweep(self, delivered_before: float) -> int:
-        return await self._call(lambda c: c.execute(
-            "DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' "
-            "AND updated_at < ?",
-            (delivered_before,)).rowcount)
+        return await self._call(
+            lambda c: c.execute(Q["sweep_delivered"], (delivered_before,)).rowcount)
 
     async def counts(self) -> dict[str, int]:
         def read(c: sqlite3.Connection) -> dict[str, int]:
             out = {s.value: 0 for s in Status}
-            for status, n in c.execute("SELECT status, COUNT(*) FROM deliveries "
-                                       "WHERE status <> 'pending' GROUP BY status"):
+            for status, n in c.execute(Q["count_settled"]):
                 out[status] = n
-            out["pending"] = c.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'").fetchone()[0]
+            out["pending"] = c.execute(Q["count_pending"]).fetchone()[0]
             return out
 
         return await self._call(read)
 
-    async def forget_state(self, updated_before: float) -> int:
-        return await self._call(lambda c: c.execute(
-            "DELETE FROM sink_state WHERE updated_at < ?", (updated_before,)).rowcount)
+    # ---- a sink's memory ---------------------------------------------------------------
 
-    async def get_state(self, scope: str, key: str) -> str | None:
+    async def recall(self, scope: str, key: str) -> str | None:
         def read(c: sqlite3.Connection) -> str | None:
-            row = c.execute("SELECT value FROM sink_state WHERE scope = ? AND key = ?",
-                            (scope, key)).fetchone()
+            row = c.execute(Q["recall"], (scope, key)).fetchone()
             return None if row is None else str(row[0])
 
         return await self._call(read)
 
-    async def put_state(self, scope: str, key: str, value: str, now: float) -> None:
-        await self._call(lambda c: c.execute(
-            "INSERT INTO sink_state (scope, key, value, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, "
-            "updated_at = excluded.updated_at", (scope, key, value, now)))
+    async def remember(self, scope: str, key: str, value: str, now: float) -> None:
+        await self._call(lambda c: c.execute(Q["remember"], (scope, key, value, now)))
 
-    async def ping(self) -> None:
-        # A real write (rolled back by nobody; it changes nothing) proves the file is writable.
-        await self._call(lambda c: c.execute("CREATE TABLE IF NOT EXISTS ping (x)")
-                         and c.execute("DELETE FROM ping"))
+    async def forget_memories(self, updated_before: float) -> int:
+        return await self._call(
+            lambda c: c.execute(Q["forget_memories"], (updated_before,)).rowcount)
+
+    # ---- inbox -------------------------------------------------------------------------
+
+    async def append(self, batch: InboxBatch) -> None:
+        params = (batch.id, batch.received_at, batch.items, batch.body)
+        await self._call(lambda c: c.execute(Q["append_batch"], params),
+                         one_statement=True, urgent=True)
+
+    async def waiting(self, limit: int) -> list[InboxBatch]:
+        return await self._call(lambda c: [
+            InboxBatch(id=r[0], received_at=r[1], items=r[2], body=bytes(r[3]))
+            for r in c.execute(Q["waiting_batches"], (limit,))])
+
+    async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
+        # Parameters built here, on the event loop: the writer only binds and steps.
+        prepared = [(o, None if isinstance(o, Failed) else insert_statements(o.deliveries, now))
+                    for o in outcomes]
+
+        def write(c: sqlite3.Connection) -> list[int | None]:
+            out: list[int | None] = []
+            for outcome, chunks in prepared:
+                if chunks is None:
+                    assert isinstance(outcome, Failed)
+                    c.execute(Q["mark_failed"], {"error": outcome.reason, "now": now,
+                                                 "id": outcome.batch_id})
+                    out.append(None)
+                    continue
+                assert not isinstance(outcome, Failed)
+                c.execute("SAVEPOINT batch")
+                before = c.total_changes
+                for sql, params in chunks:
+                    c.execute(sql, params)
+                new = c.total_changes - before
+                marked = c.execute(Q["mark_sequenced"], {
+                    "deliveries": new, "duplicates": len(outcome.deliveries) - new,
+                    "summary": outcome.summary, "now": now, "id": outcome.batch_id}).rowcount
+                if not marked:  # no longer waiting (settled already): keep nothing of it
+                    c.execute("ROLLBACK TO batch")
+                c.execute("RELEASE batch")
+                out.append(new if marked else None)
+            return out
+
+        weight = sum(len(o.deliveries) for o in outcomes if not isinstance(o, Failed))
+        return await self._call(write, weight=weight)
+
+    async def batches(self, limit: int) -> list[BatchInfo]:
+        return await self._call(
+            lambda c: [_info(r) for r in c.execute(Q["list_batches"], (limit,))])
+
+    async def batch(self, batch_id: str) -> BatchInfo | None:
+        def read(c: sqlite3.Connection) -> BatchInfo | None:
+            r = c.execute(Q["get_batch"], (batch_id,)).fetchone()
+            if r is None:
+                return None
+            info = _info(r)
+            info.summary, info.body = r[8], bytes(r[9])
+            return info
+
+        return await self._call(read)
+
+    async def reroute(self, ids: list[str] | None, since: float | None) -> int:
+        def write(c: sqlite3.Connection) -> int:
+            before = c.total_changes
+            if ids is not None:
+                c.executemany(Q["reroute_one"], [(i,) for i in ids])
+            if since is not None:
+                c.execute(Q["reroute_since"], (since,))
+            return c.total_changes - before
+
+        return await self._call(write)
+
+    async def inbox_depth(self) -> tuple[int, float | None, int]:
+        def read(c: sqlite3.Connection) -> tuple[int, float | None, int]:
+            waiting, oldest = c.execute(Q["count_waiting"]).fetchone()
+            failed = c.execute(Q["count_failed"]).fetchone()[0]
+            return int(waiting), oldest, int(failed)
+
+        return await self._call(read)
+
+    async def sweep_batches(self, sequenced_before: float) -> int:
+        return await self._call(
+            lambda c: c.execute(Q["sweep_batches"], (sequenced_before,)).rowcount)
+

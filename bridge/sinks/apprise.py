@@ -224,9 +224,9 @@ class AppriseSink(Sink):
         self._done.move_to_end(delivery.id)
         while len(self._done) > _REMEMBERED:
             self._done.popitem(last=False)
-        if self.state is not None and done:
+        if self.memory is not None and done:
             # Kept in storage too: a restarted bridge must not notify those URLs again.
-            await self.state.put_state(self._scope, delivery.id, json.dumps(sorted(done)),
+            await self.memory.remember(self._scope, delivery.id, json.dumps(sorted(done)),
                                        time.time())
         which = ", ".join(f"urls[{i}] ({self._services[i]})" for i in failed)
         raise TransientSinkError(
@@ -237,9 +237,9 @@ class AppriseSink(Sink):
         """URLs (by index) an earlier attempt of this delivery reached."""
         if delivery.id in self._done:
             return self._done[delivery.id]
-        if delivery.attempts <= 1 or self.state is None:
+        if delivery.attempts <= 1 or self.memory is None:
             return set()  # a first attempt: nothing reached yet, nothing to look up
-        stored = await self.state.get_state(self._scope, delivery.id)
+        stored = await self.memory.recall(self._scope, delivery.id)
         return set(json.loads(stored)) if stored else set()
 
     async def _notify(self, target: apprise_module.Apprise, delivery: Delivery) -> bool:

@@ -50,12 +50,12 @@ class RenderContext:
         }
 
 
-class StateStore(Protocol):
-    """Durable key-value memory a sink may keep (the outbox provides it)."""
+class Memory(Protocol):
+    """Durable key-value memory a sink may keep (the store provides it)."""
 
-    async def get_state(self, scope: str, key: str) -> str | None: ...
+    async def recall(self, scope: str, key: str) -> str | None: ...
 
-    async def put_state(self, scope: str, key: str, value: str, now: float) -> None: ...
+    async def remember(self, scope: str, key: str, value: str, now: float) -> None: ...
 
 
 class Sink(ABC):
@@ -72,7 +72,7 @@ class Sink(ABC):
     def __init__(self, name: str, config: SinkConfigBase) -> None:
         self.name = name
         self.config = config
-        self.state: StateStore | None = None  # set by the runtime before the first send
+        self.memory: Memory | None = None  # set by the runtime before the first send
         self.paused_until = 0.0  # time.monotonic(); the dispatcher sends nothing before it
 
     def pause_for(self, seconds: float) -> None:

@@ -4,7 +4,7 @@ An incoming webhook URL is its own credential and answers with a bare string (`o
 error such as `invalid_payload` with a 4xx status). The Web API answers HTTP 200 even when it
 refuses, with `{"ok": false, "error": "..."}`, so the body decides. Only the bot mode learns
 the `ts` of what it posted, so only it can thread: with `thread_by: shipment` the first message
-about an item starts a thread whose `ts` is kept in the outbox's state store (it survives
+about an item starts a thread whose `ts` is kept in the sink memory of the store (it survives
 restarts), and later messages about that item reply to it.
 """
 
@@ -369,10 +369,10 @@ class SlackSink(Sink):
             await self._send_threaded(delivery, message)
 
     async def _send_threaded(self, delivery: Delivery, message: dict[str, Any]) -> None:
-        if self.state is None:
-            raise PermanentSinkError("slack: threads need the outbox's state store, which this "
+        if self.memory is None:
+            raise PermanentSinkError("slack: threads need the store's sink memory, which this "
                                      "runtime did not provide", "config_error")
-        parent = await self.state.get_state(self._scope, delivery.item_uuid)
+        parent = await self.memory.recall(self._scope, delivery.item_uuid)
         # The parent is edited before the reply is posted: if the edit fails, the retry
         # repeats only an idempotent edit, never a reply.
         if parent is not None and self.config.update_parent:
@@ -382,7 +382,7 @@ class SlackSink(Sink):
                                       {"channel": self.config.channel, **message})
             ts = answer.get("ts")
             if isinstance(ts, str) and ts:
-                await self.state.put_state(self._scope, delivery.item_uuid, ts, time.time())
+                await self.memory.remember(self._scope, delivery.item_uuid, ts, time.time())
             await self._remember_channel(answer.get("channel"))
             return
         body = {"channel": self.config.channel, **message, "thread_ts": parent}
@@ -410,15 +410,15 @@ class SlackSink(Sink):
         return parent
 
     async def _channel(self) -> str:
-        if self._channel_id is None and self.state is not None:
-            self._channel_id = await self.state.get_state(self._scope, CHANNEL_KEY)
+        if self._channel_id is None and self.memory is not None:
+            self._channel_id = await self.memory.recall(self._scope, CHANNEL_KEY)
         return self._channel_id or str(self.config.channel)
 
     async def _remember_channel(self, channel_id: Any) -> None:
         if isinstance(channel_id, str) and channel_id and channel_id != self._channel_id:
             self._channel_id = channel_id
-            if self.state is not None and channel_id != self.config.channel:
-                await self.state.put_state(self._scope, CHANNEL_KEY, channel_id, time.time())
+            if self.memory is not None and channel_id != self.config.channel:
+                await self.memory.remember(self._scope, CHANNEL_KEY, channel_id, time.time())
 
     async def _call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
         """One Web API call; returns the `ok: true` answer, raises on anything else."""

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from bridge.config import BridgeConfig, load_config
+from bridge.models import BatchInfo, BatchStatus
 from bridge.runtime import Runtime
 
 WEBHOOK = "/isendu/webhook"
@@ -37,14 +38,39 @@ class Bridge:
     client: TestClient[Any, Any]
     rt: Runtime
 
-    async def post(self, body: Any, path: str = WEBHOOK) -> tuple[int, Any]:
+    async def post(self, body: Any, path: str = WEBHOOK, *, settle: bool = True,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """POST to the intake. `settle`: an accepted batch is then waited for until the
+        sequencer has settled it, and the answer gains what the inbox row says of it
+        (`deliveries`, `duplicates`, `status`): what the intake answered before it moved
+        routing after the 200."""
         data = body if isinstance(body, bytes | str) else json.dumps(body)
-        resp = await self.client.post(path, data=data)
+        resp = await self.client.post(path, data=data, headers=headers)
         text = await resp.text()
         try:
-            return resp.status, json.loads(text)
+            answer = json.loads(text)
         except ValueError:
             return resp.status, text
+        if settle and resp.status == 200 and isinstance(answer, dict) and "batch_id" in answer:
+            answer.update(await self.settled(answer["batch_id"]))
+        return resp.status, answer
+
+    async def settled(self, batch_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the sequencer settled `batch_id`; what the inbox says of it."""
+        store = self.rt.store
+        found: list[BatchInfo] = []
+
+        async def done() -> bool:
+            info = await store.batch(batch_id)
+            if info is not None and info.status is not BatchStatus.WAITING:
+                found.append(info)
+                return True
+            return False
+
+        await eventually(done, timeout=timeout, what=f"batch {batch_id} sequenced")
+        info = found[-1]
+        return {"deliveries": info.deliveries, "duplicates": info.duplicates,
+                "status": info.status.value}
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,

@@ -12,15 +12,15 @@ from tests.helpers.bridge import Bridge, eventually
 
 async def delivered(bridge: Bridge, count: int = 1, timeout: float = 15.0) -> None:
     async def check() -> bool:
-        return (await bridge.rt.outbox.counts())["delivered"] >= count
+        return (await bridge.rt.store.counts())["delivered"] >= count
     await eventually(check, timeout=timeout, what=f"{count} deliveries delivered")
 
 
 async def dead(bridge: Bridge, count: int = 1, timeout: float = 15.0) -> list[Delivery]:
     async def check() -> bool:
-        return len(await bridge.rt.outbox.list_dead()) >= count
+        return len(await bridge.rt.store.list_dead()) >= count
     await eventually(check, timeout=timeout, what=f"{count} dead letters")
-    return await bridge.rt.outbox.list_dead()
+    return await bridge.rt.store.list_dead()
 
 
 async def first_retry(bridge: Bridge, sink: str, route: str, kind: Kind,
@@ -29,10 +29,10 @@ async def first_retry(bridge: Bridge, sink: str, route: str, kind: Kind,
     did = delivery_id(sink, route, kind, canonical_json(item))
 
     async def check() -> bool:
-        row = await bridge.rt.outbox.get(did)
+        row = await bridge.rt.store.get(did)
         return row is not None and row.status is Status.PENDING and row.last_error is not None
     await eventually(check, what="a retry decision")
-    row = await bridge.rt.outbox.get(did)
+    row = await bridge.rt.store.get(did)
     assert row is not None
     return row, row.next_attempt_at - row.updated_at
 

@@ -100,7 +100,7 @@ async def test_a_500_is_retried_and_nothing_secret_is_logged(
     await delivered(bridge)
     first, second = rec.requests
     assert first.body == second.body
-    [row] = [await bridge.rt.outbox.get(d) for d in await _ids(bridge)]
+    [row] = [await bridge.rt.store.get(d) for d in await _ids(bridge)]
     assert row is not None and row.status is Status.DELIVERED and row.attempts == 2
     retried = [r for r in caplog.records if r.getMessage() == "will retry"]
     assert retried and "urls[0] (JSON)" in retried[0].__dict__["reason"]
@@ -159,7 +159,7 @@ async def test_a_timeout_is_retried(
 
     async def retried() -> bool:
         [d] = await _ids(bridge)
-        row = await bridge.rt.outbox.get(d)
+        row = await bridge.rt.store.get(d)
         return row is not None and row.attempts >= 2
     await eventually(retried, what="a retry after Apprise's read timeout")
     await delivered(bridge)
@@ -205,7 +205,7 @@ async def test_html_format_escapes_values_and_apprise_converts_for_the_service(
     bridge = await make_bridge(config, env(url))
     await bridge.post({"tracking": [TRACKING_FAILED]})
     await delivered(bridge)
-    [row] = [await bridge.rt.outbox.get(d) for d in await _ids(bridge)]
+    [row] = [await bridge.rt.store.get(d) for d in await _ids(bridge)]
     assert row is not None
     assert row.payload["body"] == ("<b>BRT100994275870</b> Documents &lt;required&gt; &amp; "
                                    "missing")

@@ -39,15 +39,15 @@ async def start(aiohttp_client: Any, tmp_path: Path, url: str, lease: float,
                 claims: list[tuple[float, list[str]]], concurrency: int = 1) -> Bridge:
     rt = build_runtime(write_config(tmp_path, CONFIG.format(
         db=tmp_path / "b.db", url=url, concurrency=concurrency)))
-    rt.outbox.lease_seconds = lease
-    real_claim = rt.outbox.claim
+    rt.store.lease_seconds = lease
+    real_claim = rt.store.claim
 
     async def recorded_claim(sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         rows = await real_claim(sink, limit, now, lease)  # the real outbox; only watched
         claims.append((time.monotonic(), [d.id for d in rows]))
         return rows
 
-    rt.outbox.claim = recorded_claim  # type: ignore[method-assign]
+    rt.store.claim = recorded_claim  # type: ignore[method-assign]
     return Bridge(client=await aiohttp_client(create_app(rt)), rt=rt)
 
 
@@ -87,9 +87,9 @@ async def test_stopping_gives_back_claims_that_never_started(
     assert sum(len(ids) for _, ids in claims) >= 2  # one in flight, one claimed ahead
 
     await bridge.rt.dispatcher.stop(grace=5.0)
-    counts = await bridge.rt.outbox.counts()
+    counts = await bridge.rt.store.counts()
     assert counts["delivered"] == len(rec.requests) and counts["dead"] == 0
-    rest = await bridge.rt.outbox.claim("hook", 10, time.time(), 300)  # none still leased
+    rest = await bridge.rt.store.claim("hook", 10, time.time(), 300)  # none still leased
     assert len(rest) == 4 - len(rec.requests)
     assert all(d.status is Status.PENDING and d.attempts == 1 for d in rest)  # this claim's
 
@@ -152,4 +152,4 @@ async def test_claims_held_through_a_long_pause_are_given_back_at_once(
     await asyncio.sleep(0.3)
     ids = [r.headers["webhook-id"] for r in rec.requests]
     assert len(ids) == 4 and len(set(ids[1:])) == 3  # the 429'd one again, each once
-    assert (await bridge.rt.outbox.counts())["delivered"] == 3
+    assert (await bridge.rt.store.counts())["delivered"] == 3

@@ -198,7 +198,7 @@ async def test_451_is_retried_then_delivered(
     await server.wait_for(1)
     await delivered(bridge)
     assert server.handler.attempts == 2
-    row = await bridge.rt.outbox.get(
+    row = await bridge.rt.store.get(
         delivery_id("mail", "everything", "order", canonical_json(ORDER)))
     assert row is not None and row.attempts == 2
 

@@ -94,10 +94,10 @@ async def test_500_then_200_is_delivered_once_after_a_retry(
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
 
     async def delivered() -> bool:
-        counts = await bridge.rt.outbox.counts()
+        counts = await bridge.rt.store.counts()
         return counts["delivered"] == 1
     await eventually(delivered, what="delivery marked delivered")
-    [row] = [await bridge.rt.outbox.get(first.headers["webhook-id"])]
+    [row] = [await bridge.rt.store.get(first.headers["webhook-id"])]
     assert row is not None and row.status is Status.DELIVERED and row.attempts == 2
     await _quiet(0.5)
     assert len(rec.requests) == 2  # delivered once after the retry, not again
@@ -155,7 +155,7 @@ async def test_receiver_down_then_up_is_delivered(
         await rec.wait_for(1, timeout=10)
 
         async def delivered() -> bool:
-            return (await bridge.rt.outbox.counts())["delivered"] == 1
+            return (await bridge.rt.store.counts())["delivered"] == 1
         await eventually(delivered, what="delivery after the receiver came up")
     finally:
         await server.close()
@@ -179,7 +179,7 @@ async def test_sample_batch_routes_each_tracking_item(
 async def _rows(bridge: Any) -> list[Any]:
     """The one delivery TRACKING causes, looked up by the id the router gives it."""
     did = delivery_id("hook", "tracking-to-hook", "tracking", canonical_json(TRACKING))
-    return [await bridge.rt.outbox.get(did)]
+    return [await bridge.rt.store.get(did)]
 
 
 async def _quiet(seconds: float) -> None:

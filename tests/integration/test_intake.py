@@ -7,7 +7,6 @@ import gzip
 import json
 import logging
 import sqlite3
-import threading
 import time
 from typing import Any
 
@@ -94,36 +93,38 @@ async def test_verification_while_a_1000_item_batch_is_accepted(make_bridge: Bri
     assert waited < 2.0  # well under isendu's 5 s
 
 
-async def test_small_batches_route_on_the_loop_big_ones_on_the_router_thread(
-    make_bridge: BridgeFactory,
-) -> None:
-    """A thread handover costs more than routing a shop-sized batch; a big batch must not
-    hold the event loop (see INLINE_ROUTING_ITEMS)."""
-    from bridge.http.app import INLINE_ROUTING_BYTES, INLINE_ROUTING_ITEMS
+async def test_the_sequencer_gives_way_to_requests(make_bridge: BridgeFactory) -> None:
+    """Routing moved after the 200 shares the event loop with intake and verification: it
+    yields every few items, so a ticker (standing for any request) runs while a
+    2,000-item batch is sequenced, and a verification is answered meanwhile."""
+    from bridge.sequencer import YIELD_EVERY
     bridge = await make_bridge(CONFIG.replace("64KiB", "4MiB"), ENV)
-    router = bridge.rt.router
-    threads: list[str] = []
-    real_route_batch = router.route_batch
-
-    def recording(batch: Any) -> Any:  # observes the real router; changes nothing
-        threads.append(threading.current_thread().name)
-        return real_route_batch(batch)
-
-    router.route_batch = recording  # type: ignore[method-assign]
     template = sample_batch()["tracking"][0]
-    for n in (1, INLINE_ROUTING_ITEMS, INLINE_ROUTING_ITEMS + 1):
-        status, body = await bridge.post(
-            {"tracking": [{**template, "uuid": f"n{n}-{i}"} for i in range(n)]})
-        assert (status, body["deliveries"]) == (200, n)
-    bulky = {**template, "uuid": "bulky", "note": "x" * INLINE_ROUTING_BYTES}  # few items, big
-    assert (await bridge.post({"tracking": [bulky]}))[0] == 200
-    loop_thread = threading.current_thread().name
-    assert threads[:2] == [loop_thread, loop_thread]
-    assert threads[2].startswith("router") and threads[3].startswith("router")
+    big = {"tracking": [{**template, "uuid": f"u-{i}"} for i in range(2000)]}
+    status, answer = await bridge.post(big, settle=False)
+    assert status == 200 and answer == {"accepted": 2000, "batch_id": answer["batch_id"]}
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    try:
+        assert await bridge.post({"keyId": "key-two"}) == (200, {"response": "second-secret-value"})
+        settled = await bridge.settled(answer["batch_id"])
+    finally:
+        stop.set()
+        await task
+    assert settled == {"deliveries": 2000, "duplicates": 0, "status": "sequenced"}
+    assert ticks >= 2000 // YIELD_EVERY  # the loop turned at least once per few items
 
 
 async def _outbox_state(bridge: Bridge) -> dict[str, int]:
-    return await bridge.rt.outbox.counts()
+    return await bridge.rt.store.counts()
 
 
 @pytest.mark.parametrize(("body", "where", "fragment"), [
@@ -284,7 +285,7 @@ routes:
     status, body = await bridge.post({"order": [{"uuid": "ok", "parcels": 4},
                                                 {"uuid": "broken", "parcels": 0}]})
     assert status == 200 and body["deliveries"] == 2
-    [dead] = await bridge.rt.outbox.list_dead()
+    [dead] = await bridge.rt.store.list_dead()
     assert dead.item_uuid == "broken"
     assert dead.last_error is not None and "ZeroDivisionError" in dead.last_error
 

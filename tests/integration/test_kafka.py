@@ -157,7 +157,7 @@ def ids_of(body: dict[str, Any]) -> set[str]:
 
 
 async def counts(bridge: Bridge) -> dict[str, int]:
-    return await bridge.rt.outbox.counts()
+    return await bridge.rt.store.counts()
 
 
 async def metric(bridge: Bridge, name: str, **labels: str) -> float:
@@ -269,7 +269,7 @@ async def test_topic_the_broker_refuses_is_dead_lettered_with_its_reason(
         c = await counts(bridge)
         return c["dead"] == 1 and c["delivered"] == 1
     await eventually(settled, timeout=30, what="one delivery dead, the other delivered")
-    [dead] = await bridge.rt.outbox.list_dead()
+    [dead] = await bridge.rt.store.list_dead()
     assert dead.kind == "order" and dead.attempts == 1  # permanent: no retries
     assert dead.last_error is not None
     assert "InvalidTopicError" in dead.last_error and "no such topic!" in dead.last_error
@@ -302,7 +302,7 @@ async def test_message_too_large_is_dead_lettered(make_bridge: BridgeFactory, ta
     async def dead() -> bool:
         return (await counts(bridge))["dead"] == 1
     await eventually(dead, timeout=30, what="the oversized delivery dead-lettered")
-    [row] = await bridge.rt.outbox.list_dead()
+    [row] = await bridge.rt.store.list_dead()
     assert row.attempts == 1 and row.last_error is not None
     assert "MessageSizeTooLargeError" in row.last_error
 
@@ -385,10 +385,10 @@ async def test_broker_that_stops_answering_ends_attempts_at_delivery_timeout(
     ids = sorted(ids_of(second))
 
     async def unacknowledged() -> bool:
-        row = await bridge.rt.outbox.get(ids[0])
+        row = await bridge.rt.store.get(ids[0])
         return row is not None and row.last_error is not None and row.attempts >= 2
     await eventually(unacknowledged, timeout=30, what="two attempts of a stalled delivery")
-    row = await bridge.rt.outbox.get(ids[0])
+    row = await bridge.rt.store.get(ids[0])
     assert row is not None and row.status is Status.PENDING
     rebuilt = [r for r in caplog.records if r.getMessage() == "kafka producer will be rebuilt"]
     assert any("acknowledgements did not arrive" in r.__dict__["why"] for r in rebuilt)
@@ -437,10 +437,10 @@ async def test_broker_down_at_first_use_then_up_is_delivered(
     [did] = ids_of(body)
 
     async def failed_twice() -> bool:
-        row = await bridge.rt.outbox.get(did)
+        row = await bridge.rt.store.get(did)
         return row is not None and row.attempts >= 2
     await eventually(failed_twice, timeout=30, what="two failed attempts to start a producer")
-    row = await bridge.rt.outbox.get(did)
+    row = await bridge.rt.store.get(did)
     assert row is not None and row.last_error is not None
     assert "broker unreachable" in row.last_error and "bootstrap" in row.last_error
 
@@ -463,10 +463,10 @@ async def test_broker_refusing_producer_ids_says_what_to_set(
     [did] = ids_of(body)
 
     async def failed() -> bool:
-        row = await bridge.rt.outbox.get(did)
+        row = await bridge.rt.store.get(did)
         return row is not None and row.last_error is not None
     await eventually(failed, timeout=30, what="a failed attempt")
-    row = await bridge.rt.outbox.get(did)
+    row = await bridge.rt.store.get(did)
     assert row is not None and row.status is Status.PENDING  # retried, not lost
     assert row.last_error is not None and "InitProducerId" in row.last_error
     assert "enable_idempotence: false" in row.last_error
@@ -493,7 +493,7 @@ async def test_sasl_password_appears_in_no_error_and_no_log(
     async def dead() -> bool:
         return (await counts(bridge))["dead"] == 1
     await eventually(dead, timeout=30, what="the delivery dead after two failed attempts")
-    [row] = await bridge.rt.outbox.list_dead()
+    [row] = await bridge.rt.store.list_dead()
     assert row.last_error is not None and "bootstrap" in row.last_error
     assert PASSWORD not in row.last_error
 

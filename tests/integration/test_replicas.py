@@ -47,7 +47,7 @@ async def test_two_replicas_share_the_outbox(
         assert accepted > 100
 
         async def all_delivered() -> bool:
-            return (await a.rt.outbox.counts())["delivered"] == accepted
+            return (await a.rt.store.counts())["delivered"] == accepted
         await eventually(all_delivered, timeout=90, what="every delivery delivered once")
 
         ids = Counter(r.headers["webhook-id"] for r in rec.requests)

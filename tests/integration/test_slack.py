@@ -449,7 +449,7 @@ async def test_message_template_replaces_text_and_blocks_with_escaped_values(
 
 async def _post_one(bridge: Bridge, item: dict[str, Any]) -> None:
     """Post one snapshot and wait until it was delivered, so the order of sends is known."""
-    before = (await bridge.rt.outbox.counts())[Status.DELIVERED.value]
+    before = (await bridge.rt.store.counts())[Status.DELIVERED.value]
     status, _ = await bridge.post({"tracking": [item]})
     assert status == 200
     await delivered(bridge, before + 1)
@@ -469,7 +469,7 @@ async def test_updates_of_one_shipment_share_a_thread_across_restarts(
     assert [r["text"].split("\n")[1] for r in replies] == ["step 2: IN_TRANSIT",
                                                            "step 3: OUT_FOR_DELIVERY"]
     assert all("reply_broadcast" not in r for r in replies)
-    assert await bridge.rt.outbox.get_state(SCOPE, TRACKING_FAILED["uuid"]) == \
+    assert await bridge.rt.store.recall(SCOPE, TRACKING_FAILED["uuid"]) == \
         "1700000000.000100"
 
     await bridge.client.close()  # a restart: a new runtime on the same SQLite file
@@ -545,7 +545,7 @@ async def test_a_deleted_parent_starts_a_new_thread(
     await _post_one(bridge, snapshot("IN_TRANSIT", 2))
     new_parent = fake.posts()[-1]
     assert "thread_ts" not in new_parent and "step 2: IN_TRANSIT" in new_parent["text"]
-    assert await bridge.rt.outbox.get_state(SCOPE, TRACKING_FAILED["uuid"]) == \
+    assert await bridge.rt.store.recall(SCOPE, TRACKING_FAILED["uuid"]) == \
         "1700000000.000200"
 
 
@@ -572,9 +572,9 @@ async def test_thread_state_failure_is_retried_not_duplicated(
     fake.answer(Answer(503, "service unavailable"))
     await _post_one(bridge, snapshot("IN_TRANSIT", 2))
     assert [p.get("thread_ts") for p in fake.posts()] == [None, "1700000000.000100"]
-    rows = await bridge.rt.outbox.list_dead()
+    rows = await bridge.rt.store.list_dead()
     assert rows == []
-    assert (await bridge.rt.outbox.counts())[Status.DELIVERED.value] == 2
+    assert (await bridge.rt.store.counts())[Status.DELIVERED.value] == 2
 
 
 async def test_keyed_locks_serialise_per_key_and_forget_idle_keys() -> None:
@@ -627,7 +627,7 @@ async def test_a_digest_is_one_top_level_message_even_with_threads(
     assert items["text"]["text"].count("• BRT100994275870: IN_TRANSIT - step 2") == 3
     assert footer["elements"][0]["text"] == "isendu · route to-slack"
     for u in uuids:  # no thread was started for any of them
-        assert await bridge.rt.outbox.get_state(SCOPE, u) is None
+        assert await bridge.rt.store.recall(SCOPE, u) is None
 
 
 async def test_a_500_item_digest_fits_slacks_total_blocks_budget(

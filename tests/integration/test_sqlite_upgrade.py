@@ -7,17 +7,17 @@ import sqlite3
 from pathlib import Path
 
 from bridge.models import NewDelivery, Status
-from bridge.outbox.sqlite import SqliteOutbox
+from bridge.outbox.sqlite import SqliteStore
 
 OLD_ID = "dlv_" + "0123456789abcdef" * 2
 
 
 def _old_file(path: Path) -> None:
-    """The shape of a file from before schema version 1, made with today's schema."""
+    """The shape of a file from before schema version 1 (text ids, JSON payloads), made
+    with the schema of the previous release."""
     conn = sqlite3.connect(path)
-    from bridge.outbox.sqlite import SCHEMA
-
-    conn.executescript(SCHEMA)
+    conn.executescript(
+        (Path(__file__).parents[1] / "data" / "previous-release" / "sqlite.sql").read_text())
     for n, status in enumerate(["pending", "dead"]):
         conn.execute(
             "INSERT INTO deliveries (id, sink, route, item_uuid, kind, payload, status, "
@@ -32,7 +32,7 @@ def _old_file(path: Path) -> None:
 async def test_text_ids_and_json_payloads_from_before_still_work(tmp_path: Path) -> None:
     path = tmp_path / "bridge.db"
     _old_file(path)
-    box = SqliteOutbox(str(path))
+    box = SqliteStore(str(path))
     await box.open(recover=True)
     try:
         pending_id, dead_id = OLD_ID[:-1] + "0", OLD_ID[:-1] + "1"

@@ -207,7 +207,7 @@ async def test_200_is_accepted_too(make_bridge: BridgeFactory, aiohttp_server: A
     await bridge.post({"tracking": [TRACKING_FAILED]})
     await delivered(bridge)
     assert len(fake.requests) == 1 and len(fake.accepted) == 1
-    assert await bridge.rt.outbox.list_dead() == []
+    assert await bridge.rt.store.list_dead() == []
 
 
 async def test_a_500_item_digest_fits_in_one_teams_message(
@@ -231,7 +231,7 @@ async def test_a_500_item_digest_fits_in_one_teams_message(
     shown = [line for line in lines if line.startswith("- ")]
     assert lines[-1] == f"…and {500 - len(shown)} more" and len(shown) > 50
     await delivered(bridge, 500, timeout=30)
-    assert await bridge.rt.outbox.list_dead() == []
+    assert await bridge.rt.store.list_dead() == []
 
 
 async def test_a_body_over_28_kb_is_refused_by_the_fake_like_teams(

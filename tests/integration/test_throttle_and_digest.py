@@ -136,9 +136,9 @@ routes:
     assert status == 200 and body["deliveries"] == 10
 
     async def delivered() -> bool:
-        return (await bridge.rt.outbox.counts())["delivered"] == 10
+        return (await bridge.rt.store.counts())["delivered"] == 10
     await eventually(delivered, timeout=60, what="all 10 delivered after the storm")
-    assert await bridge.rt.outbox.list_dead() == []
+    assert await bridge.rt.store.list_dead() == []
     got = rec.requests
     assert len(got) == len(waits) + 10  # every 429 was answered, then each went through
     for n, wait in enumerate(waits):  # one send at a time: request n + 1 follows answer n
@@ -179,7 +179,7 @@ routes:
     assert got[1].at - first.at >= 1.0  # the window was waited for
 
     async def all_delivered() -> bool:
-        return (await bridge.rt.outbox.counts())["delivered"] == 31
+        return (await bridge.rt.store.counts())["delivered"] == 31
     await eventually(all_delivered, what="every grouped delivery marked delivered")
 
 

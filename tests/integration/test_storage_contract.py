@@ -1,4 +1,5 @@
-"""One contract, every outbox backend. A new backend adds itself to BACKENDS and must pass."""
+"""One contract, every storage engine (inbox, outbox, a sink's memory). A new engine adds
+itself to BACKENDS and must pass."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bridge.models import NewDelivery, Status
-from bridge.outbox import Outbox, from_url
+from bridge.errors import StorageError, StorageInUse
+from bridge.models import BatchStatus, Failed, InboxBatch, NewDelivery, Sequenced, Status
+from bridge.outbox import Store, from_url
 from tests.conftest import require_service
 from tests.helpers import postgres
 
-OutboxFactory = Callable[[], Awaitable[Outbox]]
+StoreFactory = Callable[[], Awaitable[Store]]
 BACKENDS = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)
-async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OutboxFactory]:
+async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """A factory opening the backend on the same storage each time (a process restart)."""
     async with AsyncExitStack() as stack:
         if request.param == "memory":
@@ -32,17 +34,19 @@ async def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
                             "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
             url = await stack.enter_async_context(postgres.fresh_database())
 
-        async def make() -> Outbox:
+        async def make() -> Store:
             box = memory if not url else from_url(url)
             await box.open(recover=True)
             stack.push_async_callback(box.close)
+            # The serving process's sequencer: settling batches is for whoever holds it.
+            assert await box.acquire_sequencer()
             return box
 
         yield make
 
 
 @pytest.fixture
-async def box(reopen: OutboxFactory) -> Outbox:
+async def box(reopen: StoreFactory) -> Store:
     return await reopen()
 
 
@@ -51,7 +55,7 @@ def new(i: int, sink: str = "s", error: str | None = None) -> NewDelivery:
                        payload={"body": f"payload {i}", "x": "ü"}, batch_id="b1", error=error)
 
 
-async def test_enqueue_stores_once_per_id(box: Outbox) -> None:
+async def test_enqueue_stores_once_per_id(box: Store) -> None:
     assert await box.enqueue([new(1), new(2)], 100.0) == 2
     assert await box.enqueue([new(2), new(3)], 101.0) == 1  # a repeated item is not stored twice
     assert await box.counts() == {"pending": 3, "delivered": 0, "dead": 0}
@@ -62,7 +66,7 @@ async def test_enqueue_stores_once_per_id(box: Outbox) -> None:
         Status.PENDING, 0, 100.0, 100.0)
 
 
-async def test_claim_is_oldest_first_bounded_and_counts_an_attempt(box: Outbox) -> None:
+async def test_claim_is_oldest_first_bounded_and_counts_an_attempt(box: Store) -> None:
     await box.enqueue([new(i) for i in range(5)], 100.0)
     first = await box.claim("s", 2, 100.0, lease=30)
     assert [d.id for d in first] == ["d0000", "d0001"]
@@ -75,13 +79,13 @@ async def test_claim_is_oldest_first_bounded_and_counts_an_attempt(box: Outbox) 
     assert all(d.attempts == 2 for d in again)
 
 
-async def test_claim_only_takes_its_own_sink_and_due_rows(box: Outbox) -> None:
+async def test_claim_only_takes_its_own_sink_and_due_rows(box: Store) -> None:
     await box.enqueue([new(1, "a"), new(2, "b")], 100.0)
     assert [d.id for d in await box.claim("a", 10, 100.0, 30)] == ["d0001"]
     assert await box.claim("a", 10, 99.0, 30) == []
 
 
-async def test_complete(box: Outbox) -> None:
+async def test_complete(box: Store) -> None:
     await box.enqueue([new(1), new(2)], 100.0)
     await box.claim("s", 10, 100.0, 30)
     await box.complete(["d0001", "d0002"], 101.0)
@@ -89,7 +93,7 @@ async def test_complete(box: Outbox) -> None:
     assert await box.claim("s", 10, 1000.0, 30) == []
 
 
-async def test_retry_at_defers_and_keeps_the_reason(box: Outbox) -> None:
+async def test_retry_at_defers_and_keeps_the_reason(box: Store) -> None:
     await box.enqueue([new(1)], 100.0)
     await box.claim("s", 1, 100.0, 30)
     await box.retry_at("d0001", 150.0, "HTTP 503", 101.0)
@@ -99,7 +103,7 @@ async def test_retry_at_defers_and_keeps_the_reason(box: Outbox) -> None:
     assert row.attempts == 2 and row.last_error == "HTTP 503"
 
 
-async def test_dead_letters_newest_first_and_replay(box: Outbox) -> None:
+async def test_dead_letters_newest_first_and_replay(box: Store) -> None:
     await box.enqueue([new(1), new(2), new(3)], 100.0)
     await box.claim("s", 3, 100.0, 30)
     await box.dead_letter("d0001", "HTTP 400: bad", 101.0)
@@ -117,14 +121,14 @@ async def test_dead_letters_newest_first_and_replay(box: Outbox) -> None:
     assert await box.list_dead() == []
 
 
-async def test_a_failed_render_is_stored_dead(box: Outbox) -> None:
+async def test_a_failed_render_is_stored_dead(box: Store) -> None:
     await box.enqueue([new(1, error="template failed: ZeroDivisionError")], 100.0)
     [row] = await box.list_dead()
     assert row.last_error == "template failed: ZeroDivisionError"
     assert await box.claim("s", 10, 100.0, 30) == []
 
 
-async def test_release_gives_work_back_untouched(box: Outbox) -> None:
+async def test_release_gives_work_back_untouched(box: Store) -> None:
     await box.enqueue([new(1)], 100.0)
     claimed = await box.claim("s", 1, 100.0, 300)
     assert [d.lease_until for d in claimed] == [400.0]
@@ -133,7 +137,7 @@ async def test_release_gives_work_back_untouched(box: Outbox) -> None:
     assert row.attempts == 1
 
 
-async def test_release_leaves_a_claim_made_after_the_lease_ran_out(box: Outbox) -> None:
+async def test_release_leaves_a_claim_made_after_the_lease_ran_out(box: Store) -> None:
     """Replica A claims, its lease runs out, replica B claims the same delivery: A giving
     it back late must not clear B's lease (a third replica would send it again)."""
     await box.enqueue([new(1), new(2)], 100.0)
@@ -148,18 +152,18 @@ async def test_release_leaves_a_claim_made_after_the_lease_ran_out(box: Outbox) 
     assert row is not None and row.attempts == 2 and row.lease_until == 431.0
 
 
-async def test_old_sink_state_is_forgotten_and_recent_kept(box: Outbox) -> None:
-    await box.put_state("slack:C1", "old", "1.1", 100.0)
-    await box.put_state("slack:C1", "new", "2.2", 500.0)
-    await box.put_state("slack:C2", "rewritten", "3.3", 100.0)
-    await box.put_state("slack:C2", "rewritten", "3.4", 600.0)  # written again: young
-    assert await box.forget_state(400.0) == 1
-    assert await box.get_state("slack:C1", "old") is None
-    assert await box.get_state("slack:C1", "new") == "2.2"
-    assert await box.get_state("slack:C2", "rewritten") == "3.4"
+async def test_old_sink_state_is_forgotten_and_recent_kept(box: Store) -> None:
+    await box.remember("slack:C1", "old", "1.1", 100.0)
+    await box.remember("slack:C1", "new", "2.2", 500.0)
+    await box.remember("slack:C2", "rewritten", "3.3", 100.0)
+    await box.remember("slack:C2", "rewritten", "3.4", 600.0)  # written again: young
+    assert await box.forget_memories(400.0) == 1
+    assert await box.recall("slack:C1", "old") is None
+    assert await box.recall("slack:C1", "new") == "2.2"
+    assert await box.recall("slack:C2", "rewritten") == "3.4"
 
 
-async def test_sweep_forgets_only_old_delivered_rows(box: Outbox) -> None:
+async def test_sweep_forgets_only_old_delivered_rows(box: Store) -> None:
     await box.enqueue([new(1), new(2), new(3)], 100.0)
     await box.claim("s", 3, 100.0, 30)
     await box.complete(["d0001"], 100.0)
@@ -170,7 +174,7 @@ async def test_sweep_forgets_only_old_delivered_rows(box: Outbox) -> None:
     assert await box.counts() == {"pending": 0, "delivered": 1, "dead": 1}
 
 
-async def test_next_due_counts_leases(box: Outbox) -> None:
+async def test_next_due_counts_leases(box: Store) -> None:
     assert await box.next_due("s") is None
     await box.enqueue([new(1)], 100.0)
     assert await box.next_due("s") == 100.0
@@ -178,7 +182,7 @@ async def test_next_due_counts_leases(box: Outbox) -> None:
     assert await box.next_due("s") == 130.0
 
 
-async def test_restart_keeps_everything_and_leases_run_out(reopen: OutboxFactory) -> None:
+async def test_restart_keeps_everything_and_leases_run_out(reopen: StoreFactory) -> None:
     box = await reopen()
     await box.enqueue([new(1), new(2)], 100.0)
     await box.claim("s", 2, 100.0, lease=60)  # then the process "dies" mid-send
@@ -207,26 +211,26 @@ async def test_single_process_backends_recover_leases_at_start(url: str, tmp_pat
         await box.close()
 
 
-async def test_concurrent_enqueues_all_land(box: Outbox) -> None:
+async def test_concurrent_enqueues_all_land(box: Store) -> None:
     counts = await asyncio.gather(*(box.enqueue([new(i * 10 + j) for j in range(10)], 100.0)
                                     for i in range(50)))
     assert sum(counts) == 500
     assert (await box.counts())["pending"] == 500
 
 
-async def test_sink_state_survives_a_restart(reopen: OutboxFactory) -> None:
+async def test_sink_state_survives_a_restart(reopen: StoreFactory) -> None:
     box = await reopen()
-    assert await box.get_state("slack:C1", "shipment-1") is None
-    await box.put_state("slack:C1", "shipment-1", "1700000000.000100", 100.0)
-    await box.put_state("slack:C2", "shipment-1", "other", 100.0)
-    await box.put_state("slack:C1", "shipment-1", "1700000000.000200", 101.0)  # overwrite
+    assert await box.recall("slack:C1", "shipment-1") is None
+    await box.remember("slack:C1", "shipment-1", "1700000000.000100", 100.0)
+    await box.remember("slack:C2", "shipment-1", "other", 100.0)
+    await box.remember("slack:C1", "shipment-1", "1700000000.000200", 101.0)  # overwrite
     await box.close()
     box2 = await reopen()
-    assert await box2.get_state("slack:C1", "shipment-1") == "1700000000.000200"
-    assert await box2.get_state("slack:C2", "shipment-1") == "other"
+    assert await box2.recall("slack:C1", "shipment-1") == "1700000000.000200"
+    assert await box2.recall("slack:C2", "shipment-1") == "other"
 
 
-async def test_refunded_retry_does_not_count_an_attempt(box: Outbox) -> None:
+async def test_refunded_retry_does_not_count_an_attempt(box: Store) -> None:
     await box.enqueue([new(1)], 100.0)
     await box.claim("s", 1, 100.0, 30)
     await box.retry_at("d0001", 100.0, "HTTP 429", 100.0, refund=True)
@@ -240,7 +244,7 @@ def grouped(i: int, key: str = "g", delay: float = 30.0) -> NewDelivery:
     return d
 
 
-async def test_digest_groups_wait_and_are_claimed_together(box: Outbox) -> None:
+async def test_digest_groups_wait_and_are_claimed_together(box: Store) -> None:
     await box.enqueue([grouped(1)], 100.0)
     await box.enqueue([grouped(2), grouped(3, key="other"), new(4)], 110.0)
     assert [d.id for d in await box.claim("s", 10, 110.0, 30)] == ["d0004"]  # not yet due
@@ -254,7 +258,7 @@ async def test_digest_groups_wait_and_are_claimed_together(box: Outbox) -> None:
     assert [d.id for d in await box.claim_group("s", "other", 1, 130.0, 30)] == ["d0003"]
 
 
-async def test_ping(box: Outbox) -> None:
+async def test_ping(box: Store) -> None:
     await box.ping()
 
 
@@ -268,7 +272,7 @@ async def test_postgres_replicas_never_claim_the_same_delivery() -> None:
         try:
             await replicas[0].enqueue([new(i) for i in range(600)], 100.0)
 
-            async def drain(box: Outbox) -> list[str]:
+            async def drain(box: Store) -> list[str]:
                 got: list[str] = []
                 while batch := await box.claim("s", 7, 100.0, 300):
                     got += [d.id for d in batch]
@@ -288,7 +292,7 @@ async def test_sqlite_refuses_a_second_serving_process(tmp_path: Path) -> None:
     first = from_url(url)
     await first.open(recover=True)
     try:
-        with pytest.raises(RuntimeError, match="another bridge process is serving"):
+        with pytest.raises(StorageInUse, match="another bridge process is serving"):
             await from_url(url).open(recover=True)
         reader = from_url(url)  # CLI commands (dlq) open without taking ownership
         await reader.open()
@@ -299,9 +303,9 @@ async def test_sqlite_refuses_a_second_serving_process(tmp_path: Path) -> None:
 
 
 async def test_sqlite_concurrent_intakes_share_commits(tmp_path: Path) -> None:
-    from bridge.outbox.sqlite import SqliteOutbox
+    from bridge.outbox.sqlite import SqliteStore
 
-    box = SqliteOutbox(str(tmp_path / "o.db"))
+    box = SqliteStore(str(tmp_path / "o.db"))
     await box.open(recover=True)
     try:
         before = box.commits
@@ -313,7 +317,7 @@ async def test_sqlite_concurrent_intakes_share_commits(tmp_path: Path) -> None:
         await box.close()
 
 
-async def test_concurrent_intakes_each_count_their_own_new_rows(box: Outbox) -> None:
+async def test_concurrent_intakes_each_count_their_own_new_rows(box: Store) -> None:
     assert await box.enqueue([new(1)], 100.0) == 1
     results = await asyncio.gather(
         box.enqueue([new(10), new(11)], 101.0),
@@ -331,9 +335,9 @@ async def test_sqlite_intakes_of_one_commit_insert_together(tmp_path: Path) -> N
     savepoint of its own, with more rows than one INSERT takes; counts stay exact."""
     import sqlite3
 
-    from bridge.outbox.sqlite import INSERT_ROWS, SqliteOutbox
+    from bridge.outbox.sqlite import INSERT_ROWS, SqliteStore
 
-    box = SqliteOutbox(str(tmp_path / "o.db"))
+    box = SqliteStore(str(tmp_path / "o.db"))
     await box.open(recover=True)
     locker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
     try:
@@ -375,9 +379,9 @@ async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Pat
     fails (none is told it was stored, nothing half-stored is committed)."""
     import sqlite3
 
-    from bridge.outbox.sqlite import SqliteOutbox
+    from bridge.outbox.sqlite import SqliteStore
 
-    box = SqliteOutbox(str(tmp_path / "o.db"))
+    box = SqliteStore(str(tmp_path / "o.db"))
     await box.open(recover=True)
     locker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
     locker.execute("CREATE TRIGGER abort_boom BEFORE INSERT ON deliveries "
@@ -444,3 +448,154 @@ async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "sub" / "dir" / "o.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+# ---- inbox ---------------------------------------------------------------------------------
+
+def batch(n: int, at: float = 100.0, items: int = 1) -> InboxBatch:
+    return InboxBatch(id=f"b{n:031d}", received_at=at, items=items,
+                      body=b'{"order": [{"uuid": "o%d"}]}' % n)
+
+
+async def test_inbox_keeps_acceptance_order_and_the_body(box: Store) -> None:
+    for n in (3, 1, 2):
+        await box.append(batch(n, at=100.0 + n))
+    waiting = await box.waiting(10)
+    assert [b.id for b in waiting] == [batch(n).id for n in (3, 1, 2)]
+    assert waiting[0] == batch(3, at=103.0)
+    assert [b.id for b in await box.waiting(2)] == [batch(3).id, batch(1).id]
+    assert await box.inbox_depth() == (3, 101.0, 0)
+
+
+async def test_settle_stores_deliveries_and_marks_in_one_go(box: Store) -> None:
+    await box.enqueue([new(1)], 90.0)  # stored by an earlier batch
+    for n in (1, 2, 3):
+        await box.append(batch(n))
+    results = await box.settle([
+        Sequenced(batch(1).id, [new(1), new(2)], '[{"uuid": "u1"}]'),
+        Failed(batch(2).id, "KeyError: 'x'"),
+        Sequenced(batch(3).id, [], "[]"),
+    ], 200.0)
+    assert results == [1, None, 0]
+    assert await box.waiting(10) == []
+    assert await box.counts() == {"pending": 2, "delivered": 0, "dead": 0}
+    stored = await box.get("d0002")
+    assert stored is not None and stored.batch_id == "b1" and stored.created_at == 200.0
+    first = await box.batch(batch(1).id)
+    assert first is not None
+    assert (first.status, first.deliveries, first.duplicates, first.sequenced_at) == (
+        BatchStatus.SEQUENCED, 1, 1, 200.0)
+    assert first.summary == '[{"uuid": "u1"}]' and first.body == batch(1).body
+    failed = await box.batch(batch(2).id)
+    assert failed is not None and (failed.status, failed.error) == (
+        BatchStatus.FAILED, "KeyError: 'x'")
+    assert await box.inbox_depth() == (0, None, 1)
+    listed = await box.batches(10)
+    assert [b.id for b in listed] == [batch(n).id for n in (3, 2, 1)]  # newest first
+    assert listed[0].body is None and listed[2].deliveries == 1
+
+
+async def test_a_batch_settled_already_is_not_settled_again(box: Store) -> None:
+    await box.append(batch(1))
+    assert await box.settle([Sequenced(batch(1).id, [new(1)], "[]")], 200.0) == [1]
+    # A second settle of the same batch (a sequencer that read it before) changes nothing.
+    assert await box.settle([Sequenced(batch(1).id, [new(1), new(2)], "[]")], 201.0) == [None]
+    assert await box.get("d0002") is None
+    info = await box.batch(batch(1).id)
+    assert info is not None and (info.deliveries, info.sequenced_at) == (1, 200.0)
+
+
+async def test_reroute_by_id_and_since(box: Store) -> None:
+    for n in (1, 2, 3):
+        await box.append(batch(n, at=100.0 * n))
+    await box.settle([Sequenced(batch(1).id, [new(1)], "[]"), Failed(batch(2).id, "boom"),
+                      Sequenced(batch(3).id, [], "[]")], 400.0)
+    assert await box.reroute([batch(2).id, "nope"], None) == 1
+    waiting = await box.waiting(10)
+    assert [b.id for b in waiting] == [batch(2).id]
+    again = await box.batch(batch(2).id)
+    assert again is not None and (again.status, again.error) == (BatchStatus.WAITING, None)
+    assert await box.reroute(None, 250.0) == 1  # batch 3 (received at 300); 2 waits already
+    assert [b.id for b in await box.waiting(10)] == [batch(2).id, batch(3).id]
+    # Routed again: what was stored already is not stored twice.
+    assert await box.settle([Sequenced(batch(2).id, [new(1), new(5)], "[]"),
+                             Sequenced(batch(3).id, [], "[]")], 500.0) == [1, 0]
+    assert (await box.counts())["pending"] == 2
+
+
+async def test_sweep_forgets_old_sequenced_batches_only(box: Store) -> None:
+    for n in (1, 2, 3, 4):
+        await box.append(batch(n))
+    await box.settle([Sequenced(batch(1).id, [], "[]"), Failed(batch(2).id, "boom")], 100.0)
+    await box.settle([Sequenced(batch(3).id, [], "[]")], 500.0)
+    assert await box.sweep_batches(400.0) == 1
+    assert await box.batch(batch(1).id) is None
+    assert [b.id for b in await box.batches(10)] == [batch(n).id for n in (4, 3, 2)]
+
+
+async def test_the_inbox_survives_a_restart(reopen: StoreFactory) -> None:
+    box = await reopen()
+    await box.append(batch(1))
+    await box.append(batch(2))
+    await box.settle([Sequenced(batch(1).id, [new(1)], "[]")], 200.0)
+    await box.close()
+    box2 = await reopen()
+    assert [b.id for b in await box2.waiting(10)] == [batch(2).id]
+    assert (await box2.counts())["pending"] == 1
+
+
+async def test_concurrent_appends_all_land(box: Store) -> None:
+    await asyncio.gather(*(box.append(batch(n)) for n in range(200)))
+    assert (await box.inbox_depth())[0] == 200
+    assert len({b.id for b in await box.waiting(500)}) == 200
+
+
+async def test_postgres_one_sequencer_at_a_time_and_handover() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        a, b = from_url(url), from_url(url)
+        await a.open(recover=True)
+        await b.open(recover=True)
+        try:
+            assert await a.acquire_sequencer() is True
+            assert await b.acquire_sequencer() is False
+            await a.append(batch(1))
+            with pytest.raises(StorageError, match="does not hold the sequencer"):
+                await b.settle([Sequenced(batch(1).id, [new(1)], "[]")], 200.0)
+            await a.release_sequencer()  # as a replica's death ends its connection
+            assert await b.acquire_sequencer() is True
+            assert await b.settle([Sequenced(batch(1).id, [new(1)], "[]")], 200.0) == [1]
+            assert await a.acquire_sequencer() is False
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_postgres_notifies_other_replicas() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        writer, listener = from_url(url), from_url(url)
+        await writer.open(recover=True)
+        await listener.open(recover=True)
+        heard: list[str] = []
+        got = asyncio.Event()
+
+        def hear(what: str) -> None:
+            heard.append(what)
+            got.set()
+
+        try:
+            await listener.subscribe(lambda: hear("batches"), lambda: hear("deliveries"))
+            await writer.append(batch(1))
+            await asyncio.wait_for(got.wait(), 10)
+            assert heard == ["batches"]
+            got.clear()
+            assert await writer.acquire_sequencer()
+            await writer.settle([Sequenced(batch(1).id, [new(1)], "[]")], 200.0)
+            await asyncio.wait_for(got.wait(), 10)
+            assert heard == ["batches", "deliveries"]
+        finally:
+            await writer.close()
+            await listener.close()

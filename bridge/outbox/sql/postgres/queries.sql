@@ -1,0 +1,187 @@
+-- PostgreSQL queries, one named block each (loaded by bridge/outbox/sql/__init__.py).
+
+-- ---- outbox ------------------------------------------------------------------------------
+
+-- name: insert_deliveries
+-- One statement per call; ON CONFLICT skips repeated items. $12 is now.
+INSERT INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload, status,
+    next_attempt_at, last_error, group_key, created_at, enqueued_at, updated_at)
+SELECT *, $12::float8, $12::float8, $12::float8 FROM unnest($1::text[], $2::text[],
+    $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[],
+    $10::text[], $11::text[])
+ON CONFLICT (id) DO NOTHING RETURNING 1
+
+-- name: claim
+UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2
+WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = $3
+              AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)
+              ORDER BY next_attempt_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED)
+RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
+
+-- name: claim_group
+UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2
+WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = $3
+              AND group_key = $4 AND (lease_until IS NULL OR lease_until <= $2)
+              ORDER BY seq LIMIT $5 FOR UPDATE SKIP LOCKED)
+RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
+
+-- name: complete
+UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL,
+    updated_at = $1 WHERE id = ANY($2::text[])
+
+-- name: retry_at
+UPDATE deliveries SET next_attempt_at = $1, last_error = $2, lease_until = NULL,
+    updated_at = $3, attempts = GREATEST(attempts - $4, 0)
+WHERE id = $5 AND status = 'pending'
+
+-- name: dead_letter
+UPDATE deliveries SET status = 'dead', last_error = $1, lease_until = NULL, updated_at = $2
+WHERE id = $3
+
+-- name: release
+UPDATE deliveries AS d SET attempts = GREATEST(d.attempts - 1, 0), lease_until = NULL
+FROM unnest($1::text[], $2::float8[]) AS c(id, lease_until)
+WHERE d.id = c.id AND d.status = 'pending' AND d.lease_until = c.lease_until
+
+-- name: next_due
+SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
+WHERE status = 'pending' AND sink = $1
+
+-- name: get_delivery
+SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until
+FROM deliveries WHERE id = $1
+
+-- name: list_dead
+SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until
+FROM deliveries WHERE status = 'dead' AND status <> 'pending'
+ORDER BY updated_at DESC, seq DESC LIMIT $1
+
+-- name: replay_all
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $1,
+    enqueued_at = $1, lease_until = NULL, updated_at = $1
+WHERE status = 'dead' AND status <> 'pending'
+
+-- name: replay_ids
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $1,
+    enqueued_at = $1, lease_until = NULL, updated_at = $1
+WHERE status = 'dead' AND status <> 'pending' AND id = ANY($2::text[])
+
+-- name: sweep_delivered
+DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' AND updated_at < $1
+
+-- name: count_by_status
+SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status
+
+-- name: notify_deliveries
+SELECT pg_notify('bridge_deliveries', '')
+
+-- ---- a sink's memory ---------------------------------------------------------------------
+
+-- name: recall
+SELECT value FROM sink_memory WHERE scope = $1 AND key = $2
+
+-- name: remember
+INSERT INTO sink_memory (scope, key, value, updated_at) VALUES ($1, $2, $3, $4)
+ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+
+-- name: forget_memories
+DELETE FROM sink_memory WHERE updated_at < $1
+
+-- ---- inbox -------------------------------------------------------------------------------
+
+-- name: append_batch
+-- The NOTIFY reaches the sequencer, whichever replica holds it, when this commits.
+WITH stored AS (INSERT INTO inbox (id, received_at, items, body) VALUES ($1, $2, $3, $4)
+                RETURNING 1)
+SELECT pg_notify('bridge_inbox', '') FROM stored
+
+-- name: waiting_batches
+SELECT id, received_at, items, body FROM inbox WHERE status = 'waiting' ORDER BY seq LIMIT $1
+
+-- name: settle_batch
+-- Marked first: a batch no longer waiting (settled already) stores no delivery. $1-$12 as
+-- in insert_deliveries; $13 the batch id, $14 its summary.
+WITH marked AS (
+    UPDATE inbox SET status = 'sequenced', summary = $14, error = NULL, sequenced_at = $12
+    WHERE id = $13 AND status = 'waiting' RETURNING 1
+), stored AS (
+    INSERT INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload, status,
+        next_attempt_at, last_error, group_key, created_at, enqueued_at, updated_at)
+    SELECT *, $12::float8, $12::float8, $12::float8 FROM unnest($1::text[], $2::text[],
+        $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::float8[],
+        $10::text[], $11::text[])
+    WHERE EXISTS (SELECT 1 FROM marked)
+    ON CONFLICT (id) DO NOTHING RETURNING 1
+)
+SELECT (SELECT COUNT(*) FROM marked) AS marked, (SELECT COUNT(*) FROM stored) AS new
+
+-- name: count_sequenced
+UPDATE inbox SET deliveries = $1, duplicates = $2 WHERE id = $3
+
+-- name: mark_failed
+UPDATE inbox SET status = 'failed', error = $1, summary = NULL, sequenced_at = $2
+WHERE id = $3 AND status = 'waiting'
+
+-- name: list_batches
+SELECT id, received_at, items, status, deliveries, duplicates, error, sequenced_at
+FROM inbox ORDER BY seq DESC LIMIT $1
+
+-- name: get_batch
+SELECT id, received_at, items, status, deliveries, duplicates, error, sequenced_at, summary,
+    body FROM inbox WHERE id = $1
+
+-- name: reroute_ids
+UPDATE inbox SET status = 'waiting', error = NULL
+WHERE id = ANY($1::text[]) AND status <> 'waiting'
+
+-- name: reroute_since
+UPDATE inbox SET status = 'waiting', error = NULL WHERE received_at >= $1 AND status <> 'waiting'
+
+-- name: notify_inbox
+SELECT pg_notify('bridge_inbox', '')
+
+-- name: count_waiting
+SELECT COUNT(*) AS n, MIN(received_at) AS oldest FROM inbox WHERE status = 'waiting'
+
+-- name: count_failed
+SELECT COUNT(*) FROM inbox WHERE status = 'failed' AND status <> 'waiting'
+
+-- name: sweep_batches
+DELETE FROM inbox WHERE status = 'sequenced' AND status <> 'waiting' AND sequenced_at < $1
+
+-- ---- schema and locks --------------------------------------------------------------------
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)
+
+-- name: migration_lock
+-- Held to the end of the migrating transaction: replicas starting together wait their turn.
+SELECT pg_advisory_xact_lock($1)
+
+-- name: try_sequencer_lock
+-- A session lock on the sequencer's own connection: released the moment that connection
+-- ends, so a replica that dies hands the sequencer over within the others' poll.
+SELECT pg_try_advisory_lock($1)
+
+-- name: unlock_sequencer
+SELECT pg_advisory_unlock($1)
+
+-- name: is_standby
+SELECT pg_is_in_recovery()
+
+-- name: ping
+SELECT 1 FROM deliveries LIMIT 1 FOR UPDATE SKIP LOCKED

@@ -1,0 +1,156 @@
+-- SQLite queries, one named block each (loaded by bridge/outbox/sql/__init__.py).
+-- Delivery ids of the form dlv_<32 hex> are stored as their 16 bytes (sqlite.py stored_id).
+
+-- ---- outbox ------------------------------------------------------------------------------
+
+-- name: insert_deliveries
+-- One VALUES group; sqlite.py repeats it for up to INSERT_ROWS rows per statement.
+INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload,
+    status, next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+
+-- name: claim
+UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
+WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = :sink
+              AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until <= :now)
+              ORDER BY next_attempt_at, seq LIMIT :limit)
+RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
+
+-- name: claim_group
+UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
+WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = :sink
+              AND group_key = :group_key AND (lease_until IS NULL OR lease_until <= :now)
+              ORDER BY seq LIMIT :limit)
+RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
+
+-- name: complete
+UPDATE deliveries SET status = 'delivered', lease_until = NULL, last_error = NULL,
+    updated_at = ? WHERE id = ?
+
+-- name: retry_at
+UPDATE deliveries SET next_attempt_at = :when, last_error = :error, lease_until = NULL,
+    updated_at = :now, attempts = MAX(attempts - :refund, 0)
+WHERE id = :id AND status = 'pending'
+
+-- name: dead_letter
+UPDATE deliveries SET status = 'dead', last_error = ?, lease_until = NULL, updated_at = ?
+WHERE id = ?
+
+-- name: release
+UPDATE deliveries SET attempts = MAX(attempts - 1, 0), lease_until = NULL
+WHERE id = ? AND status = 'pending' AND lease_until = ?
+
+-- name: release_every_lease
+-- At start, holding the file's lock: any lease left is from a process of ours that died.
+UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL
+
+-- name: next_due
+SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
+WHERE status = 'pending' AND sink = ?
+
+-- name: get_delivery
+SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until
+FROM deliveries WHERE id = ?
+
+-- name: list_dead
+SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
+    next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until
+FROM deliveries WHERE status = 'dead' AND status <> 'pending'
+ORDER BY updated_at DESC, seq DESC LIMIT ?
+
+-- name: replay_all
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
+    enqueued_at = :now, lease_until = NULL, updated_at = :now
+WHERE status = 'dead' AND status <> 'pending'
+
+-- name: replay_one
+UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
+    enqueued_at = :now, lease_until = NULL, updated_at = :now
+WHERE status = 'dead' AND status <> 'pending' AND id = :id
+
+-- name: sweep_delivered
+DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' AND updated_at < ?
+
+-- name: count_settled
+SELECT status, COUNT(*) FROM deliveries WHERE status <> 'pending' GROUP BY status
+
+-- name: count_pending
+SELECT COUNT(*) FROM deliveries WHERE status = 'pending'
+
+-- ---- a sink's memory ---------------------------------------------------------------------
+
+-- name: recall
+SELECT value FROM sink_memory WHERE scope = ? AND key = ?
+
+-- name: remember
+INSERT INTO sink_memory (scope, key, value, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+
+-- name: forget_memories
+DELETE FROM sink_memory WHERE updated_at < ?
+
+-- ---- inbox -------------------------------------------------------------------------------
+
+-- name: append_batch
+INSERT INTO inbox (id, received_at, items, body) VALUES (?, ?, ?, ?)
+
+-- name: waiting_batches
+SELECT id, received_at, items, body FROM inbox WHERE status = 'waiting'
+ORDER BY seq LIMIT ?
+
+-- name: mark_sequenced
+UPDATE inbox SET status = 'sequenced', deliveries = :deliveries, duplicates = :duplicates,
+    summary = :summary, error = NULL, sequenced_at = :now
+WHERE id = :id AND status = 'waiting'
+
+-- name: mark_failed
+UPDATE inbox SET status = 'failed', error = :error, summary = NULL, sequenced_at = :now
+WHERE id = :id AND status = 'waiting'
+
+-- name: list_batches
+SELECT id, received_at, items, status, deliveries, duplicates, error, sequenced_at
+FROM inbox ORDER BY seq DESC LIMIT ?
+
+-- name: get_batch
+SELECT id, received_at, items, status, deliveries, duplicates, error, sequenced_at, summary,
+    body FROM inbox WHERE id = ?
+
+-- name: reroute_one
+UPDATE inbox SET status = 'waiting', error = NULL WHERE id = ? AND status <> 'waiting'
+
+-- name: reroute_since
+UPDATE inbox SET status = 'waiting', error = NULL
+WHERE received_at >= ? AND status <> 'waiting'
+
+-- name: count_waiting
+SELECT COUNT(*), MIN(received_at) FROM inbox WHERE status = 'waiting'
+
+-- name: count_failed
+SELECT COUNT(*) FROM inbox WHERE status = 'failed' AND status <> 'waiting'
+
+-- name: sweep_batches
+DELETE FROM inbox WHERE status = 'sequenced' AND status <> 'waiting' AND sequenced_at < ?
+
+-- ---- schema ------------------------------------------------------------------------------
+
+-- name: create_migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)
+
+-- name: applied_migrations
+SELECT version FROM schema_migrations ORDER BY version
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)
+
+-- name: ping_create
+CREATE TABLE IF NOT EXISTS ping (x)
+
+-- name: ping_delete
+DELETE FROM ping

@@ -1,0 +1,149 @@
+"""Upgrades: a database written by the previous release (0.1.0, before numbered migrations),
+with pending deliveries, dead letters and a sink's memory in it, is migrated in place at
+start and keeps working; migrations are recorded and applied once."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bridge.errors import StorageError
+from bridge.models import InboxBatch, Status
+from bridge.outbox import Store, from_url
+from bridge.outbox.sql import migrations
+from tests.conftest import require_service
+from tests.helpers import postgres
+
+OLD = Path(__file__).parents[1] / "data" / "previous-release"
+PENDING = "dlv_" + "0a" * 16
+DEAD = "dlv_" + "0b" * 16
+DELIVERED = "dlv_" + "0c" * 16
+# 0.1.0 stored rendered payloads packed: \x01, then <len>:<key><len>:<value> per field.
+PACKED = "\x01" + "4:body" + "13:{\"n\": \"x:1\"}"
+
+
+def _old_sqlite(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript((OLD / "sqlite.sql").read_text())
+    rows = [(PENDING, "pending", None, 1), (DEAD, "dead", "HTTP 400: refused", 3),
+            (DELIVERED, "delivered", None, 1)]
+    for delivery_id, status, error, attempts in rows:
+        conn.execute(
+            "INSERT INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload, "
+            "status, attempts, next_attempt_at, last_error, created_at, enqueued_at, "
+            "updated_at) VALUES (?, 'hook', 'all', 'u1', 'tracking', 'b0', ?, ?, ?, 100, ?, "
+            "100, 100, 100)",
+            (bytes.fromhex(delivery_id[4:]), PACKED, status, attempts, error))
+    conn.execute("INSERT INTO sink_state VALUES ('slack:C1', 'u1', '1700000000.0001', 100)")
+    conn.commit()
+    conn.close()
+
+
+async def _old_postgres(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute((OLD / "postgres.sql").read_text())
+        for delivery_id, status, error, attempts in [
+                (PENDING, "pending", None, 1), (DEAD, "dead", "HTTP 400: refused", 3),
+                (DELIVERED, "delivered", None, 1)]:
+            await conn.execute(
+                "INSERT INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload, "
+                "status, attempts, next_attempt_at, last_error, created_at, enqueued_at, "
+                "updated_at) VALUES ($1, 'hook', 'all', 'u1', 'tracking', 'b0', $2, $3, $4, "
+                "100, $5, 100, 100, 100)",
+                delivery_id, '{"body": "{\\"n\\": \\"x:1\\"}"}', status, attempts, error)
+        await conn.execute(
+            "INSERT INTO sink_state VALUES ('slack:C1', 'u1', '1700000000.0001', 100)")
+    finally:
+        await conn.close()
+
+
+async def _check_upgraded(store: Store) -> None:
+    assert await store.counts() == {"pending": 1, "delivered": 1, "dead": 1}
+    [claimed] = await store.claim("hook", 10, 200.0, 30)
+    assert (claimed.id, claimed.attempts) == (PENDING, 2)
+    assert claimed.payload == {"body": '{"n": "x:1"}'}
+    [dead] = await store.list_dead()
+    assert (dead.id, dead.last_error, dead.status) == (DEAD, "HTTP 400: refused", Status.DEAD)
+    assert await store.replay([DEAD], 201.0) == 1
+    assert await store.recall("slack:C1", "u1") == "1700000000.0001"  # the sink's memory
+    # The inbox is there and works.
+    await store.append(InboxBatch("b" * 32, 300.0, 1, b'{"order": [{"uuid": "o1"}]}'))
+    assert [b.id for b in await store.waiting(10)] == ["b" * 32]
+
+
+def _expected() -> list[str]:
+    return [f"{m.version:04d}_{m.name}" for m in migrations("sqlite")]
+
+
+async def test_sqlite_file_of_the_previous_release_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.db"
+    _old_sqlite(path)
+    store = from_url(f"sqlite:///{path}")
+    await store.open(recover=True)
+    try:
+        assert await store.migrate() == _expected()
+        await _check_upgraded(store)
+    finally:
+        await store.close()
+    again = from_url(f"sqlite:///{path}")
+    await again.open(recover=True)
+    try:
+        assert await again.migrate() == []  # recorded: nothing is applied twice
+        assert (await again.counts())["pending"] == 2
+    finally:
+        await again.close()
+    conn = sqlite3.connect(path)
+    recorded = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+    conn.close()
+    assert recorded == [(m.version, m.name) for m in migrations("sqlite")]
+
+
+async def test_postgres_database_of_the_previous_release_is_migrated() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as dsn:
+        await _old_postgres(dsn)
+        # Replicas starting together: the advisory lock lets each step be applied once.
+        stores = [from_url(dsn) for _ in range(3)]
+        await asyncio.gather(*(s.open(recover=True) for s in stores))
+        try:
+            applied = [await s.migrate() for s in stores]
+            assert sorted(applied, key=len) == [[], [], [
+                f"{m.version:04d}_{m.name}" for m in migrations("postgres")]]
+            await _check_upgraded(stores[0])
+        finally:
+            for s in stores:
+                await s.close()
+        conn = await asyncpg.connect(dsn)
+        try:
+            versions = [r[0] for r in await conn.fetch(
+                "SELECT version FROM schema_migrations ORDER BY version")]
+            indexes = {r[0] for r in await conn.fetch(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'deliveries'")}
+        finally:
+            await conn.close()
+        assert versions == [m.version for m in migrations("postgres")]
+        assert "deliveries_settled" in indexes and "deliveries_by_status" not in indexes
+
+
+async def test_sqlite_and_postgres_have_the_same_steps() -> None:
+    assert [(m.version, m.name) for m in migrations("sqlite")] == [
+        (m.version, m.name) for m in migrations("postgres")]
+
+
+async def test_a_database_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.db"
+    store = from_url(f"sqlite:///{path}")
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (999, 'from_the_future', 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageError, match=r"migrated by a newer bridge.*0999"):
+        await from_url(f"sqlite:///{path}").open()
