@@ -9,7 +9,8 @@ are stable, so what was stored already is skipped). A batch whose routing raises
 failed with the reason and never holds up the batches behind it.
 
 It shares the event loop with the intake and the verification answers, and gives way to
-them: it yields after every few items, so a request waits for at most that much routing.
+them: it yields after every few milliseconds of routing (after an item, so one item whose
+templates take longer holds the loop that long), so a request waits for at most that much.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger("bridge.sequencer")
 
 TAKE = 64  # batches read from the inbox at once
 SETTLE_ROWS = 512  # deliveries per transaction, at most about (one batch may be more)
-YIELD_EVERY = 16  # items routed between two turns given to requests
+YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests
 IDLE_POLL = 1.0  # seconds: the fallback when no wake-up comes (another process appended)
 LOCK_POLL = 1.0  # seconds between tries for the sequencer's lock (replicas)
 RETRY_AFTER_FAILURE = 1.0
@@ -168,10 +169,12 @@ class Sequencer:
         try:
             batch = parse_stored(row)
             plans = []
-            for n, item in enumerate(batch.items, start=1):
+            turn = time.perf_counter()
+            for item in batch.items:
                 plans.append(plan_item(self.router, item, batch))
-                if n % YIELD_EVERY == 0:
+                if time.perf_counter() - turn > YIELD_AFTER:
                     await asyncio.sleep(0)  # requests first
+                    turn = time.perf_counter()
             await asyncio.sleep(0)
             deliveries = [d for p in plans for d in p.deliveries]
             return Sequenced(row.id, deliveries, summary_of(plans))
