@@ -40,7 +40,7 @@ sinks:
     url: {url}/in
     concurrency: 4
     headers:
-      X-Slow: "{{% for i in range({outer}) %}}{{% for j in range(100) %}}{{% endfor %}}{{% endfor %}}x"
+      X-Slow: "{{% for i in range({outer} * 100) %}}{{% endfor %}}x"
 routes:
   - name: every-item
     to: hook
