@@ -133,8 +133,8 @@ class Sequencer:
                 continue
             if taken:
                 await self.sequence(taken)
-            else:
-                await self._sweep()
+            await self._sweep()  # at most every SWEEP_EVERY, busy or not
+            if not taken:
                 await self._sleep(IDLE_POLL)
 
     async def _sleep(self, seconds: float) -> None:

@@ -4,6 +4,7 @@ on a real SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -205,3 +206,21 @@ def test_migrate_applies_once_and_says_so(tmp_path: Path) -> None:
     assert "applied 0001_deliveries" in first.stdout and "applied 0002_inbox" in first.stdout
     second = run_bridge("migrate", "--config", str(config))
     assert second.returncode == 0 and "up to date" in second.stdout
+
+
+async def test_sequenced_batches_are_swept_after_the_retention(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str],
+) -> None:
+    text = CONFIG + "defaults:\n  inbox_retention: 1s\n"
+    first = await make_bridge(text, {"URL": receiver[1]})
+    _, answer = await first.post({"order": [{"uuid": "o1"}]})
+    assert answer["status"] == "sequenced"
+    await first.client.close()  # stops its sequencer and dispatcher
+    await asyncio.sleep(1.2)
+    # A bridge starting on the same file sweeps at its sequencer's first turn.
+    second = await make_bridge(text, {"URL": receiver[1]})
+
+    async def swept() -> bool:
+        return await second.rt.store.batch(answer["batch_id"]) is None
+
+    await eventually(swept, timeout=10, what="the old batch swept")
