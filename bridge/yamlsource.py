@@ -23,6 +23,11 @@ _UNQUOTED_PATH = re.compile(r"""(?<!["'])(\$[.\[][^\s,}\[]*\[.*?)\s*(?=,\s*[\w-]
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def variables_in(text: str) -> list[str]:
+    """The names of the `${VAR}` / `${VAR:-default}` a value is written with, in order."""
+    return [m.group(1) for m in _VAR.finditer(text) if m.group(1)]
+
+
 def format_path(path: KeyPath) -> str:
     out = ""
     for part in path:
