@@ -18,8 +18,11 @@ RUN pip install --no-cache-dir ".[apprise]" \
 
 COPY config/routes.yaml /config/routes.yaml
 
+# The shipped config listens on 127.0.0.1 outside a container (it answers a demo secret);
+# in one, the port must be reachable through the container's own address.
 ENV BRIDGE_CONFIG=/config/routes.yaml \
-    BRIDGE_STORAGE=sqlite:////data/bridge.db
+    BRIDGE_STORAGE=sqlite:////data/bridge.db \
+    BRIDGE_LISTEN=0.0.0.0:8080
 
 USER 10001
 VOLUME ["/data"]

@@ -33,6 +33,7 @@ from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
 from bridge.sequencer import plan_item
 from bridge.sinks.base import Sink
+from bridge.yamlsource import variables_in
 
 log = logging.getLogger("bridge")
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -57,8 +58,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise RuntimeError(f"cannot listen on {host}:{port} (server.listen): "
-                           f"{exc.strerror or exc}") from None
+        raise RuntimeError(f"cannot listen on {host}:{port} ({_listen_origin(loaded)}): "
+                           f"{exc.strerror or exc}; {_listen_remedy(loaded)}") from None
     # What is built by now (modules, config, templates, sinks, the store) lives as long as
     # the process. Frozen, the cyclic GC stops rescanning it: under saturation a full
     # collection held the event loop (and any verification) for 35-45 ms, and ~1 ms after.
@@ -67,7 +68,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     shown_path = loaded.source.raw.get(("server", "webhook_path"), cfg.server.webhook_path)
     log.info("bridge serving", extra={
         "listen": f"{host}:{port}", "webhook_path": shown_path,
-        "storage": _storage_as_written(loaded),
+        "storage": storage_in_use(loaded),
         "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__,
         "gc_frozen_objects": gc.get_freeze_count()})
     stop = asyncio.Event()
@@ -81,9 +82,49 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_as_written(loaded: LoadedConfig) -> str:
-    """`storage` as written in the file (`${BRIDGE_STORAGE}`), else its value, masked."""
-    return storage_label(loaded.source.raw.get(("storage",), loaded.config.storage))
+def _written_with(loaded: LoadedConfig, path: tuple[str, ...]) -> list[str]:
+    """The variables a setting is written with (`${BRIDGE_LISTEN:-...}`: BRIDGE_LISTEN)."""
+    raw = loaded.source.raw.get(path)
+    return variables_in(raw) if raw else []
+
+
+def _origin(loaded: LoadedConfig, path: tuple[str, ...]) -> list[str]:
+    """Where a setting's value came from, for people: `from BRIDGE_STORAGE`, or `the
+    default of ${BRIDGE_STORAGE:-...}, BRIDGE_STORAGE not set`. Never the default itself,
+    which may hold a password."""
+    notes = []
+    for name in _written_with(loaded, path):
+        notes.append(f"from ${name}" if name in os.environ
+                     else f"{name} not set: the default written in the config")
+    return notes
+
+
+def storage_in_use(loaded: LoadedConfig) -> str:
+    """The storage really used: variables resolved, a password masked, a relative SQLite
+    path shown with the file it names from here, and where the value came from."""
+    url = loaded.config.storage
+    notes = _origin(loaded, ("storage",))
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        relative = rest[1:] if rest.startswith("/") else rest
+        if relative and not relative.startswith("/"):
+            notes.append(f"file {Path(relative).resolve()}")
+    return storage_label(url) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _listen_origin(loaded: LoadedConfig) -> str:
+    if ("server", "listen") not in loaded.source.lines:
+        return "server.listen not set: the default"
+    return ", ".join(["server.listen", *_origin(loaded, ("server", "listen"))])
+
+
+def _listen_remedy(loaded: LoadedConfig) -> str:
+    names = _written_with(loaded, ("server", "listen"))
+    if names:
+        return (f"stop what holds the port, or set {names[0]}=host:port "
+                f"(e.g. {names[0]}=127.0.0.1:8081) to listen elsewhere")
+    return (f"stop what holds the port, or change server.listen in {loaded.source.file} "
+            "(written as ${BRIDGE_LISTEN:-127.0.0.1:8080}, BRIDGE_LISTEN can choose it)")
 
 
 # ---- check ---------------------------------------------------------------------------------
@@ -99,7 +140,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
                  f"max_body_bytes {cfg.server.max_body_bytes}"))
-    print(redact(f"storage: {_storage_as_written(loaded)}"))
+    print(redact(f"storage: {storage_in_use(loaded)}"))
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
     print("sinks:")

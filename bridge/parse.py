@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from bridge import jsontext
 from bridge.errors import PayloadError
+from bridge.jsontext import parse_float, parse_int
 from bridge.models import KINDS, Batch, Item
 
 
@@ -20,8 +22,9 @@ class Verification:
     key_id: str
 
 
-# orjson parses ~3x faster than the stdlib, but turns integers beyond 64 bits into floats:
-# a body holding a number of 19 or more digits takes the exact stdlib path.
+# orjson parses ~3x faster than the stdlib, but turns integers beyond 64 bits into floats
+# and refuses numbers beyond a float's range (1e999): a body holding a number of 19 or more
+# digits, or one that orjson finds out of range, takes the exact stdlib path.
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN = b"0" * 19
 
@@ -46,20 +49,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:20]} is too large for a float")
-    return value
-
-
 def _exact_decode(body: bytes) -> Any:
-    """The stdlib path, refusing what orjson refuses: NaN, Infinity, numbers that overflow
-    a float, and lone surrogate escapes (\\ud800), which no UTF-8 text can hold."""
+    """The stdlib path: integers exact, numbers beyond a float's range kept as written
+    (BigNumber), and refusing what orjson refuses: NaN, Infinity, and lone surrogate
+    escapes (\\ud800), which no UTF-8 text can hold."""
     # Decoded explicitly: json.loads(bytes) would guess UTF-16/32 from the first bytes.
-    doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite)
+    doc = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant,
+                     parse_float=parse_float, parse_int=parse_int)
     try:
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
         raise PayloadError("a string holds a lone surrogate escape such as \\ud800; "
                            "expected valid Unicode text") from None
@@ -69,7 +67,11 @@ def _exact_decode(body: bytes) -> Any:
 def _decode(body: bytes) -> Any:
     try:
         if not _has_long_number(body):
-            return orjson.loads(body)
+            try:
+                return orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                if not exc.msg.startswith("number is infinity"):
+                    raise
         return _exact_decode(body)
     except UnicodeDecodeError:
         raise PayloadError("body is not UTF-8 text; expected a JSON object") from None
@@ -101,7 +103,7 @@ def parse_request(body: bytes, received_at: str | None = None, batch_id: str | N
     items: list[Item] = []
     for kind in KINDS:
         entries = doc.get(kind)
-        if entries is None:
+        if entries is None:  # absent, or `"order": null`: no items of this kind
             continue
         if not isinstance(entries, list):
             raise PayloadError(f"expected a list of {kind} items, got {_json_type(entries)}",
@@ -121,7 +123,8 @@ def parse_request(body: bytes, received_at: str | None = None, batch_id: str | N
     # As random as a uuid4's hex, without building the UUID object (a cost per batch).
     # A body with neither list is odd enough to name its keys in a warning (not an error:
     # isendu may send an empty batch, and anything but 200 would only make it retry).
-    unknown = () if any(kind in doc for kind in KINDS) else tuple(doc)
+    # `{"order": null}` has no list either: the same warning, naming `order`.
+    unknown = () if any(doc.get(kind) is not None for kind in KINDS) else tuple(doc)
     return Batch(batch_id=batch_id or os.urandom(16).hex(), received_at=received_at or utc_now(),
                  items=items, unknown_keys=unknown)
 
@@ -137,7 +140,7 @@ def _refuse_too_deep(body: bytes, doc: Any, items: list[Item]) -> None:
     if body.count(b"[") + body.count(b"{") <= _ORJSON_DEPTH:
         return
     try:
-        orjson.dumps(doc)
+        jsontext.orjson_dumps(doc)
         return
     except TypeError:  # too deep for orjson, or an integer beyond 64 bits: look closer
         pass
@@ -146,7 +149,7 @@ def _refuse_too_deep(body: bytes, doc: Any, items: list[Item]) -> None:
         where = f"$.{item.kind}[{counters[item.kind]}]"
         counters[item.kind] += 1
         try:
-            json.dumps(item.data)
+            jsontext.dumps(item.data)  # what the router's canonical_json falls back to
         except RecursionError:
             raise PayloadError("an item is nested too deeply to store; expected at most a "
                                "few hundred levels of objects and arrays", where) from None
@@ -160,5 +163,7 @@ def utc_now() -> str:
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, Decimal):
+        return "a number"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
             list: "an array", dict: "an object"}.get(type(value), type(value).__name__)

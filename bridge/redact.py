@@ -64,8 +64,15 @@ def is_plain(value: str) -> bool:
 
 
 class Redactor:
+    """Masks every registered secret in any letter case: receivers echo what they were
+    sent lower-cased (`bearer secrettoken123abc`) or upper-cased, and a mask that needs
+    the exact case would let those through."""
+
     def __init__(self) -> None:
         self._secrets: tuple[str, ...] = ()
+        # (each secret case-folded, one case-blind pattern), swapped in as one object so a
+        # log line written meanwhile sees both old or both new.
+        self._matcher: tuple[tuple[str, ...], re.Pattern[str]] | None = None
         self._lock = threading.Lock()
 
     def add(self, *secrets: str | None) -> None:
@@ -73,7 +80,13 @@ class Redactor:
         new = {s for s in secrets if s and len(s) >= 4}
         with self._lock:
             merged = set(self._secrets) | new
-            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+            # Longest first: of `Bearer tok` and `tok`, the whole is masked, not `Bearer `
+            # left in front of the mask.
+            self._secrets = tuple(sorted(merged, key=lambda s: (-len(s), s)))
+            self._matcher = (
+                tuple({s.casefold() for s in self._secrets}),
+                re.compile("|".join(map(re.escape, self._secrets)), re.IGNORECASE),
+            ) if self._secrets else None
 
     def add_guessed(self, *values: str | None) -> None:
         """Values that are secrets by the name they came under, not by their declared
@@ -83,12 +96,20 @@ class Redactor:
     def clear(self) -> None:
         with self._lock:
             self._secrets = ()
+            self._matcher = None
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        # Every log line passes here: a case-folded substring test per secret is ~10x
+        # cheaper than the case-blind regex, which runs only when one may be present.
+        # casefold maps character by character, so an exact-case match is always found.
+        matcher = self._matcher
+        if matcher is None:
+            return text
+        folded, pattern = matcher
+        lowered = text.casefold()
+        if not any(secret in lowered for secret in folded):
+            return text
+        return pattern.sub(MASK, text)
 
 
 REDACTOR = Redactor()

@@ -16,11 +16,12 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from bridge import jsontext
 from bridge.errors import TemplateRenderError
 
 
 def _json_filter(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return jsontext.dumps(value, default=str)
 
 
 def _make_env(autoescape: bool = False) -> SandboxedEnvironment:
@@ -32,6 +33,8 @@ def _make_env(autoescape: bool = False) -> SandboxedEnvironment:
         lstrip_blocks=True,
     )
     env.filters["json"] = _json_filter
+    # Jinja's own `tojson` too: a number beyond a float's range is written as it came.
+    env.policies["json.dumps_function"] = jsontext.stdlib_dumps
     return env
 
 

@@ -15,8 +15,17 @@ from bridge.redact import REDACTOR, names_a_credential
 
 KeyPath = tuple[str | int, ...]
 
+# An unquoted JSONPath with a bracket, as written in a flow mapping: `{path: $.steps[*].x`.
+# It runs to the next `, key:` or the closing brace.
+_UNQUOTED_PATH = re.compile(r"""(?<!["'])(\$[.\[][^\s,}\[]*\[.*?)\s*(?=,\s*[\w-]+:|}|$)""")
+
 # ${VAR} or ${VAR:-default}; $${ is a literal "${".
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def variables_in(text: str) -> list[str]:
+    """The names of the `${VAR}` / `${VAR:-default}` a value is written with, in order."""
+    return [m.group(1) for m in _VAR.finditer(text) if m.group(1)]
 
 
 def format_path(path: KeyPath) -> str:
@@ -134,6 +143,14 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
         problem = exc.problem or exc.context or ""
         if "${" in source_line:
             hint = ' (inside {...} or [...], quote values that use variables: "${VAR}")'
+        elif (problem.startswith(("expected ','", "expected alphabetic or numeric"))
+              and _UNQUOTED_PATH.search(source_line)):
+            # `{path: $.steps[*].error}`: in a flow mapping `[` opens a list (and `*` an
+            # alias, in a nested one).
+            found = _UNQUOTED_PATH.search(source_line)
+            shown = found.group(1) if found else "$.steps[*].error"
+            quoted = f"'{shown}'" if '"' in shown else f'"{shown}"'
+            hint = f" (inside {{...}} or [...], quote a JSONPath with brackets: path: {quoted})"
         elif problem.startswith("expected <block end>"):
             # PyYAML's words for a key indented less than its neighbours.
             hint = (" (check this line's indentation: a key must start in the same column "

@@ -7,8 +7,10 @@ their positive op, so `steps[*].status not_equals EXCEPTION` means "no step is E
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
@@ -133,7 +135,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    # Decimal: a number beyond a float's range, kept exact (bridge.jsontext.BigNumber); it
+    # compares exactly with ints and floats.
+    return isinstance(v, int | float | Decimal) and not isinstance(v, bool)
 
 
 def _comparable(a: Any, b: Any) -> bool:
@@ -193,6 +197,9 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
     elif op in ("gt", "gte", "lt", "lte"):
         if not (_is_number(value) or isinstance(value, str)):
             raise ValueError(f"`{op}` expects a number or a string (e.g. an ISO timestamp)")
+        if isinstance(value, float) and math.isnan(value):
+            # Nothing is greater or less than NaN: the route could never match.
+            raise ValueError(f"`{op}` expects a number, got .nan, which nothing compares to")
         cmp: Callable[[Any], bool] = {
             "gt": lambda a: a > value,
             "gte": lambda a: a >= value,

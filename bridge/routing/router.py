@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 
 import orjson
 
+from bridge import jsontext
 from bridge.config import BridgeConfig, Route, predicate_of
 from bridge.errors import PayloadError, TemplateRenderError
 from bridge.models import Batch, Item, NewDelivery
@@ -55,13 +55,14 @@ def canonical_json(data: object) -> str:
     """Sorted keys, no spaces: the same item always encodes (and hashes) the same way.
 
     orjson is ~10x faster than the stdlib here; it refuses integers beyond 64 bits, which
-    the stdlib writes exactly (each item always takes the same one of the two paths)."""
+    the stdlib writes exactly (each item always takes the same one of the two paths).
+    Numbers beyond a float's range (BigNumber) are written as isendu wrote them."""
     try:
-        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+        return jsontext.orjson_dumps(data, orjson.OPT_SORT_KEYS).decode()
     except TypeError:  # also orjson's limit of 254 levels of nesting
         pass
     try:
-        return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return jsontext.dumps(data, sort_keys=True)
     except RecursionError:
         raise PayloadError("an item is nested too deeply to store; expected at most a few "
                            "hundred levels of objects and arrays") from None

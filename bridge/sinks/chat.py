@@ -12,6 +12,7 @@ import datetime as dt
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 import aiohttp
@@ -46,7 +47,7 @@ def text_of(value: Any) -> str | None:
     """A displayable string for a scalar field, or None for absent/empty/structured values."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | Decimal):  # Decimal: 1e999, as isendu wrote it
         return str(value)
     if isinstance(value, str):
         value = value.strip()
@@ -197,13 +198,20 @@ def _utc(value: Any) -> str | None:
     return parsed.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+_EXACT_IN_FLOAT = 2**53
+
+
 def _money(total: Any) -> str | None:
     if isinstance(total, Mapping):
         amount, currency = total.get("amount"), text_of(total.get("currency"))
     else:
         amount, currency = total, None
-    if isinstance(amount, int | float) and not isinstance(amount, bool):
+    if isinstance(amount, int) and abs(amount) > _EXACT_IN_FLOAT:
+        shown = str(amount)  # `:.2f` goes through a float, which would change the digits
+    elif isinstance(amount, int | float) and not isinstance(amount, bool):
         shown = f"{amount:.2f}"
+    elif isinstance(amount, Decimal):  # beyond a float's range: as written, not "inf"
+        shown = str(amount)
     else:
         shown = text_of(amount) or ""
     return " ".join(p for p in (shown, currency) if p) or None

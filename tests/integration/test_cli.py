@@ -244,11 +244,23 @@ def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
         path.write_text(f"server: {{listen: 127.0.0.1:{port}}}\n"
                         f"storage: sqlite:///{tmp_path}/bridge.db\n")
         out = bridge("serve", "--config", str(path))
-    assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == (
-        f"error: cannot listen on 127.0.0.1:{port} (server.listen): error while attempting "
-        f"to bind on address ('127.0.0.1', {port}): address already in use")
-    assert "Traceback" not in out.stderr
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"error: cannot listen on 127.0.0.1:{port} (server.listen): error while attempting "
+            f"to bind on address ('127.0.0.1', {port}): address already in use; stop what "
+            f"holds the port, or change server.listen in {path} (written as "
+            "${BRIDGE_LISTEN:-127.0.0.1:8080}, BRIDGE_LISTEN can choose it)")
+        assert "Traceback" not in out.stderr
+        # The shipped config reads the address from BRIDGE_LISTEN: the error says so.
+        out = bridge("serve", "--config", str(ROOT / "config" / "routes.yaml"),
+                     env={"BRIDGE_LISTEN": f"127.0.0.1:{port}",
+                          "BRIDGE_STORAGE": f"sqlite:///{tmp_path}/shipped.db"})
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"error: cannot listen on 127.0.0.1:{port} (server.listen, from $BRIDGE_LISTEN): "
+            f"error while attempting to bind on address ('127.0.0.1', {port}): address "
+            "already in use; stop what holds the port, or set BRIDGE_LISTEN=host:port "
+            "(e.g. BRIDGE_LISTEN=127.0.0.1:8081) to listen elsewhere")
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # a file where the storage folder should be
@@ -274,17 +286,48 @@ def test_a_bad_log_level_is_refused_with_the_choices(config: Path) -> None:
         assert bridge("--log-level", level, "check", "--config", str(config)).returncode == 0
 
 
-def test_check_shows_storage_as_written_and_never_a_database_password(tmp_path: Path) -> None:
+def test_check_shows_the_storage_in_use_and_never_a_database_password(tmp_path: Path) -> None:
+    """Resolved, not `${BRIDGE_STORAGE:-...}`: the storage that `serve` would open, its
+    password masked, and where it came from."""
     path = tmp_path / "routes.yaml"
     path.write_text("storage: ${BRIDGE_STORAGE}\n")
     url = "postgresql://127.0.0.1/bridge?user=bridge&password=hunter2hunter2"
     out = bridge("check", "--config", str(path), env={"BRIDGE_STORAGE": url})
     assert out.returncode == 0, out.stderr
-    assert "storage: ${BRIDGE_STORAGE}" in out.stdout
+    assert ("storage: postgresql://127.0.0.1/bridge?user=bridge&password=******** "
+            "(from $BRIDGE_STORAGE)\n") in out.stdout
     path.write_text(f"storage: {url}\n")
     out = bridge("check", "--config", str(path))
-    assert "storage: postgresql://127.0.0.1/bridge?user=bridge&password=********" in out.stdout
+    assert "storage: postgresql://127.0.0.1/bridge?user=bridge&password=********\n" in out.stdout
     assert "hunter2hunter2" not in out.stdout + out.stderr
+
+    # A default with a password: resolved and masked, and the default never shown as written.
+    path.write_text("storage: ${BRIDGE_STORAGE:-postgresql://bridge:pw-0123456789@db/bridge}\n")
+    env = dict(os.environ)
+    env.pop("BRIDGE_STORAGE", None)
+    out = subprocess.run([sys.executable, "-m", "bridge", "check", "--config", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, env={**env, **ENV}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert ("storage: postgresql://********@db/bridge (BRIDGE_STORAGE not set: the default "
+            "written in the config)\n") in out.stdout
+    assert "pw-0123456789" not in out.stdout and "${" not in out.stdout
+
+
+def test_check_and_serve_show_the_shipped_config_s_storage_resolved(tmp_path: Path) -> None:
+    """The shipped `${BRIDGE_STORAGE:-sqlite:///data/bridge.db}`: what it resolves to, and
+    the file a relative path names from where the bridge runs."""
+    env = dict(os.environ)
+    env.pop("BRIDGE_STORAGE", None)
+    out = subprocess.run([sys.executable, "-m", "bridge", "check", "--config",
+                          str(ROOT / "config" / "routes.yaml")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (f"storage: sqlite:///data/bridge.db (BRIDGE_STORAGE not set: the default written "
+            f"in the config; file {tmp_path.resolve() / 'data' / 'bridge.db'})\n") in out.stdout
+    assert "server: listen 127.0.0.1:8080," in out.stdout
+    out = bridge("check", "--config", str(ROOT / "config" / "routes.yaml"),
+                 env={"BRIDGE_STORAGE": f"sqlite:///{tmp_path}/b.db"})
+    assert f"storage: sqlite:///{tmp_path}/b.db (from $BRIDGE_STORAGE)\n" in out.stdout
 
 
 async def test_dlq_list_scrubs_reasons_stored_before_a_secret_was_known(tmp_path: Path) -> None:
@@ -323,3 +366,20 @@ def test_storage_is_shown_with_its_password_masked_and_nothing_else_touched(
     from bridge.outbox.base import storage_label
 
     assert storage_label(url) == shown
+
+
+async def test_serve_logs_the_storage_in_use_resolved_and_masked(tmp_path: Path) -> None:
+    from tests.helpers.process import BridgeProcess, free_port
+
+    folder = tmp_path  # pytest gives it resolved, as the bridge resolves its own folder
+    config = tmp_path / "routes.yaml"
+    config.write_text('server: {listen: "${BRIDGE_LISTEN}"}\n'
+                      "storage: ${BRIDGE_STORAGE:-sqlite:///data/bridge.db}\n")
+    log = tmp_path / "bridge.log"
+    async with BridgeProcess(config, log, {"BRIDGE_STORAGE": "sqlite:///own.db"}) as bridge:
+        await bridge.start(free_port())
+        assert await bridge.terminate() == 0
+    line = next(json.loads(x) for x in log.read_text().splitlines() if '"bridge serving"' in x)
+    assert line["storage"] == (f"sqlite:///own.db (from $BRIDGE_STORAGE; "
+                               f"file {folder}/own.db)")
+    assert (tmp_path / "own.db").exists()  # the file it names is the one opened

@@ -1,5 +1,5 @@
-"""The shipped examples keep working: every config/examples/*.yaml and every routes.yaml
-snippet in the README loads, and the README's pictures of the default messages are what the
+"""The shipped examples keep working: every config/examples/*.yaml and every ```yaml snippet
+in README.md and docs/*.md loads, and the README's pictures of the default messages are what the
 sinks render today."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bridge.config import load_config
+from bridge.errors import ConfigError
 from bridge.models import Kind
 from tests.helpers.mockups import DRAW, mockup
 
@@ -41,6 +43,7 @@ ENV = {
     "KAFKA_USERNAME": "bridge",
     "KAFKA_PASSWORD": "kafka-password",
     "APPRISE_URL": "ntfys://ntfy.example.com/shop-parcels",
+    "PUSHOVER_URL": "pover://user-key-0123@app-token-0123",
 }
 _VAR = re.compile(r"\$\{([A-Z0-9_]+)\}")  # only those without a `:-default`
 
@@ -62,8 +65,62 @@ def test_every_example_file_loads(path: Path) -> None:
     assert loaded.config.sinks and loaded.config.routes
 
 
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+_FENCE = re.compile(r"^```yaml\n(.*?)^```$", re.S | re.M)
+TOP_LEVEL = {"server", "integrations", "storage", "defaults", "sinks", "routes"}
+
+
 def _readme_yaml() -> list[str]:
-    return re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    return [m.group(1) for m in _FENCE.finditer(README.read_text())]
+
+
+def _snippets() -> list[tuple[str, str]]:
+    """(`file:line`, text) of every ```yaml block in README.md and docs/*.md."""
+    out = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in _FENCE.finditer(text):
+            out.append((f"{doc.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 2}",
+                        m.group(1)))
+    return out
+
+
+def test_no_yaml_block_escapes_the_snippet_test() -> None:
+    """Every fence that says YAML in any spelling is one the snippet test loads."""
+    for doc in DOCS:
+        text = doc.read_text()
+        opened = re.findall(r"^```\s*(?:yaml|yml)\b.*$", text, re.M | re.I)
+        assert len(opened) == len(_FENCE.findall(text)), (
+            f"{doc.name}: a YAML block is fenced in a way the snippet test does not read; "
+            "write it as ```yaml")
+    assert len(_snippets()) >= 25
+
+
+def as_config(text: str) -> str:
+    """A snippet as a loadable routes.yaml, wrapped as little as it needs, by text (so the
+    snippet is parsed exactly as written, quoting and all):
+    - a whole config (its keys are top-level keys) loads as it is; one without `sinks:`
+      (a `routes:` or `integrations:` example) gets a console sink for each name its
+      routes send to, since the example is about something else;
+    - a condition (`when:` alone) becomes the `when` of a route to a console sink.
+    Anything else fails: the test must be taught how to load it, never skip it."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # loading it reports the YAML error with its line
+    keys = set(data) if isinstance(data, dict) else set()
+    if keys and keys <= TOP_LEVEL:
+        if "sinks" in keys or "routes" not in keys:
+            return text
+        names = sorted({name for route in data["routes"] for name in
+                        ([route["to"]] if isinstance(route["to"], str) else route["to"])})
+        return text + "\nsinks:\n" + "".join(f"  {n}: {{type: console}}\n" for n in names)
+    if keys == {"when"}:
+        indented = "".join("    " + line + "\n" for line in text.splitlines())
+        return ("sinks:\n  snippet-console: {type: console}\nroutes:\n  - name: snippet\n"
+                "    to: snippet-console\n" + indented)
+    raise AssertionError(f"a YAML snippet with keys {sorted(keys)} is neither a routes.yaml "
+                         "nor a `when:` condition: teach as_config how to load it")
 
 
 def test_readme_has_a_snippet_per_sink_type() -> None:
@@ -72,15 +129,37 @@ def test_readme_has_a_snippet_per_sink_type() -> None:
             "console"} <= types
 
 
-@pytest.mark.parametrize("n", range(len(_readme_yaml())))
-def test_every_readme_snippet_loads(n: int, tmp_path: Path) -> None:
-    text = _readme_yaml()[n]
+@pytest.mark.parametrize(("where", "text"), _snippets(), ids=[w for w, _ in _snippets()])
+def test_every_yaml_snippet_in_the_docs_loads(where: str, text: str, tmp_path: Path) -> None:
     missing = _needs(text) - ENV.keys()
-    assert not missing, f"README snippet {n} reads {sorted(missing)}: add values to ENV"
+    assert not missing, f"{where} reads {sorted(missing)}: add plausible values to ENV"
     path = tmp_path / "routes.yaml"
-    path.write_text(text)
-    loaded = load_config(path, env=ENV)
-    assert loaded.config.sinks
+    path.write_text(as_config(text))
+    try:
+        loaded = load_config(path, env=ENV)
+    except ConfigError as exc:
+        raise AssertionError(f"{where}: the snippet does not load:\n{exc}") from None
+    data = yaml.safe_load(text)
+    # What the snippet sets is what loaded (not a default in its place).
+    for key in set(data) & TOP_LEVEL:
+        assert key in loaded.config.model_fields_set, f"{where}: {key} did not load"
+    if set(data) == {"when"}:
+        assert loaded.config.routes[0].when is not None
+
+
+@pytest.mark.parametrize("text", [
+    "routes:\n  - {name: a, kind: tracking, when: {path: $.steps[*].error, exists: true}, "
+    "to: out}\n",
+    "when:\n  not: {path: $.steps[*].status, equals: IN_TRANSIT}\n",
+])
+def test_a_snippet_that_does_not_parse_fails_the_test(text: str, tmp_path: Path) -> None:
+    """The wrapping keeps the snippet's text: an unquoted `$.steps[*]` still fails, with
+    the hint to quote it."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(as_config(text))
+    hint = 'quote a JSONPath with brackets: path: "$.steps'
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        load_config(path, env=ENV)
 
 
 @pytest.mark.parametrize("service", sorted(DRAW))

@@ -9,10 +9,14 @@ import hmac
 import itertools
 import json
 import logging
+import os
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -20,7 +24,8 @@ from bridge.logs import JsonFormatter
 from bridge.models import Status
 from bridge.routing.router import canonical_json, delivery_id
 from tests.conftest import BridgeFactory
-from tests.helpers.bridge import eventually, sample_batch
+from tests.helpers.bridge import WEBHOOK, eventually, sample_batch
+from tests.helpers.process import ROOT, BridgeProcess, free_port
 from tests.helpers.receiver import Answer, Receiver
 from tests.helpers.sinks import assert_no_leak, dead
 
@@ -274,3 +279,61 @@ async def test_retry_after_zero_is_not_a_retry_storm(
     tries = [r.at for r in rec.requests]
     assert 3 <= len(tries) <= 4, tries
     assert all(b - a >= 1.0 for a, b in itertools.pairwise(tries))
+
+
+ECHO_CONFIG = """
+server: {listen: "${BRIDGE_LISTEN:-127.0.0.1:8080}"}
+storage: sqlite:///bridge.db
+defaults:
+  retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 3}
+sinks:
+  hook:
+    type: http
+    url: ${URL}/hooks/isendu
+    headers: {Authorization: "Bearer ${SHOP_BEARER}"}
+routes:
+  - name: tracking-to-hook
+    kind: tracking
+    to: hook
+"""
+
+
+async def test_a_credential_echoed_in_another_case_is_masked_in_the_log_and_dlq_list(
+    tmp_path: Path, receiver: tuple[Receiver, str]
+) -> None:
+    """A real `bridge serve` process; the receiver's 400 page echoes the Authorization
+    header lower-cased and upper-cased, as some frameworks do. Neither form reaches the
+    process's log or `bridge dlq list` (text or --json)."""
+    rec, url = receiver
+    token = "SecretToken123abc"
+    rec.answer(Answer(400, f"bad header: authorization: bearer {token.lower()} "
+                           f"(AUTHORIZATION: BEARER {token.upper()}) for shop 7"))
+    config = tmp_path / "routes.yaml"
+    config.write_text(ECHO_CONFIG)
+    env = {"URL": url, "SHOP_BEARER": token}
+    log = tmp_path / "bridge.log"
+    async with BridgeProcess(config, log, env) as bridge:
+        await bridge.start(free_port())
+        async with aiohttp.ClientSession() as session, session.post(
+                bridge.url + WEBHOOK, json={"tracking": [TRACKING]}) as resp:
+            assert resp.status == 200
+        await rec.wait_for(1)
+        assert rec.requests[0].headers["Authorization"] == f"Bearer {token}"
+
+        async def dead_logged() -> bool:
+            return "HTTP 400" in log.read_text()
+        await eventually(dead_logged, timeout=20, what="the dead letter logged")
+        assert await bridge.terminate() == 0
+    outputs = [log.read_text()]
+    for extra in ([], ["--json"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "dlq", "list", "--config", str(config), *extra,
+            cwd=tmp_path, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert "for shop 7" in out.decode() and "********" in out.decode()  # the page, masked
+        outputs.append(out.decode())
+    for text in outputs:
+        for form in (token, token.lower(), token.upper()):
+            assert form not in text

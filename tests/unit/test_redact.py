@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge.redact import MASK, Redactor, names_a_credential
 from bridge.sinks.http import HttpSink, HttpSinkConfig
@@ -67,3 +69,27 @@ def test_an_empty_bearer_leaves_no_word_to_mask() -> None:
         "type": "http", "url": "https://erp.example.com/in",
         "headers": {"Authorization": "Bearer "}}))
     assert sink.secrets() == []
+
+
+def test_a_secret_echoed_in_another_letter_case_is_masked() -> None:
+    r = Redactor()
+    r.add("Bearer SecretToken123abc", "SecretToken123abc")
+    assert r("400: bearer secrettoken123abc") == f"400: {MASK}"
+    assert r("AUTHORIZATION: BEARER SECRETTOKEN123ABC.") == f"AUTHORIZATION: {MASK}."
+    assert r("token=sEcReTtOkEn123AbC&x=1") == f"token={MASK}&x=1"
+    assert r("nothing to see") == "nothing to see"
+
+
+@given(secret=st.text(min_size=4, max_size=24).filter(lambda s: s.strip() == s and s),
+       flips=st.lists(st.booleans(), min_size=24, max_size=24),
+       before=st.text(max_size=20), after=st.text(max_size=20))
+def test_any_casing_of_a_secret_never_survives(secret: str, flips: list[bool], before: str,
+                                               after: str) -> None:
+    echoed = "".join(c.swapcase() if flip else c for c, flip in zip(secret, flips, strict=False))
+    if len(echoed) != len(secret):  # swapcase of "ß" is "SS": not the same text any more
+        return
+    r = Redactor()
+    r.add(secret)
+    for text in (before + secret + after, before + echoed + after):
+        out = r(text)
+        assert secret not in out and echoed not in out.replace(MASK, "\0")
