@@ -49,6 +49,7 @@ async def open_outbox(storage: str) -> Outbox:
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.http.app import create_app
+    from bridge.http.connections import Guard, GuardedSite
 
     loaded = _load(args)
     cfg = loaded.config
@@ -57,7 +58,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()  # opens the outbox: StorageUnavailable says what is wrong
     host, port = cfg.server.host_port()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    # Each connection is timed and counted: read_timeout, keepalive_timeout, max_connections.
+    site = GuardedSite(runner, host, port, Guard.of(cfg.server, rt.metrics))
     try:
         await site.start()
     except OSError as exc:
