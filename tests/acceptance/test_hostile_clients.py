@@ -139,6 +139,33 @@ async def test_slow_and_idle_connections_are_closed_while_verification_answers(
     assert not [line for line in lines if line["level"] == "error" or "exc" in line]
 
 
+async def test_time_waiting_for_an_intake_slot_is_not_the_clients(tmp_path: Path) -> None:
+    """With the one intake slot held by a stalled body, a second batch that arrives in two
+    parts, the second after read_timeout, is accepted: its clock stopped while it waited."""
+    async with serving(tmp_path, "  read_timeout: 3s\n  intake_concurrency: 1") as bridge:
+        batch = json.dumps({"tracking": [{"uuid": "patient", "pad": "p" * 10_000}]}).encode()
+        head = HEAD + f"Content-Length: {len(batch)}\r\n\r\n".encode()
+        stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", bridge.port)
+        stalled.write(head + batch[:100])  # takes the slot, then nothing more
+        await asyncio.sleep(0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        started = time.monotonic()
+        writer.write(head + batch[:100])  # waits for the slot
+        await verify(bridge)
+        status, answer = await read_answer(stalled_reader)
+        assert (status, answer["error"]) == (
+            408, "request body not received within read_timeout 3s")
+        # Past its own read_timeout since its first byte, but it waited for the slot for ~3s.
+        await asyncio.sleep(max(0.0, started + 4.5 - time.monotonic()))
+        writer.write(batch[100:])
+        top = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert top.startswith(b"HTTP/1.1 200"), top
+        writer.close()
+        stalled.close()
+        assert await closed(bridge, "read_timeout") == 1
+        assert await bridge.terminate() == 0
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
