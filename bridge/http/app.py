@@ -41,6 +41,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its body had arrived: nobody to answer."""
+
+
 class EncodingNotAccepted(Exception):
     def __init__(self, encoding: str) -> None:
         super().__init__(encoding)
@@ -57,6 +61,10 @@ async def json_errors(
         return web.json_response({"error": exc.message, "where": exc.where}, status=400)
     except BodyTooLarge as exc:
         return web.json_response({"error": str(exc)}, status=413)
+    except ClientGone as exc:
+        # Anyone can hang up mid-body: one info line, not an error with a traceback.
+        log.info("request abandoned", extra={"error": str(exc)})
+        return web.json_response({"error": str(exc)}, status=400)  # written to nobody
     except EncodingNotAccepted as exc:
         return web.json_response(exc.body, status=415,
                                  headers={"Accept-Encoding": "gzip, deflate"})
@@ -99,6 +107,9 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
             chunk = await request.content.read(65536)
         except web.RequestPayloadError:  # aiohttp could not undo the Content-Encoding
             raise _undecodable(request, "cannot be decoded as") from None
+        except ConnectionError:
+            raise ClientGone(f"client closed the connection after {size} bytes of its "
+                             "body") from None
         if not chunk:
             break
         size += len(chunk)

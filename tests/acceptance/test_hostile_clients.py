@@ -288,3 +288,27 @@ async def test_what_the_bridge_cannot_read_is_a_json_refusal(
     assert (refused[0]["status"], refused[0]["level"]) == (status, "info")
     assert refused[0]["error"] == answer["error"]
     assert not [line for line in lines if line["level"] == "error" or "exc" in line]
+
+
+async def test_a_client_hanging_up_mid_body_is_one_quiet_line(tmp_path: Path) -> None:
+    """Anyone can close a connection halfway through a body, small or big (the one reads
+    before taking an intake slot, the other after): no error, no traceback."""
+    async with serving(tmp_path) as bridge:
+        for length in (100, 100_000):
+            _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(HEAD + f"Content-Length: {length}\r\n\r\n".encode() + b'{"tra')
+            await writer.drain()
+            await verify(bridge)  # by then the handler is waiting for the rest
+            writer.close()
+            await writer.wait_closed()
+
+        async def both_seen() -> bool:
+            return sum(line["msg"] == "request abandoned" for line in log_lines(tmp_path)) == 2
+
+        await eventually(both_seen, timeout=20, what="two abandoned requests logged")
+        assert await bridge.terminate() == 0
+    lines = log_lines(tmp_path)
+    abandoned = [line for line in lines if line["msg"] == "request abandoned"]
+    assert all(line["level"] == "info" and "after 5 bytes" in line["error"]
+               for line in abandoned)
+    assert not [line for line in lines if line["level"] == "error" or "exc" in line]
