@@ -19,7 +19,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import LoadedConfig, config_path, load_config
-from bridge.config_types import format_rate
+from bridge.config_types import format_duration, format_rate
 from bridge.errors import ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
@@ -106,6 +106,11 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
                  f"max_body_bytes {cfg.server.max_body_bytes}"))
+    server = cfg.server
+    print(f"connections: read_timeout {format_duration(server.read_timeout)}, "
+          f"keepalive_timeout {format_duration(server.keepalive_timeout)}, "
+          f"max_connections {server.max_connections}, "
+          f"intake_concurrency {server.intake_concurrency}")
     print(redact(f"storage: {_storage_as_written(loaded)}"))
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")
