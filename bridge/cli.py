@@ -22,7 +22,7 @@ from bridge import __version__
 from bridge.cli_batches import add_batch_commands
 from bridge.cli_common import _load, iso, open_store
 from bridge.config import LoadedConfig
-from bridge.config_types import format_rate
+from bridge.config_types import format_duration, format_rate
 from bridge.errors import BridgeError, ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
@@ -45,6 +45,7 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.http.app import create_app
+    from bridge.http.connections import Guard, GuardedSite
 
     loaded = _load(args)
     cfg = loaded.config
@@ -53,7 +54,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()  # opens the store: StorageUnavailable says what is wrong
     host, port = cfg.server.host_port()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    # Each connection is timed and counted: read_timeout, keepalive_timeout, max_connections.
+    site = GuardedSite(runner, host, port, Guard.of(cfg.server, rt.metrics))
     try:
         await site.start()
     except OSError as exc:
@@ -140,6 +142,11 @@ async def cmd_check(args: argparse.Namespace) -> int:
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "
                  f"max_body_bytes {cfg.server.max_body_bytes}"))
+    server = cfg.server
+    print(f"connections: read_timeout {format_duration(server.read_timeout)}, "
+          f"keepalive_timeout {format_duration(server.keepalive_timeout)}, "
+          f"max_connections {server.max_connections}, "
+          f"intake_concurrency {server.intake_concurrency}")
     print(redact(f"storage: {storage_in_use(loaded)}"))
     keys = ", ".join(i.key_id for i in cfg.integrations)
     print(f"integrations: {keys or '(none: every verification is answered 403)'}")

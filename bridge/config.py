@@ -51,6 +51,13 @@ class ServerConfig(StrictModel):
     # Batches being accepted at once; more wait their turn. Every one in progress lengthens
     # the event loop's turns, and a verification request waits for turns.
     intake_concurrency: int = Field(8, ge=1, le=1024)
+    # A client must send a request's headers and body within this (the time its body waits
+    # for an intake slot does not count): a slow or stalled sender holds nothing longer.
+    read_timeout: Duration = Field(30.0, gt=0)
+    # An open connection with no request in progress is closed after this.
+    keepalive_timeout: Duration = Field(75.0, gt=0)
+    # Connections open at once; one more is answered 503 and closed.
+    max_connections: int = Field(512, ge=1, le=65536)
 
     @field_validator("listen")
     @classmethod

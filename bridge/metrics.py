@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+CLOSE_REASONS = ("read_timeout", "keepalive_timeout", "max_connections")
 FAILURE_KINDS = ("auth_error", "rate_limited", "client_error", "server_error", "timeout",
                  "connection_error", "template_error", "config_error", "broker_error")
 
@@ -64,6 +65,14 @@ class Metrics:
             self.inbox.labels(status)
         for outcome in ("sequenced", "failed"):
             self.batches_sequenced.labels(outcome)
+        self.connections_open = Gauge("bridge_connections_open",
+                                      "client connections open (refused ones not counted)",
+                                      registry=r)
+        self.connections_closed = Counter(
+            "bridge_connections_closed", "client connections the bridge closed on its own",
+            ["reason"], registry=r)
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         for outcome in ("accepted", "rejected"):
             self.batches.labels(outcome)
         self.batches_accepted = self.batches.labels("accepted")  # once per batch: bound once

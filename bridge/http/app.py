@@ -12,6 +12,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.errors import PayloadError
+from bridge.http.connections import (
+    ACCEPTED_ENCODINGS,
+    ReadTimedOut,
+    connection_phases,
+    intake_slot,
+    refused,
+    unaccepted_encoding,
+)
 from bridge.models import Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
@@ -23,8 +31,25 @@ log = logging.getLogger("bridge.http")
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
+# A body up to this size (by its Content-Length) is read before an intake slot is taken, so
+# that a verification ({"keyId": ...}, tens of bytes) never waits behind batches. Anything
+# bigger, or without a length (chunked), takes its slot first: unfinished bodies then hold at
+# most intake_concurrency x max_body_bytes, plus this much per open connection.
+SMALL_BODY_BYTES = 4096
+
+
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its body had arrived: nobody to answer."""
+
+
+class EncodingNotAccepted(Exception):
+    def __init__(self, encoding: str) -> None:
+        super().__init__(encoding)
+        self.body = unaccepted_encoding(encoding)
 
 
 @web.middleware
@@ -37,6 +62,17 @@ async def json_errors(
         return web.json_response({"error": exc.message, "where": exc.where}, status=400)
     except BodyTooLarge as exc:
         return web.json_response({"error": str(exc)}, status=413)
+    except ClientGone as exc:
+        # Anyone can hang up mid-body: one info line, not an error with a traceback.
+        log.info("request abandoned", extra={"error": str(exc)})
+        return web.json_response({"error": str(exc)}, status=400)  # written to nobody
+    except EncodingNotAccepted as exc:
+        return web.json_response(exc.body, status=415,
+                                 headers={"Accept-Encoding": "gzip, deflate"})
+    except ReadTimedOut as exc:
+        resp = web.json_response({"error": str(exc)}, status=408)
+        resp.force_close()  # what is left of the body is not worth waiting for
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -50,10 +86,21 @@ async def json_errors(
         return web.json_response({"error": "internal error; nothing was accepted"}, status=500)
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    """Read the body, refusing as soon as it passes `limit` (never buffering beyond it)."""
+def check_headers(request: web.Request, limit: int) -> None:
+    """What can be refused before reading a byte of the body (or waiting for a slot)."""
+    encodings = request.headers.getall("Content-Encoding", [])
+    if encodings and (len(encodings) > 1 or encodings[0].strip().lower() not in (
+            "", *ACCEPTED_ENCODINGS)):
+        # aiohttp would hand a `compress` or `gzip, br` body over as it came.
+        raise EncodingNotAccepted(shorten(", ".join(encodings)))
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body of {request.content_length} bytes exceeds max_body_bytes {limit}")
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """Read the body, refusing as soon as it passes `limit` (never buffering beyond it).
+    A body that does not arrive within server.read_timeout raises ReadTimedOut."""
+    check_headers(request, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -61,6 +108,9 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
             chunk = await request.content.read(65536)
         except web.RequestPayloadError:  # aiohttp could not undo the Content-Encoding
             raise _undecodable(request, "cannot be decoded as") from None
+        except ConnectionError:
+            raise ClientGone(f"client closed the connection after {size} bytes of its "
+                             "body") from None
         if not chunk:
             break
         size += len(chunk)
@@ -82,26 +132,34 @@ def _undecodable(request: web.Request, what: str) -> PayloadError:
 
 async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    limit = rt.config.server.max_body_bytes
     try:
-        body = await read_limited(request, rt.config.server.max_body_bytes)
-        received_at = time.time()
-        parsed = parse_request(body, received_iso(received_at))
-        if isinstance(parsed, Verification):
-            return verify(rt, parsed)
-        async with rt.intake_slots:
+        check_headers(request, limit)
+        length = request.content_length
+        if length is not None and length <= SMALL_BODY_BYTES:
+            body = await read_limited(request, limit)
+            received_at = time.time()
+            parsed = parse_request(body, received_iso(received_at))
+            if isinstance(parsed, Verification):
+                return verify(rt, parsed)
+            async with rt.intake_slots:
+                return await accept(rt, parsed, body, received_at)
+        async with intake_slot(request, rt.intake_slots):
+            body = await read_limited(request, limit)
+            received_at = time.time()
+            parsed = parse_request(body, received_iso(received_at))
+            if isinstance(parsed, Verification):
+                return verify(rt, parsed)
             return await accept(rt, parsed, body, received_at)
-    except (PayloadError, BodyTooLarge) as exc:
+    except (PayloadError, BodyTooLarge, EncodingNotAccepted, ReadTimedOut) as exc:
         # Every refusal, wherever it was found (reading, parsing, routing), is one log line
-        # and one count; the error middleware turns it into the 400 or 413.
+        # and one count; the error middleware turns it into the 400, 408, 413 or 415.
         if isinstance(exc, PayloadError):
-            extra: dict[str, object] = {"error": exc.message, "where": exc.where, "status": 400}
+            refused(rt.metrics, exc.message, 400, exc.where)
+        elif isinstance(exc, EncodingNotAccepted):
+            refused(rt.metrics, str(exc.body["error"]), 415)
         else:
-            extra = {"error": str(exc), "status": 413}
-        if extra.get("where") == "$.keyId":
-            rt.metrics.verifications.labels("invalid").inc()
-        else:
-            rt.metrics.batches.labels("rejected").inc()
-        log.info("refused request", extra=extra)
+            refused(rt.metrics, str(exc), 413 if isinstance(exc, BodyTooLarge) else 408)
         raise
 
 
@@ -177,7 +235,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
     """The app; with `own_lifecycle` its startup/cleanup hooks open the store and run the
     sequencer and the dispatcher (tests and `serve` both use this)."""
-    app = web.Application(middlewares=[json_errors],
+    app = web.Application(middlewares=[connection_phases, json_errors],
                           client_max_size=rt.config.server.max_body_bytes)
     app[RUNTIME] = rt
     app.router.add_post(rt.config.server.webhook_path, webhook, name="webhook")

@@ -130,11 +130,11 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
     assert serving["gc_frozen_objects"] > 10_000
 
 
-async def test_a_request_aiohttp_cannot_parse_is_one_quiet_log_line(
+async def test_a_request_aiohttp_cannot_parse_is_one_quiet_refusal(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
-    """Anyone who reaches the port can send broken HTTP; the log gets one info line per
-    such request, not an error with a traceback."""
+    """Anyone who reaches the port can send broken HTTP; each such request gets a JSON 400
+    and the log one info line, like every refusal, not an error with a traceback."""
     receiver = Receiver()
     server = await aiohttp_server(receiver.app())
     config = tmp_path / "routes.yaml"
@@ -146,7 +146,9 @@ async def test_a_request_aiohttp_cannot_parse_is_one_quiet_log_line(
             reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
             writer.write(b"POST /isendu/webhook HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n{}")
             await writer.drain()
-            assert (await reader.read(12)).endswith(b" 400")
+            answer = await asyncio.wait_for(reader.read(), 30)
+            assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
+            assert b"application/json" in answer and b'{"error": ' in answer
             writer.close()
         # Well-formed HTTP, but not gzip inside.
         async with aiohttp.ClientSession() as session, session.post(
@@ -157,8 +159,11 @@ async def test_a_request_aiohttp_cannot_parse_is_one_quiet_log_line(
         assert await bridge.terminate() == 0
     lines = [json.loads(line) for line in (tmp_path / "bridge.log").read_text().splitlines()
              if line.startswith("{")]
-    refused = [line for line in lines if line.get("msg") == "refused malformed HTTP request"]
-    assert len(refused) >= 2 and all(line["level"] == "info" for line in refused)
-    assert "Content-Length" in refused[0]["error"]
-    assert [line for line in lines if line.get("msg") == "refused request"]  # the gzip one
+    refused = [line for line in lines if "refused" in line["msg"]]
+    assert [line["msg"] for line in refused] == ["refused request"] * 3
+    assert all(line["level"] == "info" and line["status"] == 400 for line in refused)
+    assert refused[0]["error"].startswith("malformed HTTP request: Invalid character in "
+                                          "Content-Length")
+    assert "Content-Length and Transfer-Encoding" in refused[1]["error"]
+    assert "Content-Encoding gzip" in refused[2]["error"]
     assert not [line for line in lines if line["level"] == "error" or "exc" in line]
