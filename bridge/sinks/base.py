@@ -177,10 +177,10 @@ def classify_http(
         hint = parse_retry_after(headers.get("Retry-After"))
         raise TransientSinkError(detail, "rate_limited", hint)
     if status == 408:
-        raise TransientSinkError(detail, "timeout")
+        raise TransientSinkError(detail, "timeout", status=status)
     if status >= 500:
         hint = parse_retry_after(headers.get("Retry-After"))
-        raise TransientSinkError(detail, "server_error", hint)
+        raise TransientSinkError(detail, "server_error", hint, status=status)
     if status in (401, 403):
         raise PermanentSinkError(detail, "auth_error")
     raise PermanentSinkError(detail, "client_error")
