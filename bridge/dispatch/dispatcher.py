@@ -415,6 +415,12 @@ class Dispatcher:
                 log.debug("probe failed; the sink stays down",
                           extra={"sink": sink.name, "cause": redact(cause),
                                  "next_probe_in": round(breaker.probe_at - now, 3)})
+            if down is not None or probe:
+                try:
+                    await sink.drop_connections()
+                except Exception:
+                    log.exception("dropping a down sink's connections failed",
+                                  extra={"sink": sink.name})
         elif probe:
             breaker.probe_void()
 

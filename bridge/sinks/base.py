@@ -113,6 +113,11 @@ class Sink(ABC):
     async def close(self) -> None:
         """Flush and release connections; called on shutdown."""
 
+    async def drop_connections(self) -> None:
+        """The receiver is away (the sink went down, or a probe found it still away): let go
+        of whatever would keep retrying in the background until the next send, the probe,
+        which starts afresh. Sends still in flight may fail for it; they are retried."""
+
     def secrets(self) -> list[str]:
         """Secret values this sink holds, so logs and stored reasons can be scrubbed."""
         return []

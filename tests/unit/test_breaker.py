@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -76,7 +78,7 @@ def test_probes_at_growing_intervals_up_to_the_cap() -> None:
         assert not b.may_probe(now + 100) and b.wait(now) is None  # one probe at a time
         starts.append(now)
         b.probe_failed(now)
-    gaps = [round(later - earlier, 6) for earlier, later in zip(starts, starts[1:], strict=False)]
+    gaps = [round(later - earlier, 6) for earlier, later in itertools.pairwise(starts)]
     assert gaps == [2.0, 4.0, 5.0, 5.0, 5.0]
     assert b.probes == 6 and not b.up
 
