@@ -365,8 +365,12 @@ class Dispatcher:
             for d in sent:
                 metrics.latency.observe(max(0.0, now - d.created_at))
             metrics.failing.set(0)
-        await self._judge(sink, errors, probe)
-        breaker_up = self._breakers[sink.name].up
+        breaker = self._breakers[sink.name]
+        if sent and breaker.up:  # the usual case, without a coroutine per send
+            breaker.answered(time.monotonic())
+        else:
+            await self._judge(sink, errors, probe)
+        breaker_up = breaker.up
         for d, error in zip(chunk, errors, strict=True):
             if error is not None:
                 # Down, a delivery failing with the rest of its sink spends no attempt.
