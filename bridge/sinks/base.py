@@ -133,6 +133,9 @@ class Sink(ABC):
         return rate, cfg.burst or burst
 
     supports_digest: ClassVar[bool] = False
+    # False: its failures never say that the receiver is away (bridge/errors.py
+    # says_unreachable), so the sink never goes down and every failure counts.
+    reports_unreachable: ClassVar[bool] = True
 
     def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
         """One message listing several grouped deliveries (routes with `group:`).
