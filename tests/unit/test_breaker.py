@@ -19,6 +19,7 @@ from bridge.dispatch.breaker import (
 )
 from bridge.errors import PermanentSinkError, SinkError, TransientSinkError, says_unreachable
 from bridge.sinks.base import classify_http
+from bridge.sinks.telegram import telegram_error
 
 REFUSED = TransientSinkError("cannot connect to receiver: ClientConnectorError",
                              "connection_error")
@@ -49,6 +50,10 @@ def http_error(status: int) -> SinkError:
     (TransientSinkError("kafka broker error: NotLeaderForPartitionError", "broker_error"), False),
     (PermanentSinkError("kafka broker refused the record", "broker_error"), False),
     (TransientSinkError("apprise: 1 of 1 notifications failed", "server_error"), False),
+    (telegram_error(502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}), True),
+    (telegram_error(500, {"ok": False, "error_code": 500, "description": "Internal"}), False),
+    (telegram_error(429, {"ok": False, "error_code": 429, "parameters": {"retry_after": 3}}),
+     False),
 ])
 def test_unreachable_is_decided_from_the_error(error: SinkError, away: bool) -> None:
     assert says_unreachable(error) is away
