@@ -23,6 +23,7 @@ from bridge.cli_batches import add_batch_commands
 from bridge.cli_common import _load, iso, open_store
 from bridge.config import LoadedConfig
 from bridge.config_types import format_duration, format_rate
+from bridge.dispatch.breaker import probe_schedule
 from bridge.errors import BridgeError, ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
@@ -160,6 +161,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
         # literally (an Authorization header, ?token=) are masked like everywhere else.
         print(redact(f"  {name} ({sink.type}){': ' + shown if shown else ''}"))
         print(f"    rate limit (per replica): {rate_text(built[name])}")
+        print(f"    while its receiver is away: {probe_text(cfg, name, built[name])}")
     print("routes:")
     for route in cfg.routes:
         scope = route.kind or "order+tracking"
@@ -184,6 +186,21 @@ def rate_text(sink: Sink) -> str:
     rate, burst = limit
     origin = "set by rate_limit" if configured else f"default for {sink.type_name}"
     return f"{format_rate(rate)}, burst {burst} ({origin})"
+
+
+def probe_text(cfg: Any, name: str, sink: Sink) -> str:
+    """How the sink's probes are spaced while it is down (bridge/dispatch/breaker.py)."""
+    if not sink.reports_unreachable:
+        return (f"every failure counts ({sink.type_name} does not tell an outage from a "
+                "refusal, so the sink never goes down)")
+    own = cfg.sinks[name].probe_interval
+    first, longest = probe_schedule(cfg.retry_for(name), own)
+    if own is not None:
+        return f"one probe every {format_duration(first)} (probe_interval)"
+    if first == longest:
+        return f"one probe every {format_duration(first)} (from retry)"
+    return (f"one probe after {format_duration(first)}, then twice as long each time up to "
+            f"{format_duration(longest)} (from retry)")
 
 
 def _as_written(value: Any, path: tuple[str | int, ...], raw: dict[Any, str]) -> Any:

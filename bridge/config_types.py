@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+)
 
 from bridge.templates import Template, compile_template
 
@@ -109,6 +116,9 @@ class RetryPolicy(StrictModel):
     max_age: Duration = 86400.0
 
 
+MAX_PROBE_INTERVAL = 3600.0
+
+
 class SinkConfigBase(StrictModel):
     """Options every sink type has."""
 
@@ -118,3 +128,16 @@ class SinkConfigBase(StrictModel):
     # Unset: the service's documented pace (each sink type knows it); `off`: no limit.
     rate_limit: Rate = Field(None, validate_default=False)
     burst: int | None = Field(None, ge=1, le=10_000)
+    # While the sink is down (bridge/dispatch/breaker.py): one probe send this often. Unset:
+    # from the retry policy's initial_delay, doubling up to its max_delay. At most an hour,
+    # so a receiver that came back never waits longer than that for its backlog.
+    probe_interval: Duration | None = None
+
+    @field_validator("probe_interval")
+    @classmethod
+    def _probe_interval(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= MAX_PROBE_INTERVAL:
+            raise ValueError(f"expected a duration above 0 and at most "
+                             f"{format_duration(MAX_PROBE_INTERVAL)}, got "
+                             f"{format_duration(v) if v else '0s'}")
+        return v

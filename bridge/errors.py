@@ -50,16 +50,40 @@ class TransientSinkError(SinkError):
     """Worth retrying later. `retry_after` (seconds) is the receiver's own hint, if any."""
 
     def __init__(
-        self, reason: str, kind: FailureKind = "server_error", retry_after: float | None = None
+        self, reason: str, kind: FailureKind = "server_error", retry_after: float | None = None,
+        *, status: int | None = None,
     ) -> None:
         super().__init__(reason, kind)
         # A hint that is no time (inf, nan, below zero) is no hint: backoff applies.
         usable = retry_after is not None and math.isfinite(retry_after) and retry_after >= 0
         self.retry_after = retry_after if usable else None
+        self.status = status  # the receiver's HTTP status (or a service's code), if it answered
 
 
 class PermanentSinkError(SinkError):
     """Retrying cannot help; the delivery goes to the dead-letter queue at once."""
+
+
+# A gateway in front of the receiver saying the receiver is away (Bad Gateway, Service
+# Unavailable, Gateway Timeout); a plain 500 is the receiver itself failing one request.
+GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def says_unreachable(error: SinkError) -> bool:
+    """Whether `error` says the receiver as a whole is away, not that it failed this one send:
+    no connection (refused, reset, DNS), no answer in time, or a gateway's 502/503/504.
+
+    The one place the circuit breaker (bridge/dispatch/breaker.py) learns this from: a sink
+    reports failures with these kinds, and whatever it does not classify so counts as the
+    receiver answering.
+    """
+    if not isinstance(error, TransientSinkError):
+        return False
+    if error.kind == "connection_error":
+        return True
+    if error.kind == "timeout":
+        return error.status is None  # a 408 is an answer: the receiver is there
+    return error.kind == "server_error" and error.status in GATEWAY_STATUSES
 
 
 class StorageError(BridgeError):

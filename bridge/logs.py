@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -59,9 +62,45 @@ class MalformedRequests(logging.Filter):
         return True
 
 
+class Repeats(logging.Filter):
+    """A driver retrying in a loop logs the same line on every turn: aiokafka, while a
+    broker is away, several lines every retry_backoff_ms (100 ms). Of such a library's
+    identical lines one passes per `window`; the next to pass says in `repeated` how many
+    were left out. The bridge's own lines all pass: they are written to be read."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic, remembered: int = 256) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.window = window
+        self.clock = clock
+        self.remembered = remembered
+        self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.getMessage())
+        now = self.clock()
+        with self._lock:
+            passed_at, left_out = self._seen.get(key, (-float("inf"), 0))
+            if now - passed_at < self.window:
+                self._seen[key] = (passed_at, left_out + 1)
+                return False
+            if left_out:
+                record.repeated = left_out
+            self._seen[key] = (now, 0)
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.remembered:
+                self._seen.popitem(last=False)
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(Repeats())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -73,6 +73,9 @@ class Metrics:
             ["reason"], registry=r)
         for reason in CLOSE_REASONS:
             self.connections_closed.labels(reason)
+        self.sink_up = Gauge("bridge_sink_up",
+                             "0 while the sink is held back because its receiver is unreachable",
+                             ["sink"], registry=r)
         for outcome in ("accepted", "rejected"):
             self.batches.labels(outcome)
         self.batches_accepted = self.batches.labels("accepted")  # once per batch: bound once
@@ -93,6 +96,7 @@ class Metrics:
             self.latency.labels(name)
             self.send_duration.labels(name)
             self.sink_failing.labels(name).set(0)
+            self.sink_up.labels(name).set(1)
             self.sends[name] = SinkSends(
                 send_duration=self.send_duration.labels(name),
                 delivered=self.deliveries.labels(name, "delivered"),

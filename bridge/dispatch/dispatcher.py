@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 
 from bridge.config import BridgeConfig
+from bridge.dispatch.breaker import Breaker, CameBack, WentDown, judge, probe_schedule
 from bridge.dispatch.ratelimit import TokenBucket
 from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
-from bridge.errors import SinkError, TransientSinkError
+from bridge.errors import SinkError, TransientSinkError, says_unreachable
 from bridge.metrics import Metrics
 from bridge.models import Delivery
 from bridge.outbox import Outbox, SinkMemory
@@ -78,6 +79,10 @@ class Dispatcher:
                 # unknown, and a full bucket would add `burst` to it (see ratelimit.py).
                 rate, burst = limit
                 self._buckets[name] = TokenBucket(rate, burst, tokens=0.0)
+        self._breakers = {
+            name: Breaker(*probe_schedule(config.retry_for(name),
+                                          config.sinks[name].probe_interval))
+            for name in sinks}
         self._group_max = {
             f"{route.name}>{sink}": route.group.max_items
             for route in config.routes if route.group is not None for sink in route.to
@@ -98,6 +103,13 @@ class Dispatcher:
         for name, event in self._wake.items():
             if sink is None or name == sink:
                 event.set()
+
+    def sinks_down(self) -> dict[str, dict[str, object]]:
+        """The sinks this process holds back because their receivers are away (/readyz)."""
+        now = time.monotonic()
+        return {name: {"down_for": round(now - b.down_since, 1), "cause": b.cause,
+                       "probes": b.probes}
+                for name, b in self._breakers.items() if b.down_since is not None}
 
     async def start(self) -> None:
         self._stopping = self._closing = False
@@ -175,38 +187,42 @@ class Dispatcher:
         wake = self._wake[name]
         inflight = self._inflight[name]
         ready = self._ready[name]
+        breaker = self._breakers[name]
         while not self._stopping:
             wake.clear()
             timeout: float | None = None
             paused = sink.paused_until - time.monotonic()
-            if paused <= 0:
-                await self._start_ready(sink, limit)
-            ahead = claim_ahead(limit, self._send_seconds.get(name)) if may_claim_ahead else 0
-            refill_at = ahead // 3 if ahead > limit else ahead
-            want = (limit + ahead - len(inflight) - len(ready)) * per_task
-            if paused > 0:
-                timeout = paused
-                if ready and time.monotonic() + paused - ready[0][0] > self._max_wait[name]:
-                    # Held through the pause they would outwait their lease's room (and
-                    # another replica might take them): give them back while it is ours.
-                    await self._give_back(sink, [d for _, chunk in ready for d in chunk])
-                    ready.clear()
-            elif want > 0 and len(ready) <= refill_at:
-                granted = bucket.take(want) if bucket else want
-                if granted == 0 and bucket is not None:
-                    timeout = bucket.wait_time()
-                else:
-                    claimed = await self._claim(name, granted)
-                    if bucket is not None and len(claimed) < granted:
-                        bucket.give_back(granted - len(claimed))
-                    now = time.monotonic()
-                    ready.extend((now, chunk)
-                                 for chunk in await self._chunk(sink, claimed, per_task))
+            if not breaker.up:
+                timeout = await self._while_down(sink, breaker, bucket, limit, per_task)
+            else:
+                if paused <= 0:
                     await self._start_ready(sink, limit)
-                    if claimed and len(claimed) == granted:
-                        continue  # there may be more due work: claim again at once
-                    if not claimed:
-                        timeout = await self._idle_timeout(name)
+                ahead = claim_ahead(limit, self._send_seconds.get(name)) if may_claim_ahead else 0
+                refill_at = ahead // 3 if ahead > limit else ahead
+                want = (limit + ahead - len(inflight) - len(ready)) * per_task
+                if paused > 0:
+                    timeout = paused
+                    if ready and time.monotonic() + paused - ready[0][0] > self._max_wait[name]:
+                        # Held through the pause they would outwait their lease's room (and
+                        # another replica might take them): give them back while it is ours.
+                        await self._give_back(sink, [d for _, chunk in ready for d in chunk])
+                        ready.clear()
+                elif want > 0 and len(ready) <= refill_at:
+                    granted = bucket.take(want) if bucket else want
+                    if granted == 0 and bucket is not None:
+                        timeout = bucket.wait_time()
+                    else:
+                        claimed = await self._claim(name, granted)
+                        if bucket is not None and len(claimed) < granted:
+                            bucket.give_back(granted - len(claimed))
+                        now = time.monotonic()
+                        ready.extend((now, chunk)
+                                     for chunk in await self._chunk(sink, claimed, per_task))
+                        await self._start_ready(sink, limit)
+                        if claimed and len(claimed) == granted:
+                            continue  # there may be more due work: claim again at once
+                        if not claimed:
+                            timeout = await self._idle_timeout(name)
             if self._stopping:
                 break
             with contextlib.suppress(TimeoutError):
@@ -263,8 +279,38 @@ class Dispatcher:
             chunks += [members[i:i + most] for i in range(0, len(members), most)]
         return chunks
 
-    def _spawn(self, sink: Sink, chunk: list[Delivery]) -> None:
-        task = asyncio.create_task(self._deliver(sink, chunk))
+    async def _while_down(self, sink: Sink, breaker: Breaker, bucket: TokenBucket | None,
+                          limit: int, per_task: int) -> float | None:
+        """A turn of a down sink's worker: give back what was claimed ahead before it went
+        down (attempts undone), and start the one probe send when it is due. Returns how
+        long to wait before looking again; None: until woken (a send in flight ends)."""
+        ready = self._ready[sink.name]
+        if ready:
+            await self._give_back(sink, [d for _, chunk in ready for d in chunk])
+            ready.clear()
+        now = time.monotonic()
+        paused = sink.paused_until - now
+        if paused > 0:
+            return paused
+        if not breaker.may_probe(now):
+            return breaker.wait(now)
+        if len(self._inflight[sink.name]) >= limit:
+            return None  # sends from before the outage still hold every slot
+        if bucket is not None and bucket.take(1) == 0:
+            return bucket.wait_time()
+        claimed = await self._claim(sink.name, 1)  # the oldest due delivery
+        if not claimed:
+            if bucket is not None:
+                bucket.give_back(1)
+            return await self._idle_timeout(sink.name)
+        breaker.probe_started()
+        # One delivery; if it belongs to a digest group, the group comes with it (one send).
+        for chunk in await self._chunk(sink, claimed, per_task):
+            self._spawn(sink, chunk, probe=True)
+        return None
+
+    def _spawn(self, sink: Sink, chunk: list[Delivery], probe: bool = False) -> None:
+        task = asyncio.create_task(self._deliver(sink, chunk, probe))
         key = chunk[0].id
         self._chunks[key] = chunk
         self._inflight[sink.name][key] = task
@@ -284,7 +330,7 @@ class Dispatcher:
             return IDLE_POLL
         return min(IDLE_POLL, max(0.01, due - self.clock()))
 
-    async def _deliver(self, sink: Sink, chunk: list[Delivery]) -> None:
+    async def _deliver(self, sink: Sink, chunk: list[Delivery], probe: bool = False) -> None:
         started = time.monotonic()
         errors: list[SinkError | None]
         if chunk[0].group_key is not None:
@@ -321,9 +367,17 @@ class Dispatcher:
             for d in sent:
                 metrics.latency.observe(max(0.0, now - d.created_at))
             metrics.failing.set(0)
+        breaker = self._breakers[sink.name]
+        if sent and breaker.up:  # the usual case, without a coroutine per send
+            breaker.answered(time.monotonic())
+        else:
+            await self._judge(sink, errors, probe)
+        breaker_up = breaker.up
         for d, error in zip(chunk, errors, strict=True):
             if error is not None:
-                await self._failed(sink, d, error, now)
+                # Down, a delivery failing with the rest of its sink spends no attempt.
+                counted = breaker_up or not says_unreachable(error)
+                await self._failed(sink, d, error, now, counted=counted)
 
     @staticmethod
     def _digest(sink: Sink, members: list[Delivery]) -> Delivery:
@@ -350,7 +404,54 @@ class Dispatcher:
             return TransientSinkError(f"unexpected {exc.__class__.__name__} in sink")
         return None
 
-    async def _failed(self, sink: Sink, d: Delivery, error: SinkError, now: float) -> None:
+    async def _judge(self, sink: Sink, errors: list[SinkError | None], probe: bool) -> None:
+        """Tell the sink's breaker what this send said about its receiver; log and count
+        when that takes the sink down or brings it back."""
+        breaker = self._breakers[sink.name]
+        verdict, cause = judge(errors)
+        now = time.monotonic()
+        if verdict == "answered":
+            if (back := breaker.answered(now)) is not None:
+                await self._came_back(sink, back)
+        elif verdict == "away":
+            if (down := breaker.unreachable(now, redact(cause))) is not None:
+                self._went_down(sink, down, breaker)
+            if probe:
+                breaker.probe_failed(now)
+                log.debug("probe failed; the sink stays down",
+                          extra={"sink": sink.name, "cause": redact(cause),
+                                 "next_probe_in": round(breaker.probe_at - now, 3)})
+            if down is not None or probe:
+                try:
+                    await sink.drop_connections()
+                except Exception:
+                    log.exception("dropping a down sink's connections failed",
+                                  extra={"sink": sink.name})
+        elif probe:
+            breaker.probe_void()
+
+    def _went_down(self, sink: Sink, down: WentDown, breaker: Breaker) -> None:
+        self.metrics.sink_up.labels(sink.name).set(0)
+        log.warning("sink down: its deliveries wait in storage, their attempts not counted; "
+                    "one probe at a time until it answers",
+                    extra={"sink": sink.name, "cause": down.cause,
+                           "first_probe_in": round(breaker.probe_at - time.monotonic(), 3)})
+
+    async def _came_back(self, sink: Sink, back: CameBack) -> None:
+        self.metrics.sink_up.labels(sink.name).set(1)
+        self.wake(sink.name)
+        try:
+            # The outbox counts by status only: every sink's pending deliveries, exact when
+            # this sink is the one with a backlog (see docs/config.md).
+            pending: int | None = (await self.outbox.counts()).get("pending", 0)
+        except Exception:
+            pending = None
+        log.info("sink back up", extra={"sink": sink.name, "down_for": round(back.down_for, 1),
+                                        "cause": back.cause, "probes": back.probes,
+                                        "pending_all_sinks": pending})
+
+    async def _failed(self, sink: Sink, d: Delivery, error: SinkError, now: float,
+                      *, counted: bool = True) -> None:
         extra = {"delivery_id": d.id, "sink": sink.name, "route": d.route,
                  "batch_id": d.batch_id, "attempt": d.attempts}
         if isinstance(error, TransientSinkError) or error.kind == "auth_error":
@@ -367,7 +468,7 @@ class Dispatcher:
             sink.pause_for(quiet)
             if sink.name in self._buckets:
                 self._buckets[sink.name].pause(quiet)
-        decision = decide(policy, error, d.attempts, d.enqueued_at, now)
+        decision = decide(policy, error, d.attempts, d.enqueued_at, now, counted=counted)
         if isinstance(decision, GiveUp):
             await self.outbox.dead_letter(d.id, decision.reason, now)
             self.metrics.deliveries.labels(sink.name, "dead").inc()
@@ -375,11 +476,13 @@ class Dispatcher:
             log.warning("dead-lettered", extra={**extra, "reason": decision.reason})
         else:
             await self.outbox.retry_at(d.id, decision.at, decision.reason, now,
-                                       refund=rate_limited)
+                                       refund=rate_limited or not counted)
             self.metrics.deliveries.labels(sink.name, "retried").inc()
             self.metrics.retries.labels(sink.name).inc()
-            log.info("will retry", extra={**extra, "reason": decision.reason,
-                                          "retry_in": round(decision.at - now, 3)})
+            # Down, the sink's one line said it all; a line per delivery would flood the log.
+            log.log(logging.INFO if counted else logging.DEBUG, "will retry",
+                    extra={**extra, "reason": decision.reason,
+                           "retry_in": round(decision.at - now, 3), "counted": counted})
 
     async def _write_completions(self) -> None:
         while True:

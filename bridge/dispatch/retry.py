@@ -69,18 +69,22 @@ def decide(
     enqueued_at: float,
     now: float,
     rng: random.Random | None = None,
+    *,
+    counted: bool = True,
 ) -> Decision:
-    """What to do after attempt number `attempts` failed with `error`."""
+    """What to do after attempt number `attempts` failed with `error`. `counted=False`: the
+    attempt does not count towards max_attempts (its sink is down: it failed with the rest)."""
     reason = error.reason
     if isinstance(error, PermanentSinkError) or not isinstance(error, TransientSinkError):
         return GiveUp(reason)
     # "Slow down" is not a failure: only max_age bounds how long a 429 storm is ridden out.
-    if attempts >= policy.max_attempts and error.kind != "rate_limited":
+    counted = counted and error.kind != "rate_limited"
+    if counted and attempts >= policy.max_attempts:
         return GiveUp(f"gave up after {attempts} attempts; last error: {reason}")
     if error.retry_after is not None:
         delay = honoured_wait(policy, error.retry_after)  # the receiver's own hint wins
     else:
-        delay = backoff(policy, attempts, rng)
+        delay = backoff(policy, max(1, attempts), rng)
     at = now + delay
     if at - enqueued_at > policy.max_age:
         return GiveUp(

@@ -214,7 +214,12 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "not ready", "storage": f"not writable: {exc.__class__.__name__}"},
             status=503)
-    return web.json_response({"status": "ready"})
+    body: dict[str, object] = {"status": "ready"}
+    # Still ready: a sink's receiver being away is no reason to stop taking batches, whose
+    # deliveries wait in storage. Which sinks are held back is said here, for people.
+    if down := rt.dispatcher.sinks_down():
+        body["sinks_down"] = down
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -118,6 +118,10 @@ class AppriseSinkConfig(SinkConfigBase):
         problem = burst_problem(self, "Apprise")
         if problem:
             raise ValueError(problem)
+        if self.probe_interval is not None:
+            raise ValueError("probe_interval has no effect on an apprise sink: Apprise does not "
+                             "tell an outage from a refusal, so the sink never goes down; "
+                             "remove it")
         return self
 
 
@@ -153,6 +157,7 @@ def default_body(s: Summary) -> str:
 
 class AppriseSink(Sink):
     type_name = "apprise"
+    reports_unreachable = False  # Apprise says only that a notification failed
     config_model = AppriseSinkConfig
     config: AppriseSinkConfig
 

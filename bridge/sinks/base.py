@@ -113,6 +113,11 @@ class Sink(ABC):
     async def close(self) -> None:
         """Flush and release connections; called on shutdown."""
 
+    async def drop_connections(self) -> None:
+        """The receiver is away (the sink went down, or a probe found it still away): let go
+        of whatever would keep retrying in the background until the next send, the probe,
+        which starts afresh. Sends still in flight may fail for it; they are retried."""
+
     def secrets(self) -> list[str]:
         """Secret values this sink holds, so logs and stored reasons can be scrubbed."""
         return []
@@ -128,6 +133,9 @@ class Sink(ABC):
         return rate, cfg.burst or burst
 
     supports_digest: ClassVar[bool] = False
+    # False: its failures never say that the receiver is away (bridge/errors.py
+    # says_unreachable), so the sink never goes down and every failure counts.
+    reports_unreachable: ClassVar[bool] = True
 
     def render_digest(self, route: str, deliveries: list[Delivery]) -> dict[str, str]:
         """One message listing several grouped deliveries (routes with `group:`).
@@ -177,10 +185,10 @@ def classify_http(
         hint = parse_retry_after(headers.get("Retry-After"))
         raise TransientSinkError(detail, "rate_limited", hint)
     if status == 408:
-        raise TransientSinkError(detail, "timeout")
+        raise TransientSinkError(detail, "timeout", status=status)
     if status >= 500:
         hint = parse_retry_after(headers.get("Retry-After"))
-        raise TransientSinkError(detail, "server_error", hint)
+        raise TransientSinkError(detail, "server_error", hint, status=status)
     if status in (401, 403):
         raise PermanentSinkError(detail, "auth_error")
     raise PermanentSinkError(detail, "client_error")

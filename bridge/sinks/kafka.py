@@ -321,6 +321,12 @@ class KafkaSink(Sink):
             await self._await_acks(producer, waiting, results, deadline)
         return results
 
+    async def drop_connections(self) -> None:
+        # A producer whose broker is away reconnects and refreshes metadata every
+        # retry_backoff_ms, with a log line each time, for as long as the outage lasts.
+        if self._producer is not None:
+            self._discard(self._producer, "the broker is unreachable")
+
     async def close(self) -> None:
         async with self._append_lock:
             producer, self._producer = self._producer, None

@@ -244,7 +244,7 @@ def telegram_error(status: int, answer: dict[str, Any]) -> TransientSinkError | 
     if code in (401, 403):  # a revoked token; a bot blocked by the user or removed from the chat
         return PermanentSinkError(reason, "auth_error")
     if code >= 500:
-        return TransientSinkError(reason, "server_error")
+        return TransientSinkError(reason, "server_error", status=code)
     if code == 408:
-        return TransientSinkError(reason, "timeout")
+        return TransientSinkError(reason, "timeout", status=code)
     return PermanentSinkError(reason, "client_error")

@@ -235,6 +235,36 @@ routes: []
     assert "tokentoken" not in out.stdout and "sig=abc" not in out.stdout
 
 
+def test_check_prints_how_each_sink_probes_while_its_receiver_is_away(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"""
+storage: sqlite:///{tmp_path}/bridge.db
+defaults:
+  retry: {{initial_delay: 2s, max_delay: 5m}}
+sinks:
+  hook: {{type: http, url: "https://erp.example.com/in"}}
+  fixed: {{type: http, url: "https://erp.example.com/in", probe_interval: 30s}}
+  flat: {{type: http, url: "https://x.example/in", retry: {{initial_delay: 1m, max_delay: 1m}}}}
+  notify: {{type: apprise, urls: ["json://127.0.0.1:9/in"]}}
+routes: []
+""")
+    out = bridge("check", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    prefix = "while its receiver is away: "
+    shown = {lines[i].split()[0]: lines[i + 2].strip().removeprefix(prefix)
+             for i, line in enumerate(lines)
+             if line.startswith("  ") and not line.startswith("    ") and i + 2 < len(lines)
+             and lines[i + 2].strip().startswith(prefix)}
+    assert shown == {
+        "hook": "one probe after 2s, then twice as long each time up to 5m (from retry)",
+        "fixed": "one probe every 30s (probe_interval)",
+        "flat": "one probe every 1m (from retry)",
+        "notify": "every failure counts (apprise does not tell an outage from a refusal, so "
+                  "the sink never goes down)",
+    }
+
+
 def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
     tmp_path: Path,
 ) -> None:
