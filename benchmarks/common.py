@@ -492,12 +492,63 @@ def start_bridge(kids: Children, name: str, config_text: str, log_level: str,
 
 def outbox_counts(bridge_base: str) -> dict[str, int]:
     """Deliveries per status, from the bridge's own /metrics."""
-    out: dict[str, int] = {}
+    return depths(bridge_base)["outbox"]
+
+
+def depths(bridge_base: str) -> dict[str, Any]:
+    """The bridge's storage depths from its /metrics: `outbox` (deliveries per status) and
+    `inbox` (batches per status: waiting, failed), `{}` from a bridge before the inbox."""
+    out: dict[str, Any] = {"outbox": {}, "inbox": {}}
     for line in http_text(bridge_base + "/metrics", timeout=120).splitlines():
-        if line.startswith("bridge_outbox_deliveries{"):
-            status = line.split('status="', 1)[1].split('"', 1)[0]
-            out[status] = int(float(line.rsplit(" ", 1)[1]))
+        for prefix, key in (("bridge_outbox_deliveries{", "outbox"),
+                            ("bridge_inbox_batches{", "inbox")):
+            if line.startswith(prefix):
+                status = line.split('status="', 1)[1].split('"', 1)[0]
+                out[key][status] = int(float(line.rsplit(" ", 1)[1]))
     return out
+
+
+def stored_deliveries(bridge_base: str, load: dict[str, Any], timeout: float = 600.0,
+                      ) -> tuple[int, float]:
+    """How many deliveries a load made, exactly, and how long it took to know.
+
+    A bridge before the inbox said so in its answers (`deliveries_total`). With the inbox,
+    the sequencer makes them after the 200s: wait until no batch is waiting, then the
+    outbox's rows (every status; a fresh outbox per load) are the count.
+    """
+    if load.get("deliveries_reported", True):
+        return int(load["deliveries_total"]), 0.0
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        d = depths(bridge_base)
+        if not d["inbox"].get("waiting", 0):
+            return sum(d["outbox"].values()), time.monotonic() - started
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{d['inbox']['waiting']:,} batches still waiting in the inbox "
+                               f"after {timeout:.0f}s; expected the sequencer to empty it")
+        time.sleep(0.25)
+
+
+def routes_per_item(workdir: Path, config_text: str, src: str | None) -> dict[str, Any]:
+    """What `bridge dry-run` says the load's item mix (every distinct sample item, once)
+    fans out to with this config, run with the benchmarked bridge code."""
+    cfg = workdir / "dry-run.yaml"
+    cfg.write_text(config_text)
+    payload = workdir / "dry-run-batch.json"
+    payload.write_bytes(BatchFactory(prefix=0, items=len(sample_items()), skeletons=1).body(0))
+    out = subprocess.run([BRIDGE_BIN, "dry-run", "--config", str(cfg), "--json",
+                          str(payload)], capture_output=True, check=True, text=True,
+                         cwd=REPO, timeout=120,
+                         env={**os.environ, "PYTHONPATH": src} if src else None)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    deliveries = sum(len(r["deliveries"]) for r in rows)
+    by_route: dict[str, int] = {}
+    for r in rows:
+        for d in r["deliveries"]:
+            by_route[d["route"]] = by_route.get(d["route"], 0) + 1
+    return {"items": len(rows), "deliveries": deliveries,
+            "per_item": round(deliveries / len(rows), 3), "by_route": by_route}
 
 
 # ---- output --------------------------------------------------------------------------------

@@ -1,17 +1,27 @@
 """Load generators, each run in a process of its own and printing one JSON object.
 
     python benchmarks/loadgen.py intake URL --concurrency 32 --duration 10 [--rate R]
+    python benchmarks/loadgen.py intake URL --concurrency 32 --burst 3000 --warmup 0
     python benchmarks/loadgen.py verify URL --duration 10 [--interval 0.02]
     python benchmarks/loadgen.py sinkclient URL --concurrency 8 --duration 10
 
 `intake` posts unique, realistic isendu batches over keep-alive connections: closed loop
 (each of `concurrency` workers posts, waits for the answer, posts again) or, with `--rate`,
-paced at R batches/s with at most `concurrency` in flight. `verify` posts {"keyId": ...} on
-a fresh connection every `interval` and times the answer. `sinkclient` is the delivery
+paced at R batches/s with at most `concurrency` in flight; `--burst N` stops after N
+requests (the measured window is then from the first POST to the last answer, and
+`--duration` is only a safety limit). `verify` posts {"keyId": ...} on
+a fresh connection every `interval` and times the answer, until `--duration` ends or
+`--stop-file` exists; `samples` lists [unix start, seconds] per probe so a short burst's
+window can be cut out of it. `sinkclient` is the delivery
 ceiling: a bare aiohttp client posting envelope-shaped bodies the way the HTTP sink does.
 
 Only requests started after `--warmup` count; window_start/window_end are unix seconds so
 the orchestrator can line them up with what the counting sink saw.
+
+Deliveries: a bridge from before the inbox answers each batch with the `deliveries` it
+stored; one with the inbox answers before routing, so only `accepted` items come back.
+`deliveries_total` counts what the answers said (0 with the inbox); `--until-deliveries`
+then counts items x `--per-item` (what `bridge dry-run` says one item fans out to).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -61,6 +72,9 @@ class Tallies:
     items: int = 0
     deliveries: int = 0  # new deliveries the bridge reported stored (all requests)
     duplicates: int = 0
+    reported: bool = False  # an answer carried "deliveries" (a bridge before the inbox)
+    first_post: float | None = None  # perf_counter() of the first request sent
+    last_answer: float | None = None  # ... and of the last answer received
 
     def answer(self, body: bytes) -> None:
         try:
@@ -69,6 +83,7 @@ class Tallies:
             return
         if isinstance(doc, dict):
             self.items += int(doc.get("accepted") or 0)
+            self.reported = self.reported or "deliveries" in doc
             self.deliveries += int(doc.get("deliveries") or 0)
             self.duplicates += int(doc.get("duplicates") or 0)
 
@@ -76,6 +91,8 @@ class Tallies:
 async def _post_batch(session: aiohttp.ClientSession, url: str, body: bytes, win: Window,
                       t: Tallies) -> None:
     t0 = time.perf_counter()
+    if t.first_post is None:
+        t.first_post = t0
     try:
         async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
             answer = await resp.read()
@@ -84,6 +101,7 @@ async def _post_batch(session: aiohttp.ClientSession, url: str, body: bytes, win
         t.errors[exc.__class__.__name__] += 1
         return
     t1 = time.perf_counter()
+    t.last_answer = t1
     t.done += 1
     t.answer(answer)
     if win.measured_from <= t0 and t1 <= win.end:
@@ -99,15 +117,23 @@ async def intake(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         win = Window(args.warmup, args.duration)
         counter = iter(range(1 << 40))
+        started = 0
 
         def more() -> bool:
-            if args.until_deliveries and t.deliveries >= args.until_deliveries:
+            if args.burst and started >= args.burst:
+                return False
+            if args.until_deliveries and stored(t, args.per_item) >= args.until_deliveries:
                 return False
             return time.perf_counter() < win.end
 
+        def next_body() -> bytes:
+            nonlocal started
+            started += 1
+            return factory.body(next(counter))
+
         async def worker() -> None:
             while more():
-                await _post_batch(session, args.url, factory.body(next(counter)), win, t)
+                await _post_batch(session, args.url, next_body(), win, t)
 
         async def paced() -> None:
             slots = asyncio.Semaphore(args.concurrency)
@@ -123,8 +149,7 @@ async def intake(args: argparse.Namespace) -> dict[str, Any]:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await slots.acquire()
-                task = asyncio.create_task(
-                    _post_batch(session, args.url, factory.body(next(counter)), win, t))
+                task = asyncio.create_task(_post_batch(session, args.url, next_body(), win, t))
                 tasks.add(task)
                 task.add_done_callback(finished)
                 n += 1
@@ -136,6 +161,9 @@ async def intake(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         finished = time.perf_counter()
     measured = min(finished, win.end) - win.measured_from
+    if args.burst and t.first_post is not None and t.last_answer is not None:
+        # A burst's window: from its first POST to its last answer, nothing idle around it.
+        measured = max(1e-6, t.last_answer - max(t.first_post, win.measured_from))
     ok = t.statuses.get(200, 0)
     return {
         "mode": "intake", "url": args.url, "concurrency": args.concurrency, "rate": args.rate,
@@ -146,7 +174,16 @@ async def intake(args: argparse.Namespace) -> dict[str, Any]:
         "ack": latency_summary(t.latencies), "requests_total": t.done,
         "items_total": t.items, "deliveries_total": t.deliveries,
         "duplicates_total": t.duplicates, "end_unix": win.unix(finished),
+        "burst": args.burst, "sent_total": started,
+        "deliveries_reported": t.reported,
+        "first_post_unix": None if t.first_post is None else win.unix(t.first_post),
+        "last_answer_unix": None if t.last_answer is None else win.unix(t.last_answer),
     }
+
+
+def stored(t: Tallies, per_item: float) -> float:
+    """Deliveries stored so far: as the answers said, or (inbox) items x routes per item."""
+    return t.deliveries if t.reported else t.items * per_item
 
 
 async def verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,14 +191,19 @@ async def verify(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.delay)
     body = verification_body()
     latencies: list[float] = []
+    samples: list[tuple[float, float]] = []
     failures: Counter[str] = Counter()
+    stop_file = Path(args.stop_file) if args.stop_file else None
     connector = aiohttp.TCPConnector(force_close=True)
     timeout = aiohttp.ClientTimeout(total=5)  # isendu's own limit
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         n = 0
         while time.perf_counter() < start + args.duration:
+            if stop_file is not None and stop_file.exists():
+                break
             t0 = time.perf_counter()
+            t0_unix = time.time()
             try:
                 async with session.post(args.url, data=body, headers=JSON_HEADERS) as resp:
                     answer = await resp.json(content_type=None)
@@ -170,12 +212,14 @@ async def verify(args: argparse.Namespace) -> dict[str, Any]:
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 failures[exc.__class__.__name__] += 1
             latencies.append(time.perf_counter() - t0)
+            samples.append((round(t0_unix, 4), round(latencies[-1], 6)))
             n += 1
             delay = start + n * args.interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
     return {"mode": "verify", "url": args.url, "interval_ms": args.interval * 1000,
-            "latency": latency_summary(latencies), "failures": dict(failures)}
+            "latency": latency_summary(latencies), "failures": dict(failures),
+            "samples": samples}
 
 
 async def sinkclient(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,8 +274,13 @@ def main() -> None:
         p.add_argument("--rate", type=float, default=0.0, help="batches/s (intake; 0: closed)")
         p.add_argument("--until-deliveries", type=int, default=0,
                        help="intake: stop once the bridge reports this many stored")
+        p.add_argument("--per-item", type=float, default=2.0,
+                       help="intake: deliveries per item when answers do not say (inbox)")
+        p.add_argument("--burst", type=int, default=0,
+                       help="intake: stop after this many requests (0: run --duration)")
         p.add_argument("--interval", type=float, default=0.02)
         p.add_argument("--delay", type=float, default=0.0, help="verify: wait before starting")
+        p.add_argument("--stop-file", help="verify: stop once this file exists")
     args = parser.parse_args()
     fn = {"intake": intake, "verify": verify, "sinkclient": sinkclient}[args.mode]
     result = asyncio.run(fn(args))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,13 +28,11 @@ from typing import Any
 
 from common import (
     BARE_APP,
-    BRIDGE_BIN,
     HOST,
     PYTHON,
     REPO,
     SINK_SERVER,
     WEBHOOK_PATH,
-    BatchFactory,
     Child,
     Children,
     ForeignCpu,
@@ -44,6 +41,7 @@ from common import (
     bridge_source,
     children_in,
     cpu_seconds,
+    depths,
     fmt,
     free_port,
     http_json,
@@ -51,10 +49,11 @@ from common import (
     machine_info,
     print_table,
     proc_status_kb,
+    routes_per_item,
     run_json,
     run_main,
-    sample_items,
     start_bridge,
+    stored_deliveries,
     wait_ready,
     work_dir,
     write_results,
@@ -102,6 +101,7 @@ class Bench:
         self.args = args
         self.sink = ""
         self.src = bridge_source(kids, args.rev, args.bridge_src)
+        self.per_item = 2.0  # set from bridge dry-run before any load
 
     def intake_argv(self, url: str, prefix: int, rate: float = 0.0) -> list[str]:
         a = self.args
@@ -179,23 +179,7 @@ class Bench:
 
     def routes_per_item(self) -> dict[str, Any]:
         """What `bridge dry-run` says the load's item mix fans out to."""
-        cfg = self.kids.workdir / "dry-run.yaml"
-        cfg.write_text(self.config("dry-run"))
-        pool = len(sample_items())
-        payload = self.kids.workdir / "dry-run-batch.json"
-        payload.write_bytes(BatchFactory(prefix=0, items=pool, skeletons=1).body(0))
-        out = subprocess.run([BRIDGE_BIN, "dry-run", "--config", str(cfg), "--json",
-                              str(payload)], capture_output=True, check=True, text=True,
-                             cwd=REPO, timeout=120,
-                             env={**os.environ, "PYTHONPATH": self.src} if self.src else None)
-        rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-        deliveries = sum(len(r["deliveries"]) for r in rows)
-        by_route: dict[str, int] = {}
-        for r in rows:
-            for d in r["deliveries"]:
-                by_route[d["route"]] = by_route.get(d["route"], 0) + 1
-        return {"items": len(rows), "deliveries": deliveries,
-                "per_item": round(deliveries / len(rows), 3), "by_route": by_route}
+        return routes_per_item(self.kids.workdir, self.config("dry-run"), self.src)
 
     def bridge_saturated(self) -> dict[str, Any]:
         a = self.args
@@ -206,27 +190,47 @@ class Bench:
         result = self.load_with_probe(base + WEBHOOK_PATH, prefix=2, watch=bridge)
         load = result["load"]
         result["sink_during_load"] = self.sink_stats(load["window_start"], load["window_end"])
-        result["drain"] = self.drain(load["end_unix"], load["deliveries_total"])
+        result["drain"] = self.drain(base, load)
+        result["deliveries_made"] = result["drain"]["deliveries_made"]
         result["peak_rss_mb"] = round((proc_status_kb(bridge.pid, "VmHWM") or 0) / 1024, 1)
         self.kids.stop(bridge)
         return result
 
-    def drain(self, load_end: float, expected: int) -> dict[str, Any]:
-        """Deliveries/s once intake stopped: the dispatcher alone, from a deep backlog."""
+    def expected(self, base: str, load: dict[str, Any]) -> tuple[int, bool]:
+        """(deliveries the load made, exact?): from the answers (a bridge before the inbox),
+        else the outbox's rows plus, while batches still wait in the inbox, their share
+        estimated from bridge dry-run (exact once the inbox is empty)."""
+        if load.get("deliveries_reported", True):
+            return int(load["deliveries_total"]), True
+        d = depths(base)
+        waiting = d["inbox"].get("waiting", 0)
+        estimate = waiting * load["items_per_batch"] * self.per_item
+        return sum(d["outbox"].values()) + round(estimate), waiting == 0
+
+    def drain(self, base: str, load: dict[str, Any]) -> dict[str, Any]:
+        """Deliveries/s once intake stopped: the dispatcher (and, with the inbox, the
+        sequencer finishing what waits) from a deep backlog."""
+        load_end = load["end_unix"]
         until = load_end + self.args.drain
         foreign = ForeignCpu()
+        expected, exact = self.expected(base, load)
         while time.time() < until:
-            if self.sink_stats()["total"] >= expected:
+            if exact and self.sink_stats()["total"] >= expected:
                 break  # drained before the window closed
             time.sleep(0.5)
             foreign.sample()
+            if not exact:
+                expected, exact = self.expected(base, load)
         stats = self.sink_stats(load_end, until)
         span = until - load_end
-        if stats["total"] >= expected and stats["last"] is not None:
+        if exact and stats["total"] >= expected and stats["last"] is not None:
             span = max(1e-3, stats["last"] - load_end)
+        if not exact:
+            expected, exact = self.expected(base, load)
         return {"window_seconds": round(span, 3), "delivered": stats["count"],
                 "deliveries_per_s": stats["count"] / span, "backlog_left":
                 expected - self.sink_stats()["total"], "e2e": stats["e2e"],
+                "deliveries_made": expected, "deliveries_exact": exact,
                 "foreign_cpu_percent": foreign.percent()}
 
     def bridge_paced(self, rate: float) -> dict[str, Any]:
@@ -238,13 +242,14 @@ class Bench:
         load, _ = run_json(self.kids, "loadgen-paced",
                            self.intake_argv(base + WEBHOOK_PATH, prefix=3, rate=rate),
                            timeout=a.duration + a.warmup + 120)
+        made, _ = stored_deliveries(base, load, timeout=60)
         deadline = time.time() + 30
-        while time.time() < deadline and self.sink_stats()["total"] < load["deliveries_total"]:
+        while time.time() < deadline and self.sink_stats()["total"] < made:
             time.sleep(0.25)
         stats = self.sink_stats(load["window_start"], 1e12)
         self.kids.stop(bridge)
-        return {"rate": rate, "load": load, "sink": stats,
-                "undelivered": load["deliveries_total"] - self.sink_stats()["total"]}
+        return {"rate": rate, "load": load, "sink": stats, "deliveries_made": made,
+                "undelivered": made - self.sink_stats()["total"]}
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -256,12 +261,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         bench = Bench(kids, args)
         bench.start_sink()
         out["routes"] = bench.routes_per_item()
-        say(f"routes per item (bridge dry-run): {out['routes']['per_item']}")
+        bench.per_item = out["routes"]["per_item"]
+        say(f"routes per item (bridge dry-run): {bench.per_item}")
         out["sink_ceiling"] = bench.sink_ceiling()
         out["intake_ceiling"] = bench.intake_ceiling()
         out["saturated"] = bench.bridge_saturated()
         load = out["saturated"]["load"]
-        per_batch = load["deliveries_total"] / max(1, load["requests_total"])
+        per_batch = out["saturated"]["deliveries_made"] / max(1, load["requests_total"])
         rate = args.paced_load * out["saturated"]["drain"]["deliveries_per_s"] / max(1.0, per_batch)
         out["paced"] = bench.bridge_paced(max(1.0, round(rate)))
         if not args.no_backlog:
@@ -271,7 +277,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 out["backlog"].append(run_backlog(
                     kids, pending=args.backlog, mode=mode, concurrency=args.concurrency,
                     drain=args.drain, log_level=args.log_level, prefix=90 + n,
-                    src=bench.src))
+                    src=bench.src, per_item=bench.per_item))
     return out
 
 
@@ -337,11 +343,14 @@ def _pair(summary: dict[str, Any]) -> str:
 
 def notes(r: dict[str, Any]) -> list[str]:
     bl, bridge = r["saturated"]["load"], r["saturated"]
-    per_batch = bl["deliveries_total"] / max(1, bl["requests_total"])
+    per_batch = bridge["deliveries_made"] / max(1, bl["requests_total"])
+    dups = (f"{bl['duplicates_total']} duplicates" if bl.get("deliveries_reported", True)
+            else "counted from its /metrics (inbox)"
+            + ("" if bridge["drain"]["deliveries_exact"] else
+               ", estimated: batches were still waiting"))
     out = [
         f"batches of {r['args']['items']} items, {r['routes']['per_item']} routes/item "
-        f"(bridge dry-run); the bridge stored {per_batch:.1f} deliveries/batch, "
-        f"{bl['duplicates_total']} duplicates",
+        f"(bridge dry-run); the bridge stored {per_batch:.1f} deliveries/batch, {dups}",
         f"cpu: bridge {bridge['server_cpu_percent']}%, bare app "
         f"{r['intake_ceiling']['server_cpu_percent']}% of one core during their loads "
         f"({r['machine']['cpus']} cpus)",
