@@ -94,19 +94,37 @@ def log_lines(log: Path) -> list[dict[str, Any]]:
 
 
 def dispatch_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What sending wrote (the dispatcher, the sinks), not the intake's line per batch."""
-    return [line for line in lines if not line["logger"].startswith("bridge.http")
+    """What sending wrote (the dispatcher, the sinks), not the intake's and the sequencer's
+    line per batch."""
+    return [line for line in lines
+            if not line["logger"].startswith(("bridge.http", "bridge.sequencer"))
             and line["logger"] != "aiohttp.access"]
 
 
-async def post_all(url: str, batches: list[dict[str, Any]]) -> int:
-    accepted = 0
+async def post_all(url: str, batches: list[dict[str, Any]], db: Path) -> int:
+    """POST the batches; once the sequencer settled them, how many new deliveries they made
+    (as the inbox rows in the file say)."""
+    ids = []
     async with aiohttp.ClientSession() as session:
         for body in batches:
             async with session.post(f"{url}/isendu/webhook", data=json.dumps(body)) as resp:
                 assert resp.status == 200, await resp.text()
-                accepted += (await resp.json())["deliveries"]
-    return accepted
+                ids.append((await resp.json())["batch_id"])
+    made: list[int] = []
+
+    async def settled() -> bool:
+        conn = sqlite3.connect(db)
+        try:
+            rows = conn.execute(
+                f"SELECT deliveries FROM inbox WHERE status = 'sequenced' AND id IN "
+                f"({','.join('?' * len(ids))})", ids).fetchall()
+        finally:
+            conn.close()
+        made[:] = [r[0] for r in rows]
+        return len(rows) == len(ids)
+
+    await eventually(settled, timeout=60, what="the batches sequenced")
+    return sum(made)
 
 
 async def sink_up(url: str, sink: str) -> float:
@@ -171,7 +189,7 @@ async def test_receiver_down_for_a_minute_dead_letters_nothing(
     try:
         async with BridgeProcess(config, log) as bridge:
             await bridge.start(free_port())
-            before = await post_all(bridge.url, batches[:5])
+            before = await post_all(bridge.url, batches[:5], db)
 
             async def first_delivered() -> bool:
                 return db_counts(db).get("delivered", 0) == before
@@ -180,7 +198,7 @@ async def test_receiver_down_for_a_minute_dead_letters_nothing(
 
             await proxy.go_down()
             down_at = asyncio.get_running_loop().time()
-            accepted = before + await post_all(bridge.url, batches[5:])
+            accepted = before + await post_all(bridge.url, batches[5:], db)
             assert accepted - before > 100
             await ride_out_outage(bridge, db, "hook", down_at)
             await proxy.come_back()
@@ -257,7 +275,7 @@ async def test_kafka_broker_down_for_a_minute_dead_letters_nothing(
     batches = sample_batches()
     async with BridgeProcess(config, log) as bridge:
         await bridge.start(free_port())
-        before = await post_all(bridge.url, batches[:5])
+        before = await post_all(bridge.url, batches[:5], db)
 
         async def first_delivered() -> bool:
             return db_counts(db).get("delivered", 0) == before
@@ -265,7 +283,7 @@ async def test_kafka_broker_down_for_a_minute_dead_letters_nothing(
 
         await proxy.go_down()
         down_at = asyncio.get_running_loop().time()
-        accepted = before + await post_all(bridge.url, batches[5:])
+        accepted = before + await post_all(bridge.url, batches[5:], db)
         await ride_out_outage(bridge, db, "bus", down_at)
         await proxy.come_back()
 
@@ -309,7 +327,7 @@ async def test_one_item_failing_alone_is_dead_after_max_attempts_and_the_sink_st
         retry="{max_attempts: 4, initial_delay: 100ms, max_delay: 500ms}"))
     async with BridgeProcess(config, log) as bridge:
         await bridge.start(free_port())
-        accepted = await post_all(bridge.url, batches)
+        accepted = await post_all(bridge.url, batches, db)
 
         async def settled() -> bool:
             c = db_counts(db)

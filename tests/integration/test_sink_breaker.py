@@ -60,7 +60,7 @@ async def readyz(bridge: Bridge) -> tuple[int, dict[str, Any]]:
 
 async def settle(bridge: Bridge, delivered: int) -> None:
     async def done() -> bool:
-        counts = await bridge.rt.outbox.counts()
+        counts = await bridge.rt.store.counts()
         return counts.get("delivered", 0) == delivered and counts.get("pending", 0) == 0
     await eventually(done, timeout=30, what=f"{delivered} delivered, none pending")
 
@@ -87,7 +87,7 @@ async def test_a_gateway_answering_503_takes_a_chat_sink_down_without_spending_a
     assert body["sinks_down"]["teams"]["cause"] == (
         "Teams workflow answered HTTP 503: <html>Service Unavailable</html>")
     assert body["sinks_down"]["teams"]["probes"] >= 10
-    dead = await bridge.rt.outbox.list_dead()
+    dead = await bridge.rt.store.list_dead()
     assert dead == []  # ten probes, max_attempts 3: none of them was counted
     assert "s3cr3t-signature" not in str(body)
 
@@ -125,12 +125,12 @@ async def test_a_refused_connection_holds_deliveries_until_the_receiver_returns(
         async def probed_a_while() -> bool:
             return (await readyz(bridge))[1]["sinks_down"]["hook"]["probes"] >= 5
         await eventually(probed_a_while, timeout=30, what="five probes")
-        assert await bridge.rt.outbox.list_dead() == []
+        assert await bridge.rt.store.list_dead() == []
         await proxy.start()
         await settle(bridge, answer["deliveries"])
         # Each delivery spent at most the attempts made before the sink went down, plus one.
         ids = {r.headers["webhook-id"] for r in rec.requests}
-        rows = [await bridge.rt.outbox.get(i) for i in ids]
+        rows = [await bridge.rt.store.get(i) for i in ids]
         assert all(row is not None and row.attempts <= 3 for row in rows)
         assert len(ids) == answer["deliveries"]
     finally:
@@ -147,7 +147,7 @@ async def test_a_500_is_an_answer_the_sink_stays_up(
     assert status == 200
 
     async def all_dead() -> bool:
-        return len(await bridge.rt.outbox.list_dead()) == answer["deliveries"]
+        return len(await bridge.rt.store.list_dead()) == answer["deliveries"]
     await eventually(all_dead, timeout=30, what="every delivery dead after max_attempts")
     assert len(rec.requests) == 3 * answer["deliveries"]
     assert await sink_up(bridge, "hook") == 1

@@ -1,0 +1,186 @@
+"""Shipment state: what the sequencer knows of each item (kind + uuid), and what a new
+snapshot of it brings.
+
+isendu sends snapshots: batched, out of order, repeated. Against the state merged from every
+snapshot seen so far, a snapshot is
+- a **repeat** when it brings nothing new: no step never seen, no top-level field changed
+  (for an order: the same JSON, key order ignored);
+- **stale** when its newest step is older than the newest step seen (for an order: its
+  version, `state.order_version_path`, is older than the version seen);
+- otherwise a **change**.
+Steps never seen before are merged whatever the snapshot is, so the history stays complete;
+the top-level fields are taken only from a snapshot that is not stale, so a late snapshot
+never turns a DELIVERED shipment back to OUT_FOR_DELIVERY. Pure: no storage, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from bridge import jsontext
+from bridge.models import Item, Kind
+
+StepKey = tuple[str, str, str]  # timestamp, status, description: what identifies a step
+
+
+def step_key(step: dict[str, Any]) -> StepKey:
+    return (_text(step.get("timestamp")), _text(step.get("status")),
+            _text(step.get("description")))
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+@dataclass(slots=True)
+class EntityState:
+    """The merged history of one item uuid."""
+
+    kind: Kind
+    uuid: str
+    fields: dict[str, Any]  # top-level fields of the newest snapshot (tracking: not `steps`)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # every step, by timestamp
+    newest: str | None = None  # tracking: newest step timestamp; order: version as text
+    version: Any = None  # order: the version value as found (number or ISO time)
+
+    def to_json(self) -> str:
+        return jsontext.orjson_dumps({
+            "fields": self.fields, "steps": self.steps, "newest": self.newest,
+            "version": self.version}).decode()
+
+    @classmethod
+    def from_json(cls, kind: Kind, uuid: str, text: str) -> EntityState:
+        doc = orjson.loads(text)
+        return cls(kind=kind, uuid=uuid, fields=doc["fields"], steps=doc["steps"],
+                   newest=doc["newest"], version=doc["version"])
+
+    def summary(self) -> dict[str, Any]:
+        """`previous` in templates: what was known before this snapshot."""
+        return {"status": self.fields.get("status"), "delivered": self.fields.get("delivered"),
+                "step": self.steps[-1] if self.steps else None}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a snapshot brings against the state of its uuid."""
+
+    first_seen: bool
+    repeat: bool
+    stale: bool
+    new_steps: tuple[dict[str, Any], ...]  # steps not seen before, by timestamp
+    changed: tuple[str, ...]  # top-level fields that differ from the state (all, first seen)
+    previous: dict[str, Any] | None  # EntityState.summary() before, None on first sight
+
+    @property
+    def verdict(self) -> str:
+        return "repeat" if self.repeat else "stale" if self.stale else "change"
+
+
+FIRST_SIGHT_KEYS = ("first_seen", "repeat", "stale")
+
+VersionOf = Callable[[dict[str, Any]], Any]
+
+
+def observe(state: EntityState | None, item: Item, version_of: VersionOf | None = None
+            ) -> tuple[Observation, EntityState]:
+    """The observation of `item` against `state`, and the state merged with it."""
+    if item.kind == "tracking":
+        return _observe_tracking(state, item)
+    return _observe_order(state, item, version_of)
+
+
+def _steps_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    steps = data.get("steps")
+    return [s for s in steps if isinstance(s, dict)] if isinstance(steps, list) else []
+
+
+def _by_time(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(steps, key=step_key)
+
+
+def _changed(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[str, ...]:
+    if before is None:
+        return tuple(after)
+    names = list(after) + [k for k in before if k not in after]
+    return tuple(k for k in names if before.get(k, _MISSING) != after.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observation, EntityState]:
+    steps = _steps_of(item.data)
+    fields = {k: v for k, v in item.data.items() if k != "steps"}
+    newest_here = max((_text(s.get("timestamp")) for s in steps), default=None)
+    if state is None:
+        merged = EntityState("tracking", item.uuid, fields, _by_time(_unique(steps)),
+                             newest_here)
+        return Observation(True, False, False, tuple(merged.steps), tuple(fields), None), merged
+    seen = {step_key(s) for s in state.steps}
+    new_steps = _by_time(_unique([s for s in steps if step_key(s) not in seen]))
+    stale = (newest_here is not None and state.newest is not None
+             and newest_here < state.newest)
+    changed = _changed(state.fields, fields)
+    newest = max(filter(None, (state.newest, newest_here)), default=None)
+    merged = EntityState("tracking", item.uuid, state.fields if stale else fields,
+                         _by_time(state.steps + new_steps), newest)
+    repeat = not new_steps and not changed
+    return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
+                       state.summary()), merged
+
+
+def _unique(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: dict[StepKey, dict[str, Any]] = {}
+    for s in steps:
+        out.setdefault(step_key(s), s)
+    return list(out.values())
+
+
+def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf | None
+                   ) -> tuple[Observation, EntityState]:
+    fields = dict(item.data)
+    version = version_of(item.data) if version_of else None
+    merged = EntityState("order", item.uuid, fields, [], _version_text(version), version)
+    if state is None:
+        return Observation(True, False, False, (), tuple(fields), None), merged
+    changed = _changed(state.fields, fields)
+    stale = _older(version, state.version)
+    if stale:
+        merged = state
+    repeat = not changed
+    return Observation(False, repeat, stale and not repeat, (), changed,
+                       state.summary()), merged
+
+
+def _version_text(version: Any) -> str | None:
+    return None if version is None else str(version)
+
+
+def _older(version: Any, than: Any) -> bool:
+    """Numbers compare as numbers, ISO 8601 times as times; anything else is never older."""
+    if version is None or than is None:
+        return False
+    if _is_number(version) and _is_number(than):
+        return bool(version < than)
+    if isinstance(version, str) and isinstance(than, str):
+        a, b = _moment(version), _moment(than)
+        if a is not None and b is not None:
+            return a < b
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _moment(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None

@@ -1,0 +1,130 @@
+"""Shipment state: repeats, stale snapshots and new steps, by example and by property."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.models import Item
+from bridge.state import EntityState, observe, step_key
+
+STATUSES = ["CREATED", "PICKED_UP", "IN_TRANSIT", "OUT_FOR_DELIVERY", "DELIVERED"]
+
+
+def step(n: int, status: str | None = None, error: bool = False) -> dict[str, Any]:
+    s: dict[str, Any] = {"timestamp": f"2025-11-0{1 + n // 10}T{n % 10:02d}:00:00Z",
+                         "status": status or STATUSES[min(n, len(STATUSES) - 1)],
+                         "description": f"step {n}", "location": "Napoli"}
+    if error:
+        s["error"] = {"code": "E1", "message": "address unknown"}
+    return s
+
+
+def snapshot(steps: list[dict[str, Any]], uuid: str = "t1") -> Item:
+    newest = max(steps, key=lambda s: s["timestamp"]) if steps else None
+    return Item("tracking", uuid, {
+        "uuid": uuid, "trackingNumber": "GLS1", "status": newest["status"] if newest else None,
+        "delivered": bool(newest and newest["status"] == "DELIVERED"), "steps": steps})
+
+
+def test_first_sight_is_a_change_with_every_step_new() -> None:
+    obs, state = observe(None, snapshot([step(1), step(0)]))
+    assert (obs.first_seen, obs.repeat, obs.stale, obs.previous) == (True, False, False, None)
+    assert [s["description"] for s in obs.new_steps] == ["step 0", "step 1"]  # by time
+    assert "status" in obs.changed and state.newest == step(1)["timestamp"]
+
+
+def test_the_same_snapshot_again_is_a_repeat_even_reordered() -> None:
+    _, state = observe(None, snapshot([step(0), step(1)]))
+    obs, again = observe(state, snapshot([step(1), step(0)]))
+    assert obs.repeat and not obs.stale and obs.new_steps == () and obs.changed == ()
+    assert again.steps == state.steps
+
+
+def test_one_new_step_is_a_change_carrying_that_step() -> None:
+    _, state = observe(None, snapshot([step(0), step(1)]))
+    obs, merged = observe(state, snapshot([step(0), step(1), step(2)]))
+    assert obs.verdict == "change"
+    assert [s["description"] for s in obs.new_steps] == ["step 2"]
+    assert obs.changed == ("status",)
+    assert obs.previous == {"status": "PICKED_UP", "delivered": False, "step": step(1)}
+    assert len(merged.steps) == 3
+
+
+def test_delivered_before_out_for_delivery() -> None:
+    """The later snapshot arrives first: the earlier one is stale, its step is merged into
+    the history, and the state keeps DELIVERED."""
+    _, state = observe(None, snapshot([step(0), step(3), step(4)]))
+    obs, merged = observe(state, snapshot([step(0), step(2), step(3)]))
+    assert obs.stale and not obs.repeat
+    assert [s["description"] for s in obs.new_steps] == ["step 2"]
+    assert merged.fields["status"] == "DELIVERED" and len(merged.steps) == 4
+    # A later snapshot holding every step brings nothing new: step 2 is not new again.
+    obs, _ = observe(merged, snapshot([step(0), step(2), step(3), step(4)]))
+    assert obs.repeat and obs.new_steps == ()
+
+
+def test_a_changed_top_level_field_is_a_change() -> None:
+    _, state = observe(None, snapshot([step(0)]))
+    item = snapshot([step(0)])
+    item.data["trackingUrl"] = "https://example.com/t/1"
+    obs, _ = observe(state, item)
+    assert obs.verdict == "change" and obs.changed == ("trackingUrl",)
+
+
+def test_state_round_trips_through_json() -> None:
+    _, state = observe(None, snapshot([step(0), step(1)]))
+    again = EntityState.from_json("tracking", "t1", state.to_json())
+    assert again == state
+
+
+def test_orders_compare_as_json_and_by_version() -> None:
+    def order(total: float, updated: str) -> Item:
+        return Item("order", "o1", {"uuid": "o1", "total": total, "updatedAt": updated})
+
+    def version_of(data: dict[str, Any]) -> Any:
+        return data.get("updatedAt")
+
+    _, state = observe(None, order(10, "2025-11-02T10:00:00Z"), version_of)
+    obs, _ = observe(state, Item("order", "o1", {"updatedAt": "2025-11-02T10:00:00Z",
+                                                 "total": 10, "uuid": "o1"}), version_of)
+    assert obs.repeat  # key order ignored
+    obs, kept = observe(state, order(9, "2025-11-02T09:00:00+00:00"), version_of)
+    assert obs.stale and kept.fields["total"] == 10
+    obs, newer = observe(state, order(12, "2025-11-02T11:00:00Z"), version_of)
+    assert obs.verdict == "change" and obs.changed == ("total", "updatedAt")
+    assert newer.fields["total"] == 12
+
+
+@st.composite
+def deliveries_of_a_shipment(draw: st.DrawFn) -> tuple[int, list[list[int]]]:
+    """A true sequence of n steps, and snapshots of it (each holding the steps up to some
+    point, as isendu's cumulative snapshots do), shuffled and repeated."""
+    n = draw(st.integers(min_value=1, max_value=8))
+    cuts = draw(st.lists(st.integers(min_value=1, max_value=n), min_size=1, max_size=12))
+    cuts.append(n)  # the last snapshot arrives at some point
+    order = draw(st.permutations(cuts))
+    return n, [list(range(c)) for c in order]
+
+
+@given(deliveries_of_a_shipment())
+@settings(max_examples=300, deadline=None)
+def test_changes_never_go_back_and_each_step_is_new_once(
+    case: tuple[int, list[list[int]]],
+) -> None:
+    n, snapshots = case
+    state: EntityState | None = None
+    notified_newest: list[str] = []
+    new_seen: list[tuple[str, str, str]] = []
+    for cut in snapshots:
+        obs, state = observe(state, snapshot([step(i) for i in cut]))
+        new_seen += [step_key(s) for s in obs.new_steps]
+        if obs.verdict == "change":  # what a route with the defaults notifies
+            notified_newest.append(max(step(i)["timestamp"] for i in cut))
+    assert notified_newest == sorted(notified_newest)  # never back in step time
+    assert len(notified_newest) == len(set(notified_newest))  # each real change once
+    assert sorted(new_seen) == sorted(step_key(step(i)) for i in range(n))  # each step once
+    assert state is not None and len(state.steps) == n  # the full history
+    assert state.fields["status"] == step(n - 1)["status"]
