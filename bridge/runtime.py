@@ -10,6 +10,7 @@ from bridge.config import BridgeConfig
 from bridge.dispatch.dispatcher import Dispatcher
 from bridge.metrics import Metrics
 from bridge.outbox import Store, from_url
+from bridge.pressure import Pressure
 from bridge.redact import REDACTOR, url_credentials
 from bridge.routing.router import Router, compile_routes
 from bridge.sequencer import Sequencer
@@ -49,6 +50,7 @@ class Runtime:
     metrics: Metrics
     secrets_by_key: dict[str, str]
     intake_slots: asyncio.Semaphore  # server.intake_concurrency
+    pressure: Pressure  # requests in flight: the stages after the 200 give way to them
 
 
 def build_runtime(config: BridgeConfig, store: Store | None = None) -> Runtime:
@@ -60,16 +62,18 @@ def build_runtime(config: BridgeConfig, store: Store | None = None) -> Runtime:
     for sink in sinks.values():
         sink.memory = store
     router = Router(compile_routes(config, sinks))
-    dispatcher = Dispatcher(store, sinks, config, metrics, memory=store)
+    pressure = Pressure()
+    dispatcher = Dispatcher(store, sinks, config, metrics, memory=store, pressure=pressure)
     return Runtime(
         config=config,
         sinks=sinks,
         router=router,
         store=store,
         sequencer=Sequencer(store, router, metrics, dispatcher.wake,
-                            config.defaults.inbox_retention),
+                            config.defaults.inbox_retention, pressure),
         dispatcher=dispatcher,
         metrics=metrics,
         secrets_by_key={i.key_id: i.secret.get_secret_value() for i in config.integrations},
         intake_slots=asyncio.Semaphore(config.server.intake_concurrency),
+        pressure=pressure,
     )

@@ -30,6 +30,7 @@ from bridge.metrics import Metrics
 from bridge.models import Batch, Failed, InboxBatch, Item, NewDelivery, Outcome, Sequenced
 from bridge.outbox.base import Inbox
 from bridge.parse import Verification, parse_request
+from bridge.pressure import Pressure
 from bridge.redact import redact
 from bridge.routing.router import Router
 
@@ -37,7 +38,13 @@ log = logging.getLogger("bridge.sequencer")
 
 TAKE = 64  # batches read from the inbox at once
 SETTLE_ROWS = 512  # deliveries per transaction, at most about (one batch may be more)
-YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests
+YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests, when idle
+# While requests are being served: a turn after every item (asyncio runs ready callbacks in
+# order, so a sequencer taking 5 ms per turn would get most of a saturated loop), and after
+# each batch a pause this many times as long as routing it took: about a third of the loop
+# at most, which keeps up with the intake's sustained rates and leaves it the rest.
+YIELD_AFTER_BUSY = 0.0
+BUSY_PAUSE_RATIO = 2.0
 IDLE_POLL = 1.0  # seconds: the fallback when no wake-up comes (another process appended)
 LOCK_POLL = 1.0  # seconds between tries for the sequencer's lock (replicas)
 RETRY_AFTER_FAILURE = 1.0
@@ -83,6 +90,7 @@ def summary_of(plans: list[ItemPlan]) -> str:
 class Sequencer:
     def __init__(self, inbox: Inbox, router: Router, metrics: Metrics,
                  on_deliveries: Callable[[], None], inbox_retention: float,
+                 pressure: Pressure | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.inbox = inbox
         self.router = router
@@ -94,6 +102,9 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._swept_at = 0.0
+        self.pressure = pressure or Pressure()
+        self._idle = asyncio.Event()  # the last request in flight is done
+        self.pressure.on_idle(self._idle.set)
 
     def wake(self) -> None:
         """A batch was appended (or rerouted): look now instead of at the next poll."""
@@ -137,6 +148,13 @@ class Sequencer:
             if not taken:
                 await self._sleep(IDLE_POLL)
 
+    async def _give_way(self, seconds: float) -> None:
+        """Pause for `seconds`, or until no request is in flight any more."""
+        self._idle.clear()
+        self.pressure.waiting_for_idle = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), seconds)
+
     async def _sleep(self, seconds: float) -> None:
         if self._stopping:
             return
@@ -151,7 +169,10 @@ class Sequencer:
         pending: asyncio.Task[bool] | None = None
         weight = 0
         for row in taken:
+            started = time.perf_counter()
             outcome = await self._route(row)
+            if self.pressure.in_flight:  # requests first: hold back for a while
+                await self._give_way((time.perf_counter() - started) * BUSY_PAUSE_RATIO)
             outcomes.append(outcome)
             rows.append(row)
             weight += len(outcome.deliveries) if isinstance(outcome, Sequenced) else 1
@@ -172,7 +193,8 @@ class Sequencer:
             turn = time.perf_counter()
             for item in batch.items:
                 plans.append(plan_item(self.router, item, batch))
-                if time.perf_counter() - turn > YIELD_AFTER:
+                slice_ = YIELD_AFTER_BUSY if self.pressure.in_flight else YIELD_AFTER
+                if time.perf_counter() - turn > slice_:
                     await asyncio.sleep(0)  # requests first
                     turn = time.perf_counter()
             await asyncio.sleep(0)

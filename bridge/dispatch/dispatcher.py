@@ -25,6 +25,7 @@ from bridge.errors import SinkError, TransientSinkError, says_unreachable
 from bridge.metrics import Metrics
 from bridge.models import Delivery
 from bridge.outbox import Outbox, SinkMemory
+from bridge.pressure import Pressure
 from bridge.redact import redact
 from bridge.sinks.base import Sink
 
@@ -56,7 +57,12 @@ class Dispatcher:
         metrics: Metrics,
         memory: SinkMemory | None = None,
         clock: Callable[[], float] = time.time,
+        pressure: Pressure | None = None,
     ) -> None:
+        # While requests are in flight a sink sends one at a time, claiming nothing ahead:
+        # sends are the last stage to get the event loop (see bridge/pressure.py).
+        self.pressure = pressure or Pressure()
+        self.pressure.on_idle(self.wake)
         self.outbox = outbox
         self.memory = memory  # swept of what sinks have not written for state_retention
         self.sinks = sinks
@@ -195,11 +201,16 @@ class Dispatcher:
             if not breaker.up:
                 timeout = await self._while_down(sink, breaker, bucket, limit, per_task)
             else:
+                slots = limit
+                if self.pressure.in_flight:
+                    slots = 1
+                    self.pressure.waiting_for_idle = True
                 if paused <= 0:
-                    await self._start_ready(sink, limit)
-                ahead = claim_ahead(limit, self._send_seconds.get(name)) if may_claim_ahead else 0
+                    await self._start_ready(sink, slots)
+                ahead = (claim_ahead(limit, self._send_seconds.get(name))
+                         if may_claim_ahead and slots == limit else 0)
                 refill_at = ahead // 3 if ahead > limit else ahead
-                want = (limit + ahead - len(inflight) - len(ready)) * per_task
+                want = (slots + ahead - len(inflight) - len(ready)) * per_task
                 if paused > 0:
                     timeout = paused
                     if ready and time.monotonic() + paused - ready[0][0] > self._max_wait[name]:
@@ -218,7 +229,7 @@ class Dispatcher:
                         now = time.monotonic()
                         ready.extend((now, chunk)
                                      for chunk in await self._chunk(sink, claimed, per_task))
-                        await self._start_ready(sink, limit)
+                        await self._start_ready(sink, slots)
                         if claimed and len(claimed) == granted:
                             continue  # there may be more due work: claim again at once
                         if not claimed:
