@@ -50,7 +50,9 @@ class ServerConfig(StrictModel):
     max_body_bytes: ByteSize = 1 << 20
     # Batches being accepted at once; more wait their turn. Every one in progress lengthens
     # the event loop's turns, and a verification request waits for turns.
-    intake_concurrency: int = Field(8, ge=1, le=1024)
+    # Batches accepted at once. The intake waits for its inbox row's commit, so this is how
+    # many rows one commit can carry: at 8, commits of up to 8 rows capped a burst.
+    intake_concurrency: int = Field(32, ge=1, le=1024)
     # A client must send a request's headers and body within this (the time its body waits
     # for an intake slot does not count): a slow or stalled sender holds nothing longer.
     read_timeout: Duration = Field(30.0, gt=0)

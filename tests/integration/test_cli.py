@@ -61,7 +61,7 @@ def test_check_prints_routes_and_sinks_with_secrets_masked(config: Path) -> None
     assert "hook (http)" in out.stdout and "signing_secret=${SIGNING}" in out.stdout
     assert "shop-1" in out.stdout
     assert ("connections: read_timeout 30s, keepalive_timeout 75s, max_connections 512, "
-            "intake_concurrency 8") in out.stdout
+            "intake_concurrency 32") in out.stdout
     for secret in ENV.values():
         assert secret not in out.stdout + out.stderr
 
