@@ -36,13 +36,12 @@ from bridge.routing.router import Router
 
 log = logging.getLogger("bridge.sequencer")
 
-TAKE = 64  # batches read from the inbox at once
+TAKE = 256  # batches read from the inbox at once (each read waits behind the commits)
 SETTLE_ROWS = 512  # deliveries per transaction, at most about (one batch may be more)
 YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests, when idle
-# While requests are being served: a turn after every item (asyncio runs ready callbacks in
-# order, so a sequencer taking 5 ms per turn would get most of a saturated loop), and after
-# each batch a pause this many times as long as routing it took: about a third of the loop
-# at most, which keeps up with the intake's sustained rates and leaves it the rest.
+# While requests wait for a saturated loop (bridge/pressure.py): a turn after every item
+# (asyncio runs ready callbacks in order, so a sequencer taking 5 ms per turn would get most
+# of the loop), and after each batch a pause twice as long as routing it took.
 YIELD_AFTER_BUSY = 0.0
 BUSY_PAUSE_RATIO = 2.0
 IDLE_POLL = 1.0  # seconds: the fallback when no wake-up comes (another process appended)
@@ -124,6 +123,7 @@ class Sequencer:
                 task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        self.pressure.behind = False
         with contextlib.suppress(Exception):
             await self.inbox.release_sequencer()
         self.metrics.sequencer_active.set(0)
@@ -138,6 +138,9 @@ class Sequencer:
                     continue
                 self.metrics.sequencer_active.set(1)
                 taken = await self.inbox.waiting(TAKE)
+                was_behind, self.pressure.behind = self.pressure.behind, len(taken) == TAKE
+                if was_behind and not self.pressure.behind:
+                    self.on_deliveries()  # caught up: sending goes back to full speed
             except Exception:
                 log.exception("reading the inbox failed; trying again")
                 await self._sleep(RETRY_AFTER_FAILURE)
@@ -171,7 +174,7 @@ class Sequencer:
         for row in taken:
             started = time.perf_counter()
             outcome = await self._route(row)
-            if self.pressure.in_flight:  # requests first: hold back for a while
+            if self.pressure.busy:  # requests first: hold back for a while
                 await self._give_way((time.perf_counter() - started) * BUSY_PAUSE_RATIO)
             outcomes.append(outcome)
             rows.append(row)
@@ -193,7 +196,7 @@ class Sequencer:
             turn = time.perf_counter()
             for item in batch.items:
                 plans.append(plan_item(self.router, item, batch))
-                slice_ = YIELD_AFTER_BUSY if self.pressure.in_flight else YIELD_AFTER
+                slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER
                 if time.perf_counter() - turn > slice_:
                     await asyncio.sleep(0)  # requests first
                     turn = time.perf_counter()

@@ -59,8 +59,9 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         pressure: Pressure | None = None,
     ) -> None:
-        # While requests are in flight a sink sends one at a time, claiming nothing ahead:
-        # sends are the last stage to get the event loop (see bridge/pressure.py).
+        # While requests wait for a saturated loop, or the sequencer is behind, a sink sends
+        # one at a time, claiming nothing ahead: sending is the last stage to get the event
+        # loop (bridge/pressure.py).
         self.pressure = pressure or Pressure()
         self.pressure.on_idle(self.wake)
         self.outbox = outbox
@@ -202,7 +203,7 @@ class Dispatcher:
                 timeout = await self._while_down(sink, breaker, bucket, limit, per_task)
             else:
                 slots = limit
-                if self.pressure.in_flight:
+                if self.pressure.sending_holds_back:
                     slots = 1
                     self.pressure.waiting_for_idle = True
                 if paused <= 0:

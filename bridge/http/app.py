@@ -132,7 +132,7 @@ def _undecodable(request: web.Request, what: str) -> PayloadError:
 
 async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    # While requests are being served, the sequencer routes in small slices: they go first.
+    # Counted in flight: while they are and the loop is saturated, later stages give way.
     with rt.pressure:
         return await _webhook(rt, request)
 
@@ -264,6 +264,7 @@ def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
 async def _startup(app: web.Application) -> None:
     rt = app[RUNTIME]
     await open_explained(rt.store, rt.config.storage, recover=True)
+    rt.pressure.start()
     await rt.dispatcher.start()
     await rt.sequencer.start()
     # Other replicas' intakes and sequencer (PostgreSQL): woken at once, not at the next poll.
@@ -276,6 +277,7 @@ async def _shutdown(app: web.Application) -> None:
     rt = app[RUNTIME]
     await rt.sequencer.stop(grace=10.0)
     await rt.dispatcher.stop(grace=10.0)
+    await rt.pressure.stop()
 
 
 async def _cleanup(app: web.Application) -> None:
