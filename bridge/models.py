@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Kind = Literal["order", "tracking"]
@@ -112,11 +112,13 @@ class BatchInfo:
 
 @dataclass(slots=True)
 class Sequenced:
-    """A batch routed: its deliveries, stored with it marked sequenced in one transaction."""
+    """A batch routed: its deliveries, stored with it marked sequenced in one transaction,
+    and the shipment states it changed ((kind, uuid) -> the state as JSON)."""
 
     batch_id: str
     deliveries: list[NewDelivery]
     summary: str
+    states: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

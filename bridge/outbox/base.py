@@ -20,8 +20,8 @@ from bridge.errors import StorageInUse, StorageUnavailable
 from bridge.models import BatchInfo, Delivery, InboxBatch, NewDelivery, Outcome
 from bridge.redact import MASK, names_a_credential, redact
 
-__all__ = ["Inbox", "Outbox", "SinkMemory", "StorageInUse", "StorageUnavailable", "Store",
-           "from_url", "open_explained", "storage_label"]
+__all__ = ["Inbox", "Outbox", "ShipmentStates", "SinkMemory", "StorageInUse",
+           "StorageUnavailable", "Store", "from_url", "open_explained", "storage_label"]
 
 
 async def open_explained(store: Store, url: str, *, recover: bool = False) -> None:
@@ -157,9 +157,9 @@ class Inbox(ABC):
     @abstractmethod
     async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
         """In ONE transaction, per outcome: a sequenced batch's deliveries stored (ids
-        already stored are skipped) and the batch marked sequenced, or the batch marked
-        failed. Returns, per outcome, how many deliveries were new (None: failed, or no
-        longer waiting, so nothing of it was written)."""
+        already stored are skipped), its shipment states written and the batch marked
+        sequenced, or the batch marked failed. Returns, per outcome, how many deliveries
+        were new (None: failed, or no longer waiting, so nothing of it was written)."""
 
     @abstractmethod
     async def batches(self, limit: int) -> list[BatchInfo]:
@@ -191,7 +191,20 @@ class Inbox(ABC):
         """Give the sequencer's turn up (stopping)."""
 
 
-class Store(Inbox, Outbox, SinkMemory, ABC):
+class ShipmentStates(ABC):
+    """What the sequencer knows of each item (bridge/state.py), as JSON by (kind, uuid).
+    Written only by `Inbox.settle`, in the transaction of the deliveries it causes."""
+
+    @abstractmethod
+    async def states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The stored states of these items (those never seen are absent)."""
+
+    @abstractmethod
+    async def forget_states(self, updated_before: float) -> int:
+        """Forget states not changed since then (`state.retention`); returns how many."""
+
+
+class Store(Inbox, Outbox, SinkMemory, ShipmentStates, ABC):
     """One engine's storage, every interface in one place."""
 
     @abstractmethod

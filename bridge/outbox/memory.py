@@ -24,6 +24,7 @@ class MemoryStore(Store):
         self._lease: dict[str, float] = {}
         self._memory: dict[tuple[str, str], tuple[str, float]] = {}
         self._inbox: dict[str, tuple[InboxBatch, BatchInfo]] = {}  # in acceptance order
+        self._states: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def open(self, *, recover: bool = False) -> None:
         if recover:
@@ -204,6 +205,8 @@ class MemoryStore(Store):
                 results.append(None)
                 continue
             new = await self.enqueue(outcome.deliveries, now)
+            for key, state in outcome.states.items():
+                self._states[key] = (state, now)
             info.status, info.error, info.summary = BatchStatus.SEQUENCED, None, outcome.summary
             info.deliveries, info.duplicates = new, len(outcome.deliveries) - new
             results.append(new)
@@ -238,4 +241,15 @@ class MemoryStore(Store):
                and i.sequenced_at is not None and i.sequenced_at < sequenced_before]
         for k in old:
             del self._inbox[k]
+        return len(old)
+
+    # ---- shipment state ----------------------------------------------------------------
+
+    async def states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        return {k: self._states[k][0] for k in keys if k in self._states}
+
+    async def forget_states(self, updated_before: float) -> int:
+        old = [k for k, (_, at) in self._states.items() if at < updated_before]
+        for k in old:
+            del self._states[k]
         return len(old)

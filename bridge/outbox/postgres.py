@@ -316,6 +316,11 @@ class PostgresStore(Store):
                     new = int(row["new"])
                     await conn.execute(Q["count_sequenced"], new, len(outcome.deliveries) - new,
                                        outcome.batch_id)
+                    if outcome.states:  # a dict: each key once, as one statement needs
+                        keys = list(outcome.states)
+                        await conn.execute(Q["put_states"], [k for k, _ in keys],
+                                           [u for _, u in keys], list(outcome.states.values()),
+                                           now)
                     results.append(new)
                 if any(results):
                     await conn.execute(Q["notify_deliveries"])
@@ -355,6 +360,18 @@ class PostgresStore(Store):
 
     async def sweep_batches(self, sequenced_before: float) -> int:
         return _count(await self.pool.execute(Q["sweep_batches"], sequenced_before))
+
+
+    # ---- shipment state ----------------------------------------------------------------
+
+    async def states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        if not keys:
+            return {}
+        rows = await self.pool.fetch(Q["get_states"], [k for k, _ in keys], [u for _, u in keys])
+        return {(r["kind"], r["uuid"]): r["state"] for r in rows}
+
+    async def forget_states(self, updated_before: float) -> int:
+        return _count(await self.pool.execute(Q["forget_states"], updated_before))
 
 
 def _safe(text: str, dsn: str) -> str:

@@ -546,6 +546,9 @@ class SqliteStore(Store):
                 marked = c.execute(Q["mark_sequenced"], {
                     "deliveries": new, "duplicates": len(outcome.deliveries) - new,
                     "summary": outcome.summary, "now": now, "id": outcome.batch_id}).rowcount
+                if marked and outcome.states:
+                    c.executemany(Q["put_state"], [(kind, uuid, state, now) for (kind, uuid),
+                                                   state in outcome.states.items()])
                 if not marked:  # no longer waiting (settled already): keep nothing of it
                     c.execute("ROLLBACK TO batch")
                 c.execute("RELEASE batch")
@@ -593,3 +596,20 @@ class SqliteStore(Store):
         return await self._call(
             lambda c: c.execute(Q["sweep_batches"], (sequenced_before,)).rowcount)
 
+
+    # ---- shipment state ----------------------------------------------------------------
+
+    async def states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        def read(c: sqlite3.Connection) -> dict[tuple[str, str], str]:
+            out = {}
+            for key in dict.fromkeys(keys):
+                row = c.execute(Q["get_state"], key).fetchone()
+                if row is not None:
+                    out[key] = str(row[0])
+            return out
+
+        return await self._call(read)
+
+    async def forget_states(self, updated_before: float) -> int:
+        return await self._call(
+            lambda c: c.execute(Q["forget_states"], (updated_before,)).rowcount)

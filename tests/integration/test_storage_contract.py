@@ -599,3 +599,26 @@ async def test_postgres_notifies_other_replicas() -> None:
         finally:
             await writer.close()
             await listener.close()
+
+
+# ---- shipment state ------------------------------------------------------------------------
+
+async def test_shipment_states_are_written_with_their_batch_only(reopen: StoreFactory) -> None:
+    box = await reopen()
+    await box.append(batch(1))
+    await box.append(batch(2))
+    t1, o1 = ("tracking", "t1"), ("order", "o1")
+    assert await box.states([t1, o1]) == {}
+    assert await box.settle([Sequenced(batch(1).id, [new(1)], "[]",
+                                       {t1: '{"v": 1}', o1: '{"v": "o"}'})], 100.0) == [1]
+    # A batch settled already writes nothing of its states (its deliveries neither).
+    assert await box.settle([Sequenced(batch(1).id, [new(2)], "[]", {t1: '{"v": 99}'}),
+                             Sequenced(batch(2).id, [], "[]", {t1: '{"v": 2}'})],
+                            200.0) == [None, 0]
+    assert await box.states([t1, o1, ("tracking", "never")]) == {
+        t1: '{"v": 2}', o1: '{"v": "o"}'}
+    await box.close()
+    box2 = await reopen()  # durable
+    assert await box2.states([t1]) == {t1: '{"v": 2}'}
+    assert await box2.forget_states(150.0) == 1  # o1, unchanged since 100
+    assert await box2.states([t1, o1]) == {t1: '{"v": 2}'}

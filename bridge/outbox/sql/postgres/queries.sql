@@ -185,3 +185,18 @@ SELECT pg_is_in_recovery()
 
 -- name: ping
 SELECT 1 FROM deliveries LIMIT 1 FOR UPDATE SKIP LOCKED
+
+-- ---- shipment state ----------------------------------------------------------------------
+
+-- name: get_states
+SELECT s.kind, s.uuid, s.state FROM shipment_state AS s
+JOIN unnest($1::text[], $2::text[]) AS k(kind, uuid) ON s.kind = k.kind AND s.uuid = k.uuid
+
+-- name: put_states
+INSERT INTO shipment_state (kind, uuid, state, updated_at)
+SELECT k.kind, k.uuid, k.state, $4::float8 FROM unnest($1::text[], $2::text[], $3::text[])
+    AS k(kind, uuid, state)
+ON CONFLICT (kind, uuid) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
+
+-- name: forget_states
+DELETE FROM shipment_state WHERE updated_at < $1

@@ -154,3 +154,15 @@ CREATE TABLE IF NOT EXISTS ping (x)
 
 -- name: ping_delete
 DELETE FROM ping
+
+-- ---- shipment state ----------------------------------------------------------------------
+
+-- name: get_state
+SELECT state FROM shipment_state WHERE kind = ? AND uuid = ?
+
+-- name: put_state
+INSERT INTO shipment_state (kind, uuid, state, updated_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (kind, uuid) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
+
+-- name: forget_states
+DELETE FROM shipment_state WHERE updated_at < ?
