@@ -20,7 +20,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.cli_batches import add_batch_commands
-from bridge.cli_common import _load, iso, open_store
+from bridge.cli_common import iso, load_for, open_store
 from bridge.config import LoadedConfig
 from bridge.config_types import format_duration, format_rate
 from bridge.dispatch.breaker import probe_schedule
@@ -48,7 +48,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     from bridge.http.app import create_app
     from bridge.http.connections import Guard, GuardedSite
 
-    loaded = _load(args)
+    loaded = load_for(args)
     cfg = loaded.config
     rt = build_runtime(cfg)
     app = create_app(rt)
@@ -133,7 +133,7 @@ def _listen_remedy(loaded: LoadedConfig) -> str:
 # ---- check ---------------------------------------------------------------------------------
 
 async def cmd_check(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+    loaded = load_for(args)
     cfg = loaded.config
     raw = loaded.source.raw
     built = build_sinks(cfg)
@@ -228,7 +228,7 @@ def _condition_json(c: Any) -> Any:
 # ---- dry-run -------------------------------------------------------------------------------
 
 async def cmd_dry_run(args: argparse.Namespace) -> int:
-    cfg = _load(args).config
+    cfg = load_for(args).config
     sinks = build_sinks(cfg)
     register_secrets(cfg, sinks)
     router = Router(compile_routes(cfg, sinks))
@@ -303,7 +303,7 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
     from bridge.samples import SAMPLE_ORDER, SAMPLE_TRACKING
     from bridge.sinks.base import RenderContext
 
-    cfg = _load(args).config
+    cfg = load_for(args).config
     if args.sink not in cfg.sinks:
         known = ", ".join(sorted(cfg.sinks)) or "none defined"
         print(f"error: no sink named {args.sink!r} (sinks: {known})", file=sys.stderr)
@@ -340,7 +340,7 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
 # ---- dlq -----------------------------------------------------------------------------------
 
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
-    cfg = _load(args).config
+    cfg = load_for(args).config
     # Reasons are scrubbed when stored; scrubbed again here with today's secrets, for
     # rows stored before a secret was known as one.
     register_secrets(cfg, build_sinks(cfg))
@@ -372,7 +372,7 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
         print(f"error: give delivery ids (see `bridge dlq list`) or --all; got {given}",
               file=sys.stderr)
         return 2
-    cfg = _load(args).config
+    cfg = load_for(args).config
     store = await open_store(cfg.storage)
     refused: list[str] = []
     try:

@@ -9,19 +9,18 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bridge.cli_common import _load, iso, open_store
+from bridge.cli_common import iso, load_for, open_store
 from bridge.config_types import parse_duration
 from bridge.models import BatchInfo, BatchStatus
-from bridge.outbox import Store, from_url
-from bridge.outbox.base import open_explained, storage_label
+from bridge.outbox import Store
+from bridge.outbox.base import storage_label
 from bridge.redact import redact
 from bridge.runtime import build_sinks, register_secrets
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg = _load(args).config
-    store = from_url(cfg.storage)
-    await open_explained(store, cfg.storage)  # opening applies what is pending
+    cfg = load_for(args).config
+    store = await open_store(cfg.storage)  # opening applies what is pending
     try:
         applied = await store.migrate()
     finally:
@@ -37,7 +36,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _with_store(args: argparse.Namespace) -> Store:
-    cfg = _load(args).config
+    cfg = load_for(args).config
     # Errors are scrubbed when stored; again here with today's secrets.
     register_secrets(cfg, build_sinks(cfg))
     return await open_store(cfg.storage)

@@ -10,7 +10,8 @@ from bridge.outbox import Store, from_url
 from bridge.outbox.base import open_explained
 
 
-def _load(args: argparse.Namespace) -> LoadedConfig:
+def load_for(args: argparse.Namespace) -> LoadedConfig:
+    """The config a command was given (`--config`, $BRIDGE_CONFIG or the default)."""
     return load_config(config_path(getattr(args, "config", None)))
 
 
