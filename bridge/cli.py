@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ from bridge.parse import Verification, parse_request
 from bridge.redact import redact
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_runtime, build_sinks, register_secrets
-from bridge.sequencer import plan_item
+from bridge.sequencer import plan_item, state_book
 from bridge.sinks.base import Sink
+from bridge.state import StateBook
 from bridge.yamlsource import variables_in
 
 log = logging.getLogger("bridge")
@@ -233,42 +234,78 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
     register_secrets(cfg, sinks)
     router = Router(compile_routes(cfg, sinks))
     try:
-        body = Path(args.payload).read_bytes()  # noqa: ASYNC240 - a CLI reading one local file
+        bodies = list(_dry_run_bodies(args.payload))
     except OSError as exc:
-        print(f"error: cannot read {args.payload}: {exc.strerror}", file=sys.stderr)
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
-    try:
-        parsed = parse_request(body)
-    except PayloadError as exc:
-        print(f"error: {args.payload}: {exc.where}: {exc.message} (isendu would get HTTP 400)",
-              file=sys.stderr)
-        return 1
-    if isinstance(parsed, Verification):
-        known = parsed.key_id in {i.key_id for i in cfg.integrations}
-        print(f"verification request for keyId {parsed.key_id!r}: "
-              + ("would answer 200 with its secret" if known
-                 else "unknown keyId, would answer 403"))
-        return 0
-    report = dry_run(router, parsed)
-    # Every line scrubbed: a template may put a header's token into what a sink would get.
-    if args.json:
-        for row in report:  # scrubbed before encoding: JSON escapes would hide a secret
-            print(json.dumps(_scrubbed(row), ensure_ascii=False))
-    else:
-        for row in report:
-            print(f"{row['kind']} {row['uuid']}: "
-                  + (", ".join(row["routes"]) if row["routes"] else "no route matches"))
-            for d in row["deliveries"]:
-                if d["error"]:
-                    print(redact(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: "
-                                 f"{d['error']}"))
-                else:
-                    print(f"  -> {d['sink']} via {d['route']}:")
-                    for key, value in d["payload"].items():
-                        print(redact(f"     {key}: {value}"))
-    print(f"{len(parsed.items)} items, {sum(len(r['deliveries']) for r in report)} deliveries; "
-          "nothing sent, nothing stored", file=sys.stderr)
+    # One history for every batch given, in order, as the sequencer keeps it; nothing stored.
+    book = state_book(cfg.state)
+    many = len(bodies) > 1
+    items = deliveries = 0
+    for where, body in bodies:
+        try:
+            parsed = parse_request(body)
+        except PayloadError as exc:
+            print(f"error: {where}: {exc.where}: {exc.message} (isendu would get HTTP 400)",
+                  file=sys.stderr)
+            return 1
+        if isinstance(parsed, Verification):
+            known = parsed.key_id in {i.key_id for i in cfg.integrations}
+            print((f"{where}: " if many else "")
+                  + f"verification request for keyId {parsed.key_id!r}: "
+                  + ("would answer 200 with its secret" if known
+                     else "unknown keyId, would answer 403"))
+            continue
+        report = dry_run(router, parsed, book)
+        items += len(parsed.items)
+        deliveries += sum(len(r["deliveries"]) for r in report)
+        _print_dry_run(report, where if many else None, args.json)
+    print(f"{len(bodies)} batches, " if many else "", end="", file=sys.stderr)
+    print(f"{items} items, {deliveries} deliveries; nothing sent, nothing stored",
+          file=sys.stderr)
     return 0
+
+
+def _dry_run_bodies(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+    """(where, body) per batch: a file each, or a line each of a JSON-lines file."""
+    for path in paths:
+        data = Path(path).read_bytes()
+        if path.endswith((".jsonl", ".ndjson")):
+            for n, line in enumerate(data.splitlines(), 1):
+                if line.strip():
+                    yield f"{path}:{n}", line
+        else:
+            yield path, data
+
+
+SKIP_REASONS = {"repeat": "a repeat, nothing new against what came before",
+                "stale": "stale, older than what came before"}
+
+
+def _print_dry_run(report: list[dict[str, Any]], where: str | None, as_json: bool) -> None:
+    # Every line scrubbed: a template may put a header's token into what a sink would get.
+    if as_json:
+        for row in report:  # scrubbed before encoding: JSON escapes would hide a secret
+            row = {"batch": where, **row} if where is not None else row
+            print(json.dumps(_scrubbed(row), ensure_ascii=False))
+        return
+    if where is not None:
+        print(f"== {where}")
+    for row in report:
+        verdict = row.get("verdict")
+        verdict = f" [{verdict}]" if verdict not in (None, "first_seen") else ""
+        print(f"{row['kind']} {row['uuid']}{verdict}: "
+              + (", ".join(row["routes"]) if row["routes"] else "no route matches"))
+        for route, why in row.get("skipped", {}).items():
+            print(f"  -- {route}: skipped, {SKIP_REASONS.get(why, why)}")
+        for d in row["deliveries"]:
+            if d["error"]:
+                print(redact(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: "
+                             f"{d['error']}"))
+            else:
+                print(f"  -> {d['sink']} via {d['route']}:")
+                for key, value in d["payload"].items():
+                    print(redact(f"     {key}: {value}"))
 
 
 def _scrubbed(value: Any) -> Any:
@@ -281,16 +318,23 @@ def _scrubbed(value: Any) -> Any:
     return value
 
 
-def dry_run(router: Router, batch: Batch) -> list[dict[str, Any]]:
-    """What the sequencer would make of `batch`: the same routing, nothing stored."""
+def dry_run(router: Router, batch: Batch, book: StateBook | None = None
+            ) -> list[dict[str, Any]]:
+    """What the sequencer would make of `batch` after the batches `book` has seen: the same
+    routing, nothing stored."""
     rows = []
     for item in batch.items:
-        plan = plan_item(router, item, batch)
-        rows.append({
-            "kind": item.kind, "uuid": item.uuid, "routes": plan.routes,
-            "deliveries": [{"route": d.route, "sink": d.sink, "id": d.id, "payload": d.payload,
-                            "error": d.error} for d in plan.deliveries],
-        })
+        plan = plan_item(router, item, batch, book.observe(item) if book else None)
+        if book is not None:
+            book.take_changed()
+        row: dict[str, Any] = {"kind": item.kind, "uuid": item.uuid, "routes": plan.routes}
+        if plan.verdict is not None:
+            row["verdict"] = plan.verdict
+        if plan.skipped:
+            row["skipped"] = plan.skipped
+        row["deliveries"] = [{"route": d.route, "sink": d.sink, "id": d.id,
+                              "payload": d.payload, "error": d.error} for d in plan.deliveries]
+        rows.append(row)
     return rows
 
 
@@ -408,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the config").set_defaults(fn=cmd_check)
     p = sub.add_parser("dry-run", parents=[common],
                        help="show what a payload would cause; sends and stores nothing")
-    p.add_argument("payload", help="an isendu JSON body, e.g. a saved batch")
+    p.add_argument("payload", nargs="+",
+                   help="isendu JSON bodies (saved batches), taken in order as one history; "
+                        "a .jsonl file holds a batch per line")
     p.add_argument("--json", action="store_true", help="one JSON object per item")
     p.set_defaults(fn=cmd_dry_run)
     p = sub.add_parser("send-test", parents=[common],

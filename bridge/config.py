@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
 from pydantic import (
     BeforeValidator,
@@ -182,17 +182,66 @@ class NotOf(StrictModel):
         return cond.not_(predicate_of(self.not_))
 
 
+class ChangedOf(StrictModel):
+    """`changed: status`: the field differs from the shipment's state (or first sight)."""
+
+    changed: str
+    _predicate: cond.Predicate = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _compile(self) -> ChangedOf:
+        self._predicate = cond.changed(self.changed)
+        return self
+
+    def predicate(self) -> cond.Predicate:
+        return self._predicate
+
+
+class FirstSeenOf(StrictModel):
+    first_seen: bool
+
+    def predicate(self) -> cond.Predicate:
+        return cond.first_seen(self.first_seen)
+
+
+class Transition(StrictModel):
+    from_: Any = Field(None, alias="from")
+    to: Any = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Transition:
+        if not self.model_fields_set:
+            raise ValueError("`transition` needs `from:`, `to:` or both, each a status or a "
+                             "list of statuses")
+        cond.transition(**self._sides())
+        return self
+
+    def _sides(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.model_fields_set}
+
+
+class TransitionOf(StrictModel):
+    """`transition: {from: X, to: Y}`: `status` went from X to Y in this snapshot."""
+
+    transition: Transition
+
+    def predicate(self) -> cond.Predicate:
+        return cond.transition(**self.transition._sides())
+
+
+_TAGS: dict[type, str] = {AllOf: "all", AnyOf: "any", NotOf: "not", ChangedOf: "changed",
+                          TransitionOf: "transition", FirstSeenOf: "first_seen", Leaf: "leaf"}
+
+
 def _condition_tag(v: Any) -> str | None:
     if isinstance(v, list):
         return "list"
     if isinstance(v, dict):
-        for key in ("all", "any", "not"):
+        for key in ("all", "any", "not", "changed", "transition", "first_seen"):
             if key in v:
                 return key
         return "leaf"
-    if isinstance(v, AllOf | AnyOf | NotOf | Leaf):
-        return {AllOf: "all", AnyOf: "any", NotOf: "not", Leaf: "leaf"}[type(v)]
-    return None
+    return _TAGS.get(type(v))
 
 
 # A recursive alias: pydantic resolves it lazily, which a plain Annotated alias cannot do.
@@ -206,6 +255,9 @@ else:
             Annotated[AllOf, Tag("all")],
             Annotated[AnyOf, Tag("any")],
             Annotated[NotOf, Tag("not")],
+            Annotated[ChangedOf, Tag("changed")],
+            Annotated[TransitionOf, Tag("transition")],
+            Annotated[FirstSeenOf, Tag("first_seen")],
             Annotated[Leaf, Tag("leaf")],
             Annotated[list["Condition"], Tag("list")],
         ],
@@ -214,7 +266,7 @@ else:
             custom_error_type="condition",
             custom_error_message=(
                 "expected a condition: {path: ..., <operator>: ...}, a list of conditions, "
-                "or one of all: / any: / not:"
+                "one of all: / any: / not:, or changed: / transition: / first_seen:"
             ),
         ),
         ],
@@ -255,6 +307,31 @@ class Route(StrictModel):
     ] | None = None
     group: GroupConfig | None = None
     stop: bool = False
+    # What the shipment's state says of a snapshot (README, "What the bridge tells apart"):
+    # a repeat brings nothing new and is not routed unless `dedupe: false`; a stale one is
+    # older than what was seen and is skipped unless `stale: deliver`.
+    dedupe: bool = True
+    stale: Literal["skip", "deliver"] = "skip"
+
+
+class StateConfig(StrictModel):
+    """The shipment state the sequencer keeps (bridge/state.py)."""
+
+    # false: every snapshot is routed as if seen for the first time (repeats are then only
+    # recognised when byte-for-byte the same, by their delivery id).
+    enabled: bool = True
+    # Where an order carries its version (e.g. $.updatedAt, an ISO time or a number): an
+    # order older than the one seen is stale. Unset: orders are never stale.
+    order_version_path: str | None = None
+    # A shipment's state is forgotten after this long without change.
+    retention: Duration = Field(90 * 86400.0, gt=0)
+
+    @field_validator("order_version_path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None:
+            cond.compile_path(v)
+        return v
 
 
 if TYPE_CHECKING:
@@ -273,6 +350,7 @@ class BridgeConfig(StrictModel):
     integrations: list[Integration] = Field(default_factory=list)
     storage: str = "sqlite:///data/bridge.db"
     defaults: Defaults = Defaults()
+    state: StateConfig = StateConfig()
     sinks: dict[str, SinkConfig] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
 
@@ -298,6 +376,9 @@ Leaf.model_rebuild()
 AllOf.model_rebuild()
 AnyOf.model_rebuild()
 NotOf.model_rebuild()
+ChangedOf.model_rebuild()
+TransitionOf.model_rebuild()
+FirstSeenOf.model_rebuild()
 Route.model_rebuild()
 BridgeConfig.model_rebuild()
 
@@ -441,8 +522,12 @@ def _expected_keys(path: KeyPath, data: Any) -> list[str]:
             return fields(SINK_TYPES[sink_type].config_model)
     if head == "routes" and len(path) == 2:
         return fields(Route)
+    if head == "routes" and path[-1] == "transition":
+        return ["from", "to"]
     if head == "routes" and "when" in path:
-        return ["path", *cond.OPS, "all", "any", "not"]
+        return ["path", *cond.OPS, "all", "any", "not", "changed", "transition", "first_seen"]
+    if path == ("state",):
+        return fields(StateConfig)
     return []
 
 

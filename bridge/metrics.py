@@ -25,6 +25,9 @@ class SinkSends:
     failing: Any
 
 
+VERDICTS = ("first_seen", "change", "repeat", "stale")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -61,6 +64,14 @@ class Metrics:
         self.sequencer_active = Gauge("bridge_sequencer_active",
                                       "1 while this process is the one sequencing",
                                       registry=r)
+        self.verdicts = Counter(
+            "bridge_items_observed",
+            "items the sequencer compared with their shipment's state, by kind and verdict "
+            "(first_seen, change, repeat: nothing new, stale: older than what was seen)",
+            ["kind", "verdict"], registry=r)
+        for kind in ("order", "tracking"):
+            for verdict in VERDICTS:
+                self.verdicts.labels(kind, verdict)
         for status in ("waiting", "failed"):
             self.inbox.labels(status)
         for outcome in ("sequenced", "failed"):

@@ -92,6 +92,7 @@ class InboxBatch:
     received_at: float  # unix seconds
     items: int
     body: bytes
+    rerouted: bool = False  # sequenced before and sent back by `bridge batches reroute`
 
 
 @dataclass(slots=True)

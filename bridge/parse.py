@@ -13,36 +13,13 @@ import orjson
 
 from bridge import jsontext
 from bridge.errors import PayloadError
-from bridge.jsontext import parse_float, parse_int
+from bridge.jsontext import has_long_number, parse_float, parse_int
 from bridge.models import KINDS, Batch, Item
 
 
 @dataclass(frozen=True, slots=True)
 class Verification:
     key_id: str
-
-
-# orjson parses ~3x faster than the stdlib, but turns integers beyond 64 bits into floats
-# and refuses numbers beyond a float's range (1e999): a body holding a number of 19 or more
-# digits, or one that orjson finds out of range, takes the exact stdlib path.
-_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_RUN = b"0" * 19
-
-
-def _has_long_number(body: bytes) -> bool:
-    """A run of 19+ digits that is a number literal, i.e. whose nearest character before it
-    (past spaces and a minus) is `:`, `[` or `,`. A run inside a string (a quoted tracking
-    number) is not; when in doubt the answer is yes, which costs only speed."""
-    flat = body.translate(_DIGITS_TO_ZERO)
-    pos = flat.find(_LONG_RUN)
-    while pos != -1:
-        i = pos - 1
-        while i >= 0 and flat[i] in b" \t\r\n-0":
-            i -= 1
-        if i < 0 or flat[i] in b":[,":
-            return True
-        pos = flat.find(_LONG_RUN, pos + len(_LONG_RUN))
-    return False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -66,7 +43,7 @@ def _exact_decode(body: bytes) -> Any:
 
 def _decode(body: bytes) -> Any:
     try:
-        if not _has_long_number(body):
+        if not has_long_number(body):
             try:
                 return orjson.loads(body)
             except orjson.JSONDecodeError as exc:

@@ -13,7 +13,7 @@ from bridge.outbox import Store, from_url
 from bridge.pressure import Pressure
 from bridge.redact import REDACTOR, url_credentials
 from bridge.routing.router import Router, compile_routes
-from bridge.sequencer import Sequencer
+from bridge.sequencer import Sequencer, StateKeeping, state_book
 from bridge.sinks import SINK_TYPES
 from bridge.sinks.base import Sink
 
@@ -37,6 +37,11 @@ def register_secrets(config: BridgeConfig, sinks: dict[str, Sink]) -> None:
     for segment in path.strip("/").split("/")[1:]:
         if len(segment) >= 16:
             REDACTOR.add(segment)
+
+
+def keeping(config: BridgeConfig, store: Store) -> StateKeeping | None:
+    book = state_book(config.state)
+    return None if book is None else StateKeeping(store, book, config.state.retention)
 
 
 @dataclass
@@ -70,7 +75,8 @@ def build_runtime(config: BridgeConfig, store: Store | None = None) -> Runtime:
         router=router,
         store=store,
         sequencer=Sequencer(store, router, metrics, dispatcher.wake,
-                            config.defaults.inbox_retention, pressure),
+                            config.defaults.inbox_retention, pressure,
+                            state=keeping(config, store)),
         dispatcher=dispatcher,
         metrics=metrics,
         secrets_by_key={i.key_id: i.secret.get_secret_value() for i in config.integrations},

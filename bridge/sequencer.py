@@ -8,6 +8,11 @@ and it is sequenced again from the start: never half of it, and never twice (del
 are stable, so what was stored already is skipped). A batch whose routing raises is marked
 failed with the reason and never holds up the batches behind it.
 
+Each item is first compared with what is known of its shipment (bridge/state.py): a repeat
+or a stale snapshot is skipped by the routes that say so, and the states a batch changes are
+written in the batch's own transaction. The states are kept in memory between batches, and
+dropped whenever memory may be ahead of storage (a write failed, another replica sequenced).
+
 It shares the event loop with the intake and the verification answers, and gives way to
 them: it yields after every few milliseconds of routing (after an item, so one item whose
 templates take longer holds the loop that long), so a request waits for at most that much.
@@ -25,14 +30,17 @@ from datetime import UTC, datetime
 
 import orjson
 
+from bridge.config import StateConfig
 from bridge.errors import PayloadError
 from bridge.metrics import Metrics
 from bridge.models import Batch, Failed, InboxBatch, Item, NewDelivery, Outcome, Sequenced
-from bridge.outbox.base import Inbox
+from bridge.outbox.base import Inbox, ShipmentStates
 from bridge.parse import Verification, parse_request
 from bridge.pressure import Pressure
 from bridge.redact import redact
+from bridge.routing.conditions import compile_path
 from bridge.routing.router import Router
+from bridge.state import Observation, StateBook
 
 log = logging.getLogger("bridge.sequencer")
 
@@ -48,6 +56,7 @@ IDLE_POLL = 1.0  # seconds: the fallback when no wake-up comes (another process 
 LOCK_POLL = 1.0  # seconds between tries for the sequencer's lock (replicas)
 RETRY_AFTER_FAILURE = 1.0
 SWEEP_EVERY = 600.0
+STATES_IN_MEMORY = 20_000  # shipments whose state stays loaded between takes
 
 
 @dataclass(slots=True)
@@ -55,14 +64,41 @@ class ItemPlan:
     """What routing makes of one item: the routes it matched and their deliveries."""
 
     item: Item
-    routes: list[str]
+    routes: list[str]  # matched
     deliveries: list[NewDelivery]
+    skipped: dict[str, str]  # route -> "repeat" | "stale"
+    verdict: str | None  # Observation.verdict; None where no state is kept
 
 
-def plan_item(router: Router, item: Item, batch: Batch) -> ItemPlan:
-    deliveries = router.route_item(item, batch)
-    routes = list(dict.fromkeys(d.route for d in deliveries))
-    return ItemPlan(item, routes or [r.name for r in router.matching(item)], deliveries)
+def plan_item(router: Router, item: Item, batch: Batch, seen: Observation | None = None,
+              replay: bool = False) -> ItemPlan:
+    routed = router.route_item(item, batch, seen, replay)
+    return ItemPlan(item, routed.routes, routed.deliveries, routed.skipped,
+                    seen.verdict if seen is not None else None)
+
+
+def state_book(config: StateConfig) -> StateBook | None:
+    """The shipment states as `state:` in the config asks (None: `enabled: false`)."""
+    if not config.enabled:
+        return None
+    if config.order_version_path is None:
+        return StateBook()
+    find = compile_path(config.order_version_path)
+
+    def version_of(data: dict[str, object]) -> object:
+        found = find(data)
+        return found[0] if found else None
+
+    return StateBook(version_of)
+
+
+@dataclass(slots=True)
+class StateKeeping:
+    """Where the sequencer keeps shipment states: in `store`, loaded into `book`."""
+
+    store: ShipmentStates
+    book: StateBook
+    retention: float  # seconds without change before a state is forgotten
 
 
 def received_iso(ts: float) -> str:
@@ -81,17 +117,28 @@ def parse_stored(row: InboxBatch) -> Batch:
 
 
 def summary_of(plans: list[ItemPlan]) -> str:
-    return orjson.dumps([
-        {"kind": p.item.kind, "uuid": p.item.uuid, "routes": p.routes,
-         "deliveries": [d.id for d in p.deliveries]} for p in plans]).decode()
+    return orjson.dumps([_summary(p) for p in plans]).decode()
+
+
+def _summary(p: ItemPlan) -> dict[str, object]:
+    out: dict[str, object] = {"kind": p.item.kind, "uuid": p.item.uuid, "routes": p.routes,
+                              "deliveries": [d.id for d in p.deliveries]}
+    if p.verdict is not None:
+        out["verdict"] = p.verdict
+    if p.skipped:
+        out["skipped"] = p.skipped
+    return out
 
 
 class Sequencer:
     def __init__(self, inbox: Inbox, router: Router, metrics: Metrics,
                  on_deliveries: Callable[[], None], inbox_retention: float,
                  pressure: Pressure | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 state: StateKeeping | None = None) -> None:
         self.inbox = inbox
+        self.state = state
+        self._term = inbox.sequencer_term
         self.router = router
         self.metrics = metrics
         self.on_deliveries = on_deliveries
@@ -137,6 +184,11 @@ class Sequencer:
                     await self._sleep(LOCK_POLL)
                     continue
                 self.metrics.sequencer_active.set(1)
+                if self._term != self.inbox.sequencer_term:
+                    # The lock was lost and taken again: another replica may have
+                    # sequenced in between, so the states in memory may be behind.
+                    self._term = self.inbox.sequencer_term
+                    self._forget_states()
                 taken = await self.inbox.waiting(TAKE)
                 was_behind, self.pressure.behind = self.pressure.behind, len(taken) == TAKE
                 if was_behind and not self.pressure.behind:
@@ -167,13 +219,23 @@ class Sequencer:
     async def sequence(self, taken: list[InboxBatch]) -> None:
         """Route `taken` and settle it in transactions of about SETTLE_ROWS deliveries; the
         next transaction's routing overlaps the previous one's commit."""
+        parsed = [(row, self._parse(row)) for row in taken]
+        if not await self._load_states([b for _, b in parsed if isinstance(b, Batch)]):
+            return
+        try:
+            await self._sequence(parsed)
+        finally:
+            if self.state is not None:
+                self.state.book.trim(STATES_IN_MEMORY)
+
+    async def _sequence(self, parsed: list[tuple[InboxBatch, Batch | Failed]]) -> None:
         outcomes: list[Outcome] = []
         rows: list[InboxBatch] = []
         pending: asyncio.Task[bool] | None = None
         weight = 0
-        for row in taken:
+        for row, batch in parsed:
             started = time.perf_counter()
-            outcome = await self._route(row)
+            outcome = batch if isinstance(batch, Failed) else await self._route(row, batch)
             if self.pressure.busy:  # requests first: hold back for a while
                 await self._give_way((time.perf_counter() - started) * BUSY_PAUSE_RATIO)
             outcomes.append(outcome)
@@ -189,34 +251,76 @@ class Sequencer:
         if outcomes:
             await self._settle(rows, outcomes)
 
-    async def _route(self, row: InboxBatch) -> Outcome:
+    def _parse(self, row: InboxBatch) -> Batch | Failed:
         try:
-            batch = parse_stored(row)
+            return parse_stored(row)
+        except Exception as exc:
+            return self._poison(row, exc)
+
+    def _poison(self, row: InboxBatch, exc: Exception) -> Failed:
+        # A poison batch: odd data the router cannot take. It fails alone, with the
+        # reason, and `bridge batches reroute` takes it again after a fix.
+        reason = redact(f"{exc.__class__.__name__}: {exc}")[:500]
+        log.error("batch failed to route; marked failed", exc_info=exc,
+                  extra={"batch_id": row.id, "reason": reason})
+        return Failed(row.id, reason)
+
+    async def _load_states(self, batches: list[Batch]) -> bool:
+        """Bring the states of every shipment in `batches` into memory (one read)."""
+        if self.state is None:
+            return True
+        missing = self.state.book.missing([i for b in batches for i in b.items])
+        if not missing:
+            return True
+        try:
+            stored = await self.state.store.states(missing)
+        except Exception:
+            log.exception("reading shipment states failed; the batches stay waiting")
+            await self._sleep(RETRY_AFTER_FAILURE)
+            return False
+        self.state.book.load(stored, missing)
+        return True
+
+    def _forget_states(self) -> None:
+        if self.state is not None:
+            self.state.book.forget()
+
+    async def _route(self, row: InboxBatch, batch: Batch) -> Outcome:
+        book = self.state.book if self.state is not None else None
+        try:
             plans = []
             turn = time.perf_counter()
             for item in batch.items:
-                plans.append(plan_item(self.router, item, batch))
+                seen = book.observe(item) if book is not None else None
+                plans.append(plan_item(self.router, item, batch, seen, row.rerouted))
                 slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER
                 if time.perf_counter() - turn > slice_:
                     await asyncio.sleep(0)  # requests first
                     turn = time.perf_counter()
             await asyncio.sleep(0)
             deliveries = [d for p in plans for d in p.deliveries]
-            return Sequenced(row.id, deliveries, summary_of(plans))
+            states = book.take_changed() if book is not None else {}
         except Exception as exc:
-            # A poison batch: odd data the router cannot take. It fails alone, with the
-            # reason, and `bridge batches reroute` takes it again after a fix.
-            reason = redact(f"{exc.__class__.__name__}: {exc}")[:500]
-            log.error("batch failed to route; marked failed", exc_info=True,
-                      extra={"batch_id": row.id, "reason": reason})
-            return Failed(row.id, reason)
+            if book is not None:
+                book.undo()  # what this batch observed is not kept: it failed
+            return self._poison(row, exc)
+        for p in plans:
+            if p.verdict is not None:
+                self.metrics.verdicts.labels(p.item.kind, p.verdict).inc()
+                if p.skipped:
+                    log.debug("item skipped", extra={
+                        "batch_id": row.id, "uuid": p.item.uuid, "verdict": p.verdict,
+                        "routes": sorted(p.skipped)})
+        return Sequenced(row.id, deliveries, summary_of(plans), states)
 
     async def _settle(self, rows: list[InboxBatch], outcomes: list[Outcome]) -> bool:
         now = self.clock()
         try:
             results = await self.inbox.settle(outcomes, now)
         except Exception:
-            # Nothing of it was written: the batches stay waiting and are taken again.
+            # Nothing of it was written: the batches stay waiting and are taken again, and
+            # the states in memory, ahead of storage now, are read again.
+            self._forget_states()
             log.exception("settling batches failed; they stay waiting",
                           extra={"batches": len(outcomes)})
             await self._sleep(RETRY_AFTER_FAILURE)
@@ -226,7 +330,8 @@ class Sequencer:
             if isinstance(outcome, Failed):
                 self.metrics.batches_sequenced.labels("failed").inc()
                 continue
-            if new is None:  # settled elsewhere in the meantime
+            if new is None:  # settled elsewhere in the meantime: memory may be behind
+                self._forget_states()
                 continue
             new_total += new
             self.metrics.batches_sequenced.labels("sequenced").inc()
@@ -256,3 +361,13 @@ class Sequencer:
             return
         if removed:
             log.info("swept the inbox", extra={"batches": removed})
+        if self.state is None:
+            return
+        try:
+            forgotten = await self.state.store.forget_states(now - self.state.retention)
+        except Exception:
+            log.exception("forgetting old shipment states failed")
+            return
+        if forgotten:
+            log.info("forgot shipment states unchanged for state.retention",
+                     extra={"shipments": forgotten})

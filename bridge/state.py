@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from bridge import jsontext
 from bridge.models import Item, Kind
 
@@ -49,13 +47,13 @@ class EntityState:
     version: Any = None  # order: the version value as found (number or ISO time)
 
     def to_json(self) -> str:
-        return jsontext.orjson_dumps({
+        return jsontext.dumps_exact({
             "fields": self.fields, "steps": self.steps, "newest": self.newest,
             "version": self.version}).decode()
 
     @classmethod
     def from_json(cls, kind: Kind, uuid: str, text: str) -> EntityState:
-        doc = orjson.loads(text)
+        doc = jsontext.loads(text.encode())
         return cls(kind=kind, uuid=uuid, fields=doc["fields"], steps=doc["steps"],
                    newest=doc["newest"], version=doc["version"])
 
@@ -78,10 +76,17 @@ class Observation:
 
     @property
     def verdict(self) -> str:
+        """first_seen, repeat, stale or change (bridge_items_observed_total)."""
+        if self.first_seen:
+            return "first_seen"
         return "repeat" if self.repeat else "stale" if self.stale else "change"
 
 
-FIRST_SIGHT_KEYS = ("first_seen", "repeat", "stale")
+def first_sight(data: dict[str, Any], kind: Kind) -> Observation:
+    """What a snapshot shows where no state is kept: everything in it is new."""
+    steps = _by_time(_unique(_steps_of(data))) if kind == "tracking" else []
+    fields = tuple(k for k in data if k != "steps") if kind == "tracking" else tuple(data)
+    return Observation(True, False, False, tuple(steps), fields, None)
 
 VersionOf = Callable[[dict[str, Any]], Any]
 
@@ -184,3 +189,72 @@ def _moment(text: str) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else None
+
+
+class StateBook:
+    """The states the sequencer (or `bridge dry-run`) works with, observed in order.
+
+    `changed` collects the keys whose state moved since `take_changed()`, so that a batch
+    writes exactly the states it changed, in its own transaction."""
+
+    def __init__(self, version_of: VersionOf | None = None) -> None:
+        self.version_of = version_of
+        self.known: dict[tuple[str, str], EntityState] = {}
+        self._changed: dict[tuple[str, str], EntityState] = {}
+        self._before: dict[tuple[str, str], EntityState | None] = {}  # for `undo`
+
+    def missing(self, items: list[Item]) -> list[tuple[str, str]]:
+        """Keys of `items` whose state is not in memory (to be loaded first)."""
+        return list(dict.fromkeys(
+            k for k in ((i.kind, i.uuid) for i in items) if k not in self.known))
+
+    def load(self, stored: dict[tuple[str, str], str],
+             asked: list[tuple[str, str]]) -> None:
+        for key in asked:
+            text = stored.get(key)
+            if text is not None:
+                kind, uuid = key
+                self.known[key] = EntityState.from_json(kind, uuid, text)  # type: ignore[arg-type]
+            else:
+                self.known.pop(key, None)
+
+    def observe(self, item: Item) -> Observation:
+        key = (item.kind, item.uuid)
+        state = self.known.pop(key, None)  # put back last: `trim` keeps the recent ones
+        seen, merged = observe(state, item, self.version_of)
+        if not seen.repeat:
+            self._before.setdefault(key, state)
+            state = self._changed[key] = merged
+        if state is not None:
+            self.known[key] = state
+        return seen
+
+    def take_changed(self) -> dict[tuple[str, str], str]:
+        """The states changed since the last call, as JSON, for one batch's transaction."""
+        out = {k: s.to_json() for k, s in self._changed.items()}
+        self._changed.clear()
+        self._before.clear()
+        return out
+
+    def undo(self) -> None:
+        """Back to the states of the last `take_changed` (a batch that failed to route)."""
+        for key, state in self._before.items():
+            if state is None:
+                self.known.pop(key, None)
+            else:
+                self.known[key] = state
+        self._changed.clear()
+        self._before.clear()
+
+    def forget(self) -> None:
+        """Drop what memory holds (it may be ahead of storage after a failed write)."""
+        self.known.clear()
+        self._changed.clear()
+        self._before.clear()
+
+    def trim(self, keep: int) -> None:
+        """Keep at most `keep` states in memory, the most recently observed ones."""
+        extra = len(self.known) - keep
+        if extra > 0:
+            for key in list(self.known)[:extra]:
+                del self.known[key]

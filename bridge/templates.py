@@ -40,7 +40,8 @@ def _make_env(autoescape: bool = False) -> SandboxedEnvironment:
 
 ENV = _make_env()
 # What every template can use (RenderContext.vars), besides Jinja's own globals (range...).
-CONTEXT_NAMES = ("item", "kind", "route", "received_at", "last_step", "delivery_id")
+CONTEXT_NAMES = ("item", "kind", "route", "received_at", "last_step", "delivery_id",
+                 "new_steps", "previous", "changed", "first_seen")
 KNOWN_NAMES = frozenset(CONTEXT_NAMES) | frozenset(ENV.globals)
 # For templates whose output is HTML (e-mail bodies, Telegram): values are escaped, the
 # template's own tags are not.
@@ -152,6 +153,10 @@ _TRACKING_LINE = (
     "{% if last_step.error %} [error {{ last_step.error.code }}: "
     "{{ last_step.error.message }}]{% endif %}"
     "{% endif %}"
+    "{% if not first_seen and new_steps|length > 1 %}"
+    " ({{ new_steps|length }} new steps){% endif %}"
+    "{% if previous and previous.status and previous.status != item.status %}"
+    " (was {{ previous.status }}){% endif %}"
 )
 DEFAULT_SUMMARY = {
     "order": compile_template(_ORDER_LINE),

@@ -146,6 +146,10 @@ class SinkMemory(ABC):
 class Inbox(ABC):
     """Accepted batches, waiting to be sequenced, then kept for `inbox_retention`."""
 
+    # Counts the times this process took the sequencer's lock anew: a sequencer seeing it
+    # change knows another process may have sequenced in between.
+    sequencer_term: int = 0
+
     @abstractmethod
     async def append(self, batch: InboxBatch) -> None:
         """Store one accepted batch; durable on return (only then may isendu hear 200)."""

@@ -188,7 +188,8 @@ class MemoryStore(Store):
             status=BatchStatus.WAITING))
 
     async def waiting(self, limit: int) -> list[InboxBatch]:
-        out = [b for b, info in self._inbox.values() if info.status is BatchStatus.WAITING]
+        out = [replace(b, rerouted=info.summary is not None)
+               for b, info in self._inbox.values() if info.status is BatchStatus.WAITING]
         return out[:limit]
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:

@@ -269,7 +269,7 @@ class PostgresStore(Store):
     async def waiting(self, limit: int) -> list[InboxBatch]:
         rows = await self.pool.fetch(Q["waiting_batches"], limit)
         return [InboxBatch(id=r["id"], received_at=r["received_at"], items=r["items"],
-                           body=bytes(r["body"])) for r in rows]
+                           body=bytes(r["body"]), rerouted=r["rerouted"]) for r in rows]
 
     async def acquire_sequencer(self) -> bool:
         if self._sequencer is not None and not self._sequencer.is_closed():
@@ -282,6 +282,7 @@ class PostgresStore(Store):
         try:
             if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK):
                 self._sequencer = conn
+                self.sequencer_term += 1
                 return True
         except Exception:
             log.exception("asking for the sequencer's lock failed")

@@ -520,7 +520,8 @@ class SqliteStore(Store):
 
     async def waiting(self, limit: int) -> list[InboxBatch]:
         return await self._call(lambda c: [
-            InboxBatch(id=r[0], received_at=r[1], items=r[2], body=bytes(r[3]))
+            InboxBatch(id=r[0], received_at=r[1], items=r[2], body=bytes(r[3]),
+                       rerouted=bool(r[4]))
             for r in c.execute(Q["waiting_batches"], (limit,))])
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:

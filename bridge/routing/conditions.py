@@ -11,12 +11,22 @@ import math
 import re
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext import parse as jsonpath_parse  # type: ignore[attr-defined]
 
-Predicate = Callable[[dict[str, Any]], bool]
+from bridge.state import Observation
+
+
+class Predicate(Protocol):
+    """`item` is the snapshot's data; `seen` what it brings against its shipment's state
+    (bridge/state.py), None where no state is kept: then it counts as seen for the first
+    time, the only thing one snapshot alone can tell."""
+
+    def __call__(self, item: dict[str, Any], seen: Observation | None = None, /) -> bool: ...
+
+
 Getter = Callable[[dict[str, Any]], list[Any]]
 
 OPS = (
@@ -188,9 +198,9 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
             raise ValueError("`exists` expects true or false")
         want = value
         if key is not None:
-            return lambda item: (key in item) is want
+            return lambda item, seen=None: (key in item) is want
 
-        def exists(item: dict[str, Any]) -> bool:
+        def exists(item: dict[str, Any], seen: Observation | None = None) -> bool:
             return bool(get(item)) is want
 
         return exists
@@ -224,35 +234,91 @@ def compile_leaf(path: str, op: str, value: Any) -> Predicate:
 
     if key is not None:
         if negate:
-            return lambda item: not (key in item and test(item[key]))
-        return lambda item: key in item and test(item[key])
+            return lambda item, seen=None: not (key in item and test(item[key]))
+        return lambda item, seen=None: key in item and test(item[key])
 
     if negate:
 
-        def negative(item: dict[str, Any]) -> bool:
+        def negative(item: dict[str, Any], seen: Observation | None = None) -> bool:
             return not any(test(v) for v in get(item))
 
         return negative
 
-    def positive(item: dict[str, Any]) -> bool:
+    def positive(item: dict[str, Any], seen: Observation | None = None) -> bool:
         return any(test(v) for v in get(item))
 
     return positive
 
 
+# ---- conditions on what a snapshot brings (its shipment's state) ---------------------------
+
+def changed(field: str) -> Predicate:
+    """True when top-level `field` differs from the shipment's state, and on first sight."""
+    if not isinstance(field, str) or not field:
+        raise ValueError("`changed` expects the name of a top-level field, e.g. status")
+
+    def test(item: dict[str, Any], seen: Observation | None = None) -> bool:
+        return seen is None or seen.first_seen or field in seen.changed
+
+    return test
+
+
+def first_seen(want: bool) -> Predicate:
+    if not isinstance(want, bool):
+        raise ValueError("`first_seen` expects true or false")
+    return lambda item, seen=None: (seen is None or seen.first_seen) is want
+
+
+_NOTHING = object()
+
+
+def transition(from_: Any = _NOTHING, to: Any = _NOTHING) -> Predicate:
+    """True when `status` changed (first sight counts as a change from nothing) from one of
+    `from_` to one of `to`; a side left out matches any status. First sight has no status
+    before it, so it never matches a `from`."""
+    before = _status_set("from", from_)
+    after = _status_set("to", to)
+
+    def test(item: dict[str, Any], seen: Observation | None = None) -> bool:
+        now = item.get("status")
+        previous = seen.previous if seen is not None else None
+        was = previous.get("status") if previous is not None else _NOTHING
+        if previous is not None and _same(was, now):
+            return False  # the status did not change: no transition
+        if before is not None and (was is _NOTHING or not _one_of(was, before)):
+            return False
+        return after is None or _one_of(now, after)
+
+    return test
+
+
+def _status_set(side: str, value: Any) -> tuple[Any, ...] | None:
+    if value is _NOTHING:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, dict | list) for v in values):
+        raise ValueError(f"`transition.{side}` expects a status or a list of statuses, "
+                         "e.g. OUT_FOR_DELIVERY or [IN_TRANSIT, OUT_FOR_DELIVERY]")
+    return tuple(values)
+
+
+def _one_of(value: Any, options: tuple[Any, ...]) -> bool:
+    return any(_same(value, o) for o in options)
+
+
 def all_of(preds: list[Predicate]) -> Predicate:
     if len(preds) == 1:
         return preds[0]
-    return lambda item: all(p(item) for p in preds)
+    return lambda item, seen=None: all(p(item, seen) for p in preds)
 
 
 def any_of(preds: list[Predicate]) -> Predicate:
-    return lambda item: any(p(item) for p in preds)
+    return lambda item, seen=None: any(p(item, seen) for p in preds)
 
 
 def not_(pred: Predicate) -> Predicate:
-    return lambda item: not pred(item)
+    return lambda item, seen=None: not pred(item, seen)
 
 
-def always(item: dict[str, Any]) -> bool:
+def always(item: dict[str, Any], seen: Observation | None = None) -> bool:
     return True

@@ -1,4 +1,5 @@
-"""The router: a pure function of (item, config) -> deliveries. `bridge dry-run` calls it too."""
+"""The router: a pure function of (item, config, what the item brings against its
+shipment's state) -> deliveries. `bridge dry-run` calls it too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from bridge.errors import PayloadError, TemplateRenderError
 from bridge.models import Batch, Item, NewDelivery
 from bridge.routing.conditions import Predicate, always
 from bridge.sinks.base import RenderContext, Sink
+from bridge.state import Observation
 from bridge.templates import DEFAULT_SUMMARY, Template
 
 
@@ -25,6 +27,17 @@ class CompiledRoute:
     targets: tuple[tuple[Sink, Template | None], ...]
     stop: bool
     group_window: float | None = None  # seconds; None: every item goes out on its own
+    dedupe: bool = True  # a repeat (nothing new against the shipment's state) is skipped
+    skip_stale: bool = True  # a snapshot older than what was seen is skipped
+
+
+@dataclass(slots=True)
+class Routed:
+    """What routing made of one item."""
+
+    deliveries: list[NewDelivery]
+    routes: list[str]  # the routes whose conditions matched
+    skipped: dict[str, str]  # route -> why it sends nothing: "repeat" or "stale"
 
 
 def compile_routes(config: BridgeConfig, sinks: dict[str, Sink]) -> list[CompiledRoute]:
@@ -43,6 +56,8 @@ def _compile(route: Route, sinks: dict[str, Sink]) -> CompiledRoute:
         targets=tuple(targets),
         stop=route.stop,
         group_window=route.group.window if route.group else None,
+        dedupe=route.dedupe,
+        skip_stale=route.stale == "skip",
     )
 
 
@@ -90,26 +105,43 @@ class Router:
     def __init__(self, routes: list[CompiledRoute]) -> None:
         self.routes = routes
 
-    def matching(self, item: Item) -> list[CompiledRoute]:
+    def matching(self, item: Item, seen: Observation | None = None) -> list[CompiledRoute]:
         out = []
         for route in self.routes:
             if route.kind is not None and route.kind != item.kind:
                 continue
-            if route.matches(item.data):
+            if route.matches(item.data, seen):
                 out.append(route)
                 if route.stop:
                     break
         return out
 
-    def route_item(self, item: Item, batch: Batch) -> list[NewDelivery]:
-        matched = self.matching(item)
-        if not matched:
-            return []
+    def route_item(self, item: Item, batch: Batch, seen: Observation | None = None,
+                   replay: bool = False) -> Routed:
+        """`seen`: what the item brings against its shipment's state (None: no state kept).
+        `replay`: the batch was rerouted by hand, so it is routed as it comes, repeats and
+        stale snapshots too (delivery ids keep what was stored already from being stored
+        twice): its own snapshots are in the state already, from its first time."""
+        matched = self.matching(item, seen)
+        skipped: dict[str, str] = {}
+        sending = []
+        for route in matched:
+            if seen is None or replay:
+                sending.append(route)
+            elif seen.repeat and route.dedupe:
+                skipped[route.name] = "repeat"
+            elif seen.stale and route.skip_stale:
+                skipped[route.name] = "stale"
+            else:
+                sending.append(route)
+        names = [r.name for r in matched]
+        if not sending:
+            return Routed([], names, skipped)
         item_json = canonical_json(item.data)
-        ctx = RenderContext(item.data, item.kind, batch.received_at, item_json)
+        ctx = RenderContext(item.data, item.kind, batch.received_at, item_json, seen)
         item_bytes = item_json.encode()
         out = []
-        for route in matched:
+        for route in sending:
             # An item whose latest step failed is news now: it never waits for a digest.
             grouped = route.group_window is not None and not _has_error(ctx)
             for sink, message in route.targets:
@@ -129,10 +161,11 @@ class Router:
                 if grouped and route.group_window is not None:
                     d.group_key, d.delay = f"{route.name}>{sink.name}", route.group_window
                 out.append(d)
-        return out
+        return Routed(out, names, skipped)
 
     def route_batch(self, batch: Batch) -> list[NewDelivery]:
+        """Every item as if seen for the first time (no shipment state)."""
         out: list[NewDelivery] = []
         for item in batch.items:
-            out.extend(self.route_item(item, batch))
+            out.extend(self.route_item(item, batch).deliveries)
         return out

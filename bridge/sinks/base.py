@@ -17,20 +17,32 @@ from bridge.config_types import SinkConfigBase
 from bridge.errors import PermanentSinkError, SinkError, TransientSinkError
 from bridge.models import Delivery, Kind
 from bridge.redact import redact
+from bridge.state import Observation, first_sight
 from bridge.templates import Template, last_step
 
 
 class RenderContext:
-    """Everything a template may see about one item on one route; built once per item."""
+    """Everything a template may see about one item on one route; built once per item.
 
-    __slots__ = ("_last_step", "item", "item_json", "kind", "received_at")
+    `seen`: what the item brings against its shipment's state; None where no state is kept,
+    and then the item is shown as seen for the first time."""
 
-    def __init__(self, item: dict[str, Any], kind: Kind, received_at: str, item_json: str) -> None:
+    __slots__ = ("_last_step", "_seen", "item", "item_json", "kind", "received_at")
+
+    def __init__(self, item: dict[str, Any], kind: Kind, received_at: str, item_json: str,
+                 seen: Observation | None = None) -> None:
         self.item = item
         self.kind = kind
         self.received_at = received_at
         self.item_json = item_json
         self._last_step: Any = ...
+        self._seen = seen
+
+    @property
+    def seen(self) -> Observation:
+        if self._seen is None:
+            self._seen = first_sight(self.item, self.kind)
+        return self._seen
 
     @property
     def last_step(self) -> dict[str, Any] | None:
@@ -47,6 +59,10 @@ class RenderContext:
             "received_at": self.received_at,
             "last_step": self.last_step,
             "delivery_id": delivery_id,
+            "new_steps": list(self.seen.new_steps),
+            "previous": self.seen.previous,
+            "changed": list(self.seen.changed),
+            "first_seen": self.seen.first_seen,
         }
 
 

@@ -88,6 +88,8 @@ class Summary:
     destination: str | None  # "Roma, IT"
     total: str | None  # "258.16 EUR"
     route: str
+    new_steps: int = 0  # steps this snapshot brings that no earlier one did
+    was: str | None = None  # the status before this snapshot, when it changed
 
     @property
     def error(self) -> str | None:
@@ -105,6 +107,10 @@ class Summary:
         if self.step is not None:
             pairs += [("Latest step", self.step.description), ("Location", self.step.location),
                       ("Local time", self.step.local_time)]
+        if self.was:
+            pairs.append(("Was", self.was))
+        if self.new_steps > 1:
+            pairs.append(("New steps", str(self.new_steps)))
         pairs += [("Destination", self.destination), ("Total", self.total)]
         return [(k, v) for k, v in pairs if v]
 
@@ -129,7 +135,16 @@ def summarize(ctx: RenderContext, route: str) -> Summary:
         status=status, emoji=emoji, tone=tone, url=url, step=step,
         destination=", ".join(w for w in where if w) or None,
         total=_money(item.get("total")), route=route,
+        new_steps=len(ctx.seen.new_steps)
+        if ctx.kind == "tracking" and not ctx.seen.first_seen else 0,
+        was=_was(ctx, status),
     )
+
+
+def _was(ctx: RenderContext, status: str | None) -> str | None:
+    previous = ctx.seen.previous
+    was = text_of(previous.get("status")) if previous else None
+    return was if was and was != status else None
 
 
 def status_look(status: str | None, *, failed: bool = False,

@@ -15,6 +15,7 @@ from bridge.outbox.sqlite import id_of_stored
 from tests.helpers.bridge import eventually, sample_batches
 from tests.helpers.process import BridgeProcess, free_port
 from tests.helpers.receiver import Answer, Receiver
+from tests.helpers.shipments import notified_items
 
 CONFIG = """
 storage: sqlite:///{db}
@@ -52,14 +53,6 @@ def _db_ids(db: Path) -> set[str]:
         conn.close()
 
 
-def unique_items(batches: list[dict[str, Any]]) -> int:
-    """Deliveries one route to one sink makes of these batches: one per distinct item (a
-    repeated item, byte for byte the same data, is one delivery)."""
-    return len({(kind, json.dumps(item, sort_keys=True))
-                for batch in batches for kind in ("order", "tracking")
-                for item in batch.get(kind, [])})
-
-
 async def _post_all(url: str, batches: list[dict[str, Any]]) -> list[str]:
     """POST every batch; the batch ids isendu was answered 200 with."""
     ids = []
@@ -81,7 +74,7 @@ async def test_kill_9_mid_delivery_loses_nothing(tmp_path: Path, aiohttp_server:
     async with BridgeProcess(config, tmp_path / "bridge.log") as bridge:
         await bridge.start(free_port())
         await _post_all(bridge.url, sample_batches())
-        accepted = unique_items(sample_batches())
+        accepted = notified_items(sample_batches())
         assert accepted > 100
         await receiver.wait_for(10, timeout=30)
         bridge.kill()
@@ -114,7 +107,7 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
     async with BridgeProcess(config, tmp_path / "bridge.log") as bridge:
         await bridge.start(free_port())
         await _post_all(bridge.url, sample_batches()[:5])
-        accepted = unique_items(sample_batches()[:5])
+        accepted = notified_items(sample_batches()[:5])
         await receiver.wait_for(2, timeout=30)  # two sends in flight (concurrency 2)
         assert await bridge.terminate() == 0
         log = (tmp_path / "bridge.log").read_text()

@@ -42,7 +42,8 @@ class Bridge:
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """POST to the intake. `settle`: an accepted batch is then waited for until the
         sequencer has settled it, and the answer gains what the inbox row says of it
-        (`deliveries`, `duplicates`, `status`): what the intake answered before it moved
+        (`deliveries`, `duplicates`, `status`, and per item its `verdicts` against its
+        shipment's state): what the intake answered before it moved
         routing after the 200."""
         data = body if isinstance(body, bytes | str) else json.dumps(body)
         resp = await self.client.post(path, data=data, headers=headers)
@@ -69,8 +70,10 @@ class Bridge:
 
         await eventually(done, timeout=timeout, what=f"batch {batch_id} sequenced")
         info = found[-1]
+        items = json.loads(info.summary) if info.summary else []
         return {"deliveries": info.deliveries, "duplicates": info.duplicates,
-                "status": info.status.value}
+                "status": info.status.value,
+                "verdicts": [i.get("verdict") for i in items]}
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,

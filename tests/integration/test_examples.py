@@ -67,7 +67,7 @@ def test_every_example_file_loads(path: Path) -> None:
 
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^```yaml\n(.*?)^```$", re.S | re.M)
-TOP_LEVEL = {"server", "integrations", "storage", "defaults", "sinks", "routes"}
+TOP_LEVEL = {"server", "integrations", "storage", "defaults", "state", "sinks", "routes"}
 
 
 def _readme_yaml() -> list[str]:

@@ -178,3 +178,50 @@ def test_single_key_leaves_agree_with_the_general_walk(
     must decide exactly as the same leaf through jsonpath-ng's `$['status']`."""
     op, value = leaf
     assert compile_leaf("$.status", op, value)(item) == compile_leaf("$['status']", op, value)(item)
+
+
+# ---- conditions on what a snapshot brings against its shipment's state ----------------------
+
+def _seen(before: dict[str, Any] | None, now: dict[str, Any]) -> Any:
+    """The observation of `now` after `before` (None: first sight)."""
+    from bridge.models import Item
+    from bridge.state import observe
+
+    state = None if before is None else observe(None, Item("tracking", "u1", before))[1]
+    return observe(state, Item("tracking", "u1", now))[0]
+
+
+OUT = {"uuid": "u1", "status": "OUT_FOR_DELIVERY", "steps": [
+    {"timestamp": "2025-11-04T08:00:00Z", "status": "OUT_FOR_DELIVERY"}]}
+DONE = {"uuid": "u1", "status": "DELIVERED", "steps": OUT["steps"] + [
+    {"timestamp": "2025-11-04T12:00:00Z", "status": "DELIVERED"}]}
+MORE = {**DONE, "steps": DONE["steps"] + [{"timestamp": "2025-11-04T13:00:00Z",
+                                           "status": "DELIVERED", "description": "signed"}]}
+
+
+@pytest.mark.parametrize(("cond", "before", "now", "expected"), [
+    ({"transition": {"from": "OUT_FOR_DELIVERY", "to": "DELIVERED"}}, OUT, DONE, True),
+    ({"transition": {"to": "DELIVERED"}}, OUT, DONE, True),
+    ({"transition": {"to": ["DELIVERED", "RETURNED"]}}, None, DONE, True),  # first sight
+    ({"transition": {"from": "OUT_FOR_DELIVERY"}}, None, DONE, False),  # nothing before
+    ({"transition": {"from": ["IN_TRANSIT"], "to": "DELIVERED"}}, OUT, DONE, False),
+    ({"transition": {"to": "DELIVERED"}}, DONE, MORE, False),  # a new step, same status
+    ({"changed": "status"}, OUT, DONE, True),
+    ({"changed": "status"}, DONE, MORE, False),
+    ({"changed": "status"}, None, OUT, True),  # everything is a change on first sight
+    ({"changed": "trackingUrl"}, OUT, {**OUT, "trackingUrl": "https://t/1"}, True),
+    ({"first_seen": True}, None, OUT, True),
+    ({"first_seen": True}, OUT, DONE, False),
+    ({"first_seen": False}, OUT, DONE, True),
+    ({"all": [{"first_seen": False}, {"not": {"changed": "status"}}]}, DONE, MORE, True),
+])
+def test_state_conditions(cond: Any, before: Any, now: Any, expected: bool) -> None:
+    assert _when(cond)(now, _seen(before, now)) is expected
+
+
+def test_state_conditions_without_state_count_as_first_sight() -> None:
+    """Where no state is kept (state.enabled: false), a snapshot is all the bridge knows."""
+    assert _when({"first_seen": True})(DONE)
+    assert _when({"changed": "status"})(DONE)
+    assert _when({"transition": {"to": "DELIVERED"}})(DONE)
+    assert not _when({"transition": {"from": "OUT_FOR_DELIVERY"}})(DONE)

@@ -137,9 +137,9 @@ def test_canonical_json_is_exact_and_independent_of_key_order(doc: Any) -> None:
     (b'{"a": 1.12345678901234567890}', False),  # a fraction: a float either way
 ])
 def test_numbers_needing_the_exact_parser_are_found(body: bytes, long: bool) -> None:
-    from bridge.parse import _has_long_number
+    from bridge.jsontext import has_long_number
 
-    assert _has_long_number(body) is long
+    assert has_long_number(body) is long
 
 
 @given(number=st.integers(), spaces=st.sampled_from(["", " ", "\n  "]))

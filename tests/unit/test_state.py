@@ -121,10 +121,55 @@ def test_changes_never_go_back_and_each_step_is_new_once(
     for cut in snapshots:
         obs, state = observe(state, snapshot([step(i) for i in cut]))
         new_seen += [step_key(s) for s in obs.new_steps]
-        if obs.verdict == "change":  # what a route with the defaults notifies
+        if obs.verdict in ("first_seen", "change"):  # what a route with the defaults notifies
             notified_newest.append(max(step(i)["timestamp"] for i in cut))
     assert notified_newest == sorted(notified_newest)  # never back in step time
     assert len(notified_newest) == len(set(notified_newest))  # each real change once
     assert sorted(new_seen) == sorted(step_key(step(i)) for i in range(n))  # each step once
     assert state is not None and len(state.steps) == n  # the full history
     assert state.fields["status"] == step(n - 1)["status"]
+
+
+def test_the_book_writes_only_what_changed_and_undoes_a_failed_batch() -> None:
+    from bridge.state import StateBook
+
+    book = StateBook()
+    assert book.observe(snapshot([step(0)])).first_seen
+    assert set(book.take_changed()) == {("tracking", "t1")}
+    assert book.observe(snapshot([step(0)])).repeat
+    assert book.take_changed() == {}  # a repeat writes nothing
+    # A batch that fails halfway: what it observed is not kept.
+    assert book.observe(snapshot([step(0), step(1)])).new_steps
+    assert book.observe(snapshot([step(0)], uuid="t2")).first_seen
+    book.undo()
+    assert ("tracking", "t2") not in book.known
+    assert book.observe(snapshot([step(0), step(1)])).new_steps  # still new
+    stored = book.take_changed()
+    book.forget()  # memory lost (a restart): the state comes back from storage
+    book.load(stored, [("tracking", "t1"), ("tracking", "t9")])
+    assert book.observe(snapshot([step(0), step(1)])).repeat
+    assert book.missing([snapshot([step(0)], uuid="t9")]) == [("tracking", "t9")]
+
+
+def test_the_book_keeps_the_most_recently_observed() -> None:
+    from bridge.state import StateBook
+
+    book = StateBook()
+    for uuid in ("a", "b", "c"):
+        book.observe(snapshot([step(0)], uuid=uuid))
+    book.observe(snapshot([step(0)], uuid="a"))  # a repeat, seen last
+    book.trim(2)
+    assert sorted(u for _, u in book.known) == ["a", "c"]
+
+
+def test_a_state_keeps_numbers_no_float_holds_as_written() -> None:
+    from bridge.parse import parse_request
+
+    body = (b'{"order": [{"uuid": "n1", "total": 1e999, "n": 123456789012345678901234567890,'
+            b' "lines": [{"qty": -2.5E+400}, 1.5]}]}')
+    [item] = parse_request(body).items  # type: ignore[union-attr]
+    _, state = observe(None, item)
+    text = state.to_json()
+    assert '"n":123456789012345678901234567890' in text and '"total":1e999' in text
+    again = EntityState.from_json("order", "n1", text)
+    assert observe(again, item)[0].repeat  # read back, it is the same order

@@ -95,3 +95,34 @@ def test_names_a_template_sets_or_loops_over_and_jinja_globals_are_not_unknown()
     t = compile_template("{% for s in item.steps %}{{ loop.index }} {{ s.status }}{% endfor %}"
                          "{% set n = namespace(x=1) %}{{ n.x }}{{ range(2) | list }}")
     assert t.render({"item": {"steps": [{"status": "A"}]}}) == "1 A1[0, 1]"
+
+
+def test_default_messages_say_what_an_update_brings() -> None:
+    """After an IN_TRANSIT snapshot, one bringing two steps up to DELIVERED says so, in the
+    one-line text and in the chat sinks' facts; on first sight neither is said."""
+    from bridge.models import Item
+    from bridge.sinks.base import RenderContext
+    from bridge.sinks.chat import summarize
+    from bridge.state import observe
+    from bridge.templates import DEFAULT_TEXT
+
+    def snap(*steps: tuple[str, str]) -> dict[str, object]:
+        return {"uuid": "u1", "trackingNumber": "GLS1", "status": steps[-1][1],
+                "steps": [{"timestamp": t, "status": s, "description": s.lower()}
+                          for t, s in steps]}
+
+    before = snap(("2025-11-04T08:00:00Z", "IN_TRANSIT"))
+    after = snap(("2025-11-04T08:00:00Z", "IN_TRANSIT"),
+                 ("2025-11-04T10:00:00Z", "OUT_FOR_DELIVERY"),
+                 ("2025-11-04T12:00:00Z", "DELIVERED"))
+    _, state = observe(None, Item("tracking", "u1", before))
+    seen, _ = observe(state, Item("tracking", "u1", after))
+    ctx = RenderContext(after, "tracking", "2025-11-04T12:00:01Z", "{}", seen)
+    text = DEFAULT_TEXT["tracking"].render(ctx.vars("r", "d1"))
+    assert text.endswith("(2 new steps) (was IN_TRANSIT)")
+    facts = dict(summarize(ctx, "r").facts())
+    assert facts["Was"] == "IN_TRANSIT" and facts["New steps"] == "2"
+
+    first = RenderContext(after, "tracking", "2025-11-04T12:00:01Z", "{}")
+    assert "new steps" not in DEFAULT_TEXT["tracking"].render(first.vars("r", "d1"))
+    assert {"Was", "New steps"}.isdisjoint(dict(summarize(first, "r").facts()))

@@ -100,7 +100,9 @@ WITH stored AS (INSERT INTO inbox (id, received_at, items, body) VALUES ($1, $2,
 SELECT pg_notify('bridge_inbox', '') FROM stored
 
 -- name: waiting_batches
-SELECT id, received_at, items, body FROM inbox WHERE status = 'waiting' ORDER BY seq LIMIT $1
+-- rerouted: sequenced once (a failed batch has no summary), then sent back by hand.
+SELECT id, received_at, items, body, summary IS NOT NULL AS rerouted FROM inbox
+WHERE status = 'waiting' ORDER BY seq LIMIT $1
 
 -- name: settle_batch
 -- Marked first: a batch no longer waiting (settled already) stores no delivery. $1-$12 as

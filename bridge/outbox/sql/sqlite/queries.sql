@@ -98,7 +98,9 @@ DELETE FROM sink_memory WHERE updated_at < ?
 INSERT INTO inbox (id, received_at, items, body) VALUES (?, ?, ?, ?)
 
 -- name: waiting_batches
-SELECT id, received_at, items, body FROM inbox WHERE status = 'waiting'
+-- rerouted: sequenced once (a failed batch has no summary), then sent back by hand.
+SELECT id, received_at, items, body, summary IS NOT NULL AS rerouted FROM inbox
+WHERE status = 'waiting'
 ORDER BY seq LIMIT ?
 
 -- name: mark_sequenced
