@@ -324,7 +324,9 @@ def dry_run(router: Router, batch: Batch, book: StateBook | None = None
     routing, nothing stored."""
     rows = []
     for item in batch.items:
-        plan = plan_item(router, item, batch, book.observe(item) if book else None)
+        seen = book.observe(item) if book else None
+        hold = book.holder(item, time.time()) if book else None
+        plan = plan_item(router, item, batch, seen, hold=hold)
         if book is not None:
             book.take_changed()
         row: dict[str, Any] = {"kind": item.kind, "uuid": item.uuid, "routes": plan.routes}

@@ -312,6 +312,16 @@ class Route(StrictModel):
     # older than what was seen and is skipped unless `stale: deliver`.
     dedupe: bool = True
     stale: Literal["skip", "deliver"] = "skip"
+    # A shipment's changes sequenced within this window go out as one message (the last
+    # one's, with every new step); a step with an error goes at once.
+    coalesce: Duration | None = Field(None, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _coalesce_or_group(self) -> Route:
+        if self.coalesce is not None and self.group is not None:
+            raise ValueError("a route cannot both `group` (a digest of many shipments) and "
+                             "`coalesce` (one shipment's changes as one message); choose one")
+        return self
 
 
 class StateConfig(StrictModel):

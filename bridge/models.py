@@ -33,6 +33,11 @@ class Batch:
     unknown_keys: tuple[str, ...] = ()  # the body's keys, if it had neither order nor tracking
 
 
+# Group keys of a coalescing route's windows begin so: a window's deliveries leave together
+# as its last one (a `group:` digest's keys are "route>sink" and leave as one list).
+COALESCED = "coalesce:"
+
+
 @dataclass(slots=True)
 class NewDelivery:
     """What routing produces and the outbox stores in the intake's transaction.
@@ -75,6 +80,8 @@ class Delivery:
     # Set on a claimed delivery: the lease it was claimed with, which identifies the claim
     # (after it runs out, another replica's claim sets another).
     lease_until: float | None = None
+    # Set on a claimed delivery: its place in the order the sequencer made deliveries.
+    seq: int = 0
 
 
 class BatchStatus(enum.StrEnum):

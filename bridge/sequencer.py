@@ -40,7 +40,7 @@ from bridge.pressure import Pressure
 from bridge.redact import redact
 from bridge.routing.conditions import compile_path
 from bridge.routing.router import Router
-from bridge.state import Observation, StateBook
+from bridge.state import Holder, Observation, StateBook
 
 log = logging.getLogger("bridge.sequencer")
 
@@ -71,8 +71,8 @@ class ItemPlan:
 
 
 def plan_item(router: Router, item: Item, batch: Batch, seen: Observation | None = None,
-              replay: bool = False) -> ItemPlan:
-    routed = router.route_item(item, batch, seen, replay)
+              replay: bool = False, hold: Holder | None = None) -> ItemPlan:
+    routed = router.route_item(item, batch, seen, replay, hold)
     return ItemPlan(item, routed.routes, routed.deliveries, routed.skipped,
                     seen.verdict if seen is not None else None)
 
@@ -291,8 +291,10 @@ class Sequencer:
             plans = []
             turn = time.perf_counter()
             for item in batch.items:
-                seen = book.observe(item) if book is not None else None
-                plans.append(plan_item(self.router, item, batch, seen, row.rerouted))
+                seen = hold = None
+                if book is not None:
+                    seen, hold = book.observe(item), book.holder(item, self.clock())
+                plans.append(plan_item(self.router, item, batch, seen, row.rerouted, hold))
                 slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER
                 if time.perf_counter() - turn > slice_:
                     await asyncio.sleep(0)  # requests first

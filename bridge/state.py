@@ -45,17 +45,22 @@ class EntityState:
     steps: list[dict[str, Any]] = field(default_factory=list)  # every step, by timestamp
     newest: str | None = None  # tracking: newest step timestamp; order: version as text
     version: Any = None  # order: the version value as found (number or ISO time)
+    # Coalescing routes' open windows, by route: {"until", "steps", "previous"} (`hold`).
+    windows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return jsontext.dumps_exact({
-            "fields": self.fields, "steps": self.steps, "newest": self.newest,
-            "version": self.version}).decode()
+        doc = {"fields": self.fields, "steps": self.steps, "newest": self.newest,
+               "version": self.version}
+        if self.windows:
+            doc["windows"] = self.windows
+        return jsontext.dumps_exact(doc).decode()
 
     @classmethod
     def from_json(cls, kind: Kind, uuid: str, text: str) -> EntityState:
         doc = jsontext.loads(text.encode())
         return cls(kind=kind, uuid=uuid, fields=doc["fields"], steps=doc["steps"],
-                   newest=doc["newest"], version=doc["version"])
+                   newest=doc["newest"], version=doc["version"],
+                   windows=doc.get("windows", {}))
 
     def summary(self) -> dict[str, Any]:
         """`previous` in templates: what was known before this snapshot."""
@@ -89,6 +94,8 @@ def first_sight(data: dict[str, Any], kind: Kind) -> Observation:
     return Observation(True, False, False, tuple(steps), fields, None)
 
 VersionOf = Callable[[dict[str, Any]], Any]
+# (route, window seconds, observation, flush) -> (observation, wait, window id): `hold`.
+Holder = Callable[[str, float, Observation, bool], tuple[Observation, float, str]]
 
 
 def observe(state: EntityState | None, item: Item, version_of: VersionOf | None = None
@@ -133,7 +140,7 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
     changed = _changed(state.fields, fields)
     newest = max(filter(None, (state.newest, newest_here)), default=None)
     merged = EntityState("tracking", item.uuid, state.fields if stale else fields,
-                         _by_time(state.steps + new_steps), newest)
+                         _by_time(state.steps + new_steps), newest, windows=dict(state.windows))
     repeat = not new_steps and not changed
     return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
                        state.summary()), merged
@@ -157,6 +164,8 @@ def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf 
     stale = _older(version, state.version)
     if stale:
         merged = state
+    else:
+        merged.windows = dict(state.windows)
     repeat = not changed
     return Observation(False, repeat, stale and not repeat, (), changed,
                        state.summary()), merged
@@ -189,6 +198,30 @@ def _moment(text: str) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else None
+
+
+def hold(state: EntityState, route: str, seconds: float, seen: Observation, now: float,
+         flush: bool) -> tuple[Observation, float, str]:
+    """A change on a route that coalesces (`coalesce: 10s`): changes sequenced within one
+    window of `seconds` become one message, the last one's, sent when the window closes.
+    Returns the observation that message renders with (every step new since the window
+    opened, and `previous` from before it), how long its delivery waits, and the window's
+    id (its members go out together). `flush`: this change must not wait (a step with an
+    error): it goes now, and takes the window's held changes with it."""
+    window = state.windows.get(route)
+    margin = min(1.0, seconds / 10)  # a change just before the close would miss the send
+    if window is not None and now < window["until"] - margin:
+        steps = _by_time(_unique(window["steps"] + list(seen.new_steps)))
+        previous, until = window["previous"], window["until"]
+    else:
+        steps, previous, until = list(seen.new_steps), seen.previous, now + seconds
+    if flush:
+        state.windows.pop(route, None)
+    else:
+        state.windows[route] = {"until": until, "steps": steps, "previous": previous}
+    held = Observation(seen.first_seen, seen.repeat, seen.stale, tuple(steps), seen.changed,
+                       previous)
+    return held, 0.0 if flush else until - now, f"{until:.3f}"
 
 
 class StateBook:
@@ -228,6 +261,18 @@ class StateBook:
         if state is not None:
             self.known[key] = state
         return seen
+
+    def holder(self, item: Item, now: float) -> Holder:
+        """`hold` on `item`'s state (after `observe`), for the router's coalescing routes."""
+        key = (item.kind, item.uuid)
+
+        def hold_item(route: str, seconds: float, seen: Observation, flush: bool
+                      ) -> tuple[Observation, float, str]:
+            state = self.known[key]
+            self._changed[key] = state  # its windows are written with the batch
+            return hold(state, route, seconds, seen, now, flush)
+
+        return hold_item
 
     def take_changed(self) -> dict[tuple[str, str], str]:
         """The states changed since the last call, as JSON, for one batch's transaction."""

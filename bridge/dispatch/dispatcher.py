@@ -23,7 +23,7 @@ from bridge.dispatch.ratelimit import TokenBucket
 from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
 from bridge.errors import SinkError, TransientSinkError, says_unreachable
 from bridge.metrics import Metrics
-from bridge.models import Delivery
+from bridge.models import COALESCED, Delivery
 from bridge.outbox import Outbox, SinkMemory
 from bridge.pressure import Pressure
 from bridge.redact import redact
@@ -31,6 +31,7 @@ from bridge.sinks.base import Sink
 
 log = logging.getLogger("bridge.dispatch")
 
+COALESCED_MOST = 500  # deliveries of one coalescing window claimed for its one send
 IDLE_POLL = 1.0  # upper bound on sleeping when idle (other writers, clock drift)
 SWEEP_EVERY = 600.0
 # Claimed ahead: what a sink sends in this long, so that its slots never wait for the claim
@@ -280,7 +281,8 @@ class Dispatcher:
             if d.group_key is not None:
                 groups.setdefault(d.group_key, []).append(d)
         for key, members in groups.items():
-            most = self._group_max.get(key, 20)
+            # A coalescing window goes out whole, as one message: its last delivery.
+            most = COALESCED_MOST if key.startswith(COALESCED) else self._group_max.get(key, 20)
             if len(members) < most:
                 try:
                     members += await self.outbox.claim_group(
@@ -393,9 +395,13 @@ class Dispatcher:
 
     @staticmethod
     def _digest(sink: Sink, members: list[Delivery]) -> Delivery:
-        """One synthetic delivery standing for a digest group; its id is stable for the set."""
-        ids = sorted(d.id for d in members)
+        """One synthetic delivery standing for a digest group; its id is stable for the set.
+        A coalescing window's stands for itself: its last delivery, rendered with every
+        step the window's changes brought."""
         first = members[0]
+        if first.group_key is not None and first.group_key.startswith(COALESCED):
+            return max(members, key=lambda d: d.seq)
+        ids = sorted(d.id for d in members)
         return dataclasses.replace(
             first,
             id="dgst_" + hashlib.sha256("|".join(ids).encode()).hexdigest()[:32],

@@ -12,12 +12,11 @@ import orjson
 from bridge import jsontext
 from bridge.config import BridgeConfig, Route, predicate_of
 from bridge.errors import PayloadError, TemplateRenderError
-from bridge.models import Batch, Item, NewDelivery
+from bridge.models import COALESCED, Batch, Item, NewDelivery
 from bridge.routing.conditions import Predicate, always
 from bridge.sinks.base import RenderContext, Sink
-from bridge.state import Observation
+from bridge.state import Holder, Observation
 from bridge.templates import DEFAULT_SUMMARY, Template
-
 
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
@@ -29,6 +28,7 @@ class CompiledRoute:
     group_window: float | None = None  # seconds; None: every item goes out on its own
     dedupe: bool = True  # a repeat (nothing new against the shipment's state) is skipped
     skip_stale: bool = True  # a snapshot older than what was seen is skipped
+    coalesce: float | None = None  # seconds: a shipment's changes within it go out as one
 
 
 @dataclass(slots=True)
@@ -58,6 +58,7 @@ def _compile(route: Route, sinks: dict[str, Sink]) -> CompiledRoute:
         group_window=route.group.window if route.group else None,
         dedupe=route.dedupe,
         skip_stale=route.stale == "skip",
+        coalesce=route.coalesce,
     )
 
 
@@ -117,11 +118,12 @@ class Router:
         return out
 
     def route_item(self, item: Item, batch: Batch, seen: Observation | None = None,
-                   replay: bool = False) -> Routed:
+                   replay: bool = False, hold: Holder | None = None) -> Routed:
         """`seen`: what the item brings against its shipment's state (None: no state kept).
         `replay`: the batch was rerouted by hand, so it is routed as it comes, repeats and
         stale snapshots too (delivery ids keep what was stored already from being stored
-        twice): its own snapshots are in the state already, from its first time."""
+        twice): its own snapshots are in the state already, from its first time.
+        `hold`: the shipment's coalescing windows (bridge/state.py `hold`)."""
         matched = self.matching(item, seen)
         skipped: dict[str, str] = {}
         sending = []
@@ -144,10 +146,16 @@ class Router:
         for route in sending:
             # An item whose latest step failed is news now: it never waits for a digest.
             grouped = route.group_window is not None and not _has_error(ctx)
+            route_ctx, window, wait = ctx, None, 0.0
+            if (route.coalesce is not None and hold is not None and seen is not None
+                    and not (seen.repeat or seen.stale)):
+                held, wait, window = hold(route.name, route.coalesce, seen, _has_error(ctx))
+                route_ctx = RenderContext(item.data, item.kind, batch.received_at, item_json,
+                                          held)
             for sink, message in route.targets:
                 did = delivery_id_of(item_bytes, sink.name, route.name, item.kind)
                 try:
-                    payload = sink.render(ctx, route.name, did, message)
+                    payload = sink.render(route_ctx, route.name, did, message)
                     if grouped:
                         payload["summary"] = DEFAULT_SUMMARY[item.kind].render(
                             ctx.vars(route.name, did))
@@ -160,6 +168,10 @@ class Router:
                 )
                 if grouped and route.group_window is not None:
                     d.group_key, d.delay = f"{route.name}>{sink.name}", route.group_window
+                elif window is not None:
+                    # One window's changes leave together, as the last one's message.
+                    d.group_key = f"{COALESCED}{route.name}>{sink.name}>{item.uuid}>{window}"
+                    d.delay = wait
                 out.append(d)
         return Routed(out, names, skipped)
 

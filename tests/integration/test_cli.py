@@ -117,6 +117,41 @@ def test_dry_run_refuses_a_bad_payload_clearly(config: Path, tmp_path: Path) -> 
     assert "$.tracking[0].uuid: uuid missing (isendu would get HTTP 400)" in out.stderr
 
 
+def test_dry_run_takes_a_history_and_says_what_it_skips_and_why(
+        config: Path, tmp_path: Path) -> None:
+    """Several files in order (or a .jsonl of batches) are one history: a late, older
+    snapshot is shown skipped as stale, a batch again as repeats; nothing is stored."""
+    def tracking(status: str, *steps: str) -> dict[str, object]:
+        return {"uuid": "t1", "status": status, "trackingNumber": "GLS9",
+                "steps": [{"timestamp": t, "status": s} for t, s in
+                          zip(("2025-11-03T10:00:00Z", "2025-11-04T10:00:00Z"), steps,
+                              strict=False)]}
+
+    delivered = {"tracking": [tracking("DELIVERED", "CREATED", "DELIVERED")]}
+    created = {"tracking": [tracking("CREATED", "CREATED")]}
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    first.write_text(json.dumps(delivered))
+    second.write_text(json.dumps(created))
+    out = bridge("dry-run", str(first), str(second), str(first), "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    blocks = out.stdout.split("== ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [str(first), str(second), str(first)]
+    assert "-> ops via delivered:" in blocks[0]
+    assert "tracking t1 [stale]: delivered" in blocks[1]
+    assert "-- delivered: skipped, stale, older than what came before" in blocks[1]
+    assert "-> " not in blocks[1] + blocks[2]
+    assert "tracking t1 [repeat]: delivered" in blocks[2]
+    assert "3 batches, 3 items, 2 deliveries; nothing sent, nothing stored" in out.stderr
+    assert not (config.parent / "bridge.db").exists()
+
+    lines = tmp_path / "history.jsonl"
+    lines.write_text(json.dumps(delivered) + "\n\n" + json.dumps(created) + "\n")
+    as_json = bridge("dry-run", "--json", str(lines), "--config", str(config))
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(r["batch"], r["verdict"], r.get("skipped")) for r in rows] == [
+        (f"{lines}:1", "first_seen", None), (f"{lines}:3", "stale", {"delivered": "stale"})]
+
+
 async def test_dlq_list_and_replay(config: Path, tmp_path: Path) -> None:
     box = from_url(f"sqlite:///{tmp_path / 'bridge.db'}")
     await box.open()

@@ -173,3 +173,25 @@ def test_a_state_keeps_numbers_no_float_holds_as_written() -> None:
     assert '"n":123456789012345678901234567890' in text and '"total":1e999' in text
     again = EntityState.from_json("order", "n1", text)
     assert observe(again, item)[0].repeat  # read back, it is the same order
+
+
+def test_a_coalescing_window_gathers_the_steps_of_its_changes() -> None:
+    from bridge.state import hold
+
+    seen, state = observe(None, snapshot([step(0)]))
+    first, wait, window = hold(state, "r", 10.0, seen, now=100.0, flush=False)
+    assert wait == 10.0 and [s["description"] for s in first.new_steps] == ["step 0"]
+    seen, state = observe(state, snapshot([step(0), step(1)]))
+    second, wait, again = hold(state, "r", 10.0, seen, now=104.0, flush=False)
+    assert again == window and wait == 6.0  # the same window: it closes when it was to
+    assert [s["description"] for s in second.new_steps] == ["step 0", "step 1"]
+    assert second.previous is None  # what was known before the window opened
+    # Written with the state, the window survives a restart.
+    state = EntityState.from_json("tracking", "t1", state.to_json())
+    seen, state = observe(state, snapshot([step(0), step(1), step(2, error=True)]))
+    flushed, wait, last = hold(state, "r", 10.0, seen, now=105.0, flush=True)
+    assert (wait, last) == (0.0, window) and len(flushed.new_steps) == 3
+    assert state.windows == {}  # closed by the step with an error
+    seen, state = observe(state, snapshot([step(0), step(1), step(2, error=True), step(3)]))
+    fresh, wait, other = hold(state, "r", 10.0, seen, now=106.0, flush=False)
+    assert other != window and [s["description"] for s in fresh.new_steps] == ["step 3"]
