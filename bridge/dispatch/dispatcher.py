@@ -98,10 +98,11 @@ class Dispatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
-        # Sent, not yet marked delivered: written in bulk by _write_completions, so a send's
-        # slot is free as soon as the receiver answered, not after another commit. A crash
-        # before the write sends these again (at-least-once), never loses them.
-        self._completed: list[str] = []
+        # Sent, not yet marked delivered, as (sink, delivery id): written in bulk by
+        # _write_completions, so a send's slot is free as soon as the receiver answered, not
+        # after another commit. A crash before the write sends these again (at-least-once),
+        # never loses them.
+        self._completed: list[tuple[str, str]] = []
         self._completions_due = asyncio.Event()
         self._completion_writer: asyncio.Task[None] | None = None
         self._closing = False
@@ -375,7 +376,7 @@ class Dispatcher:
         now = self.clock()
         sent = [d for d, e in zip(chunk, errors, strict=True) if e is None]
         if sent:
-            self._completed.extend(d.id for d in sent)
+            self._completed.extend((sink.name, d.id) for d in sent)
             self._completions_due.set()
             metrics.delivered.inc(len(sent))
             for d in sent:
@@ -516,17 +517,23 @@ class Dispatcher:
                 self._completions_due.set()
 
     async def _flush_completions(self) -> bool:
-        """Mark everything sent so far delivered, in one operation; False if that failed."""
+        """Mark everything sent so far delivered, in one operation; False if that failed.
+
+        Then wake the sinks they were sent to: a shipment's next delivery to a sink waits in
+        storage until the one before it is marked delivered (Outbox.claim), and should go
+        out now, not at the idle poll."""
         if not self._completed:
             return True
-        ids, self._completed = self._completed, []
+        done, self._completed = self._completed, []
         try:
-            await self.outbox.complete(ids, self.clock())
+            await self.outbox.complete([delivery_id for _, delivery_id in done], self.clock())
         except Exception:
             log.exception("marking deliveries delivered failed; will try again",
-                          extra={"deliveries": len(ids)})
-            self._completed[:0] = ids
+                          extra={"deliveries": len(done)})
+            self._completed[:0] = done
             return False
+        for name in {name for name, _ in done}:
+            self._wake[name].set()
         return True
 
     async def _sweep(self) -> None:

@@ -75,6 +75,17 @@ class Outbox(ABC):
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         """Take up to `limit` due pending deliveries of `sink`, oldest first, for `lease` seconds.
 
+        Per-shipment order: a delivery is not taken while an earlier one (made earlier by
+        the sequencer) of the same sink and item uuid is pending, whether claimed and in
+        flight, waiting for a retry or not yet due; only once that one is delivered or dead
+        (a dead one holds nothing back). So a claim takes at most one delivery per (sink,
+        uuid), and one item waiting for a retry holds back only its own later deliveries to
+        that sink. This holds across replicas sharing the storage. A delivery replayed from
+        the dead letters takes its place again: later ones not yet claimed wait for it (one
+        already in flight is not called back). Digest members neither wait nor hold back: a
+        digest goes out when its window closes (and an item whose latest step failed, sent
+        on its own at once, does not wait for that window).
+
         Claiming counts an attempt: a send cut off by a crash was, for all we know, made.
         """
 
@@ -83,7 +94,11 @@ class Outbox(ABC):
         self, sink: str, group_key: str, limit: int, now: float, lease: float
     ) -> list[Delivery]:
         """Take up to `limit` pending, unleased deliveries of one digest group, due or not
-        (the first one's window closing sends the whole group), oldest first."""
+        (the first one's window closing sends the whole group), oldest first.
+
+        Without claim's per-shipment order, like claim for digest members: a member goes
+        out with its group even while an earlier delivery of its item outside the group is
+        pending (a digest is one message about many items, sent when its window closes)."""
 
     @abstractmethod
     async def complete(self, ids: list[str], now: float) -> None: ...
@@ -106,7 +121,10 @@ class Outbox(ABC):
 
     @abstractmethod
     async def next_due(self, sink: str) -> float | None:
-        """When the earliest pending delivery of `sink` becomes due (leases included)."""
+        """When the earliest pending delivery of `sink` becomes claimable (leases included).
+
+        Deliveries held back by an earlier pending one of their item (see `claim`) do not
+        count: they become claimable only when that one is settled, not at a time."""
 
     @abstractmethod
     async def get(self, delivery_id: str) -> Delivery | None: ...

@@ -52,12 +52,25 @@ class MemoryStore(Store):
             new += 1
         return new
 
+    def _unblocked(self, sink: str) -> list[Delivery]:
+        """The pending deliveries of `sink` that nothing holds back: each item's earliest one
+        outside digests (its later ones wait for it), and every digest member."""
+        firsts: dict[str, Delivery] = {}
+        members = []
+        for r in self._rows.values():
+            if r.sink != sink or r.status is not Status.PENDING:
+                continue
+            if r.group_key is not None:
+                members.append(r)
+                continue
+            first = firsts.get(r.item_uuid)
+            if first is None or self._seq[r.id] < self._seq[first.id]:
+                firsts[r.item_uuid] = r
+        return [*firsts.values(), *members]
+
     def _due(self, sink: str, now: float) -> list[Delivery]:
-        rows = [
-            r for r in self._rows.values()
-            if r.sink == sink and r.status is Status.PENDING and r.next_attempt_at <= now
-            and self._lease.get(r.id, 0.0) <= now
-        ]
+        rows = [r for r in self._unblocked(sink)
+                if r.next_attempt_at <= now and self._lease.get(r.id, 0.0) <= now]
         rows.sort(key=lambda r: (r.next_attempt_at, self._seq[r.id]))
         return rows
 
@@ -121,10 +134,12 @@ class MemoryStore(Store):
                 self._lease.pop(d.id, None)
 
     async def next_due(self, sink: str) -> float | None:
-        times = [
-            max(r.next_attempt_at, self._lease.get(r.id, 0.0))
-            for r in self._rows.values() if r.sink == sink and r.status is Status.PENDING
-        ]
+        # As the SQL engines answer it: unleased ones by when they are due, and every lease.
+        times = [r.next_attempt_at for r in self._unblocked(sink)
+                 if self._lease.get(r.id, 0.0) <= r.next_attempt_at]
+        times += [lease for r in self._rows.values()
+                  if r.sink == sink and r.status is Status.PENDING
+                  and (lease := self._lease.get(r.id, 0.0)) > r.next_attempt_at]
         return min(times) if times else None
 
     async def get(self, delivery_id: str) -> Delivery | None:

@@ -454,7 +454,7 @@ class SqliteStore(Store):
 
     async def next_due(self, sink: str) -> float | None:
         def read(c: sqlite3.Connection) -> float | None:
-            row = c.execute(Q["next_due"], (sink,)).fetchone()
+            row = c.execute(Q["next_due"], {"sink": sink}).fetchone()
             return None if row[0] is None else float(row[0])
 
         return await self._call(read)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import load_config
-from bridge.errors import ConfigError, PermanentSinkError, TransientSinkError
-from bridge.models import Status
+from bridge.errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
+from bridge.models import Delivery, Status
 from bridge.routing.router import canonical_json, delivery_id
 from bridge.sinks.kafka import KafkaSink, KafkaSinkConfig
 from tests.conftest import BridgeFactory, require_service
@@ -211,6 +212,42 @@ async def test_consumer_reads_keys_headers_values_in_acceptance_order(
         return (await counts(bridge))["delivered"] == len(expected_ids)
     await eventually(all_delivered, timeout=30, what="every delivery marked delivered")
     assert (await counts(bridge))["dead"] == 0
+
+
+async def test_one_shipment_is_never_sent_twice_at_once_and_stays_in_order(
+    make_bridge: BridgeFactory, tansu: Tansu
+) -> None:
+    topic = prefix()
+    await create_topics(tansu.bootstrap, f"{topic}.tracking")
+    bridge = await make_bridge(CONFIG, {"BOOTSTRAP": tansu.bootstrap, "PREFIX": topic})
+    sink = bridge.rt.dispatcher.sinks["kafka"]
+    real_send_many = sink.send_many
+    in_flight: Counter[str] = Counter()
+    most = 0
+
+    async def watched(deliveries: list[Delivery]) -> list[SinkError | None]:
+        nonlocal most  # the real sink sends; this only counts what is in flight
+        in_flight.update(d.item_uuid for d in deliveries)
+        most = max(most, *in_flight.values())
+        try:
+            return await real_send_many(deliveries)
+        finally:
+            in_flight.subtract(d.item_uuid for d in deliveries)
+
+    sink.send_many = watched  # type: ignore[method-assign]
+    shipments = [str(uuid.uuid4()) for _ in range(30)]
+    for steps in ([0, 1, 2], [3, 4, 5]):  # three updates of every shipment in each batch
+        status, answer = await bridge.post(batch(shipments, steps))
+        assert status == 200 and answer["deliveries"] == 3 * len(shipments)
+
+    records = await consume(tansu.bootstrap, [f"{topic}.tracking"], 6 * len(shipments))
+    per_key: dict[str, list[str]] = {}
+    for record in records:
+        assert record.key is not None
+        step = json.loads(record.value)["data"]["status"]
+        per_key.setdefault(record.key.decode(), []).append(step)
+    assert all(per_key[s] == list(STATUSES) for s in shipments)
+    assert most == 1  # a shipment's next update was sent only after the one before it
 
 
 async def test_key_value_and_message_override_templates(

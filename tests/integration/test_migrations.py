@@ -99,8 +99,11 @@ async def test_sqlite_file_of_the_previous_release_is_migrated(tmp_path: Path) -
         await again.close()
     conn = sqlite3.connect(path)
     recorded = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+    indexes = {r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'")}
     conn.close()
     assert recorded == [(m.version, m.name) for m in migrations("sqlite")]
+    assert "deliveries_by_item" in indexes  # 0004: per-shipment order at a sink
 
 
 async def test_postgres_database_of_the_previous_release_is_migrated() -> None:
@@ -129,6 +132,7 @@ async def test_postgres_database_of_the_previous_release_is_migrated() -> None:
             await conn.close()
         assert versions == [m.version for m in migrations("postgres")]
         assert "deliveries_settled" in indexes and "deliveries_by_status" not in indexes
+        assert "deliveries_by_item" in indexes  # 0004: per-shipment order at a sink
 
 
 async def test_sqlite_and_postgres_have_the_same_steps() -> None:

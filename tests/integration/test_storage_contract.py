@@ -8,10 +8,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bridge.errors import StorageError, StorageInUse
-from bridge.models import BatchStatus, Failed, InboxBatch, NewDelivery, Sequenced, Status
+from bridge.models import (
+    BatchStatus,
+    Delivery,
+    Failed,
+    InboxBatch,
+    NewDelivery,
+    Sequenced,
+    Status,
+)
 from bridge.outbox import Store, from_url
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -258,6 +267,97 @@ async def test_digest_groups_wait_and_are_claimed_together(box: Store) -> None:
     assert [d.id for d in await box.claim_group("s", "other", 1, 130.0, 30)] == ["d0003"]
 
 
+# ---- per-shipment order at a sink ---------------------------------------------------------
+
+def about(i: int, item: str, sink: str = "s", delay: float = 0.0,
+          error: str | None = None) -> NewDelivery:
+    """d<i> about `item`; stored in the order of i, as the sequencer makes them."""
+    d = new(i, sink, error)
+    d.item_uuid, d.delay = item, delay
+    return d
+
+
+def ids(claimed: list[Delivery]) -> list[str]:
+    return [d.id for d in claimed]
+
+
+async def test_one_item_s_deliveries_are_claimed_one_at_a_time_in_order(box: Store) -> None:
+    await box.enqueue([about(1, "A"), about(2, "A"), about(3, "B")], 100.0)
+    await box.enqueue([about(4, "A")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 30)) == ["d0001", "d0003"]  # one per item
+    assert await box.claim("s", 10, 100.0, 30) == []  # d0002 waits for d0001, in flight
+    await box.complete(["d0003"], 101.0)  # another item's outcome releases nothing of A
+    assert await box.claim("s", 10, 101.0, 30) == []
+    assert ids(await box.claim("s", 10, 131.0, 30)) == ["d0001"]  # its lease ran out
+    await box.complete(["d0001"], 133.0)
+    assert ids(await box.claim("s", 10, 133.0, 30)) == ["d0002"]
+    await box.release(await box.claim("s", 10, 133.0, 30), 133.0)  # nothing more, yet
+    await box.complete(["d0002"], 134.0)
+    assert ids(await box.claim("s", 10, 134.0, 30)) == ["d0004"]
+
+
+async def test_a_retry_holds_back_its_own_item_at_its_own_sink_only(box: Store) -> None:
+    await box.enqueue([about(1, "A"), about(2, "A"), about(3, "B"), about(4, "B"),
+                       about(5, "A", sink="t")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 30)) == ["d0001", "d0003"]
+    await box.retry_at("d0001", 150.0, "HTTP 500", 101.0)
+    await box.complete(["d0003"], 101.0)
+    # d0002 is due and d0001 unleased, but d0001 goes first, at 150. B flows meanwhile,
+    # and so does A at another sink.
+    assert ids(await box.claim("s", 10, 110.0, 30)) == ["d0004"]
+    await box.complete(["d0004"], 111.0)
+    assert ids(await box.claim("t", 10, 111.0, 30)) == ["d0005"]
+    assert await box.claim("s", 10, 149.0, 30) == []
+    assert ids(await box.claim("s", 10, 150.0, 30)) == ["d0001"]
+    await box.complete(["d0001"], 151.0)
+    assert ids(await box.claim("s", 10, 151.0, 30)) == ["d0002"]
+
+
+async def test_a_delivery_not_yet_due_holds_back_the_later_ones(box: Store) -> None:
+    await box.enqueue([about(1, "A", delay=30.0), about(2, "A"), about(3, "B")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 300)) == ["d0003"]
+    assert await box.claim("s", 10, 129.0, 300) == []
+    assert ids(await box.claim("s", 10, 130.0, 300)) == ["d0001"]
+
+
+async def test_dead_letters_hold_nothing_back_and_a_replay_takes_its_place(
+    box: Store
+) -> None:
+    await box.enqueue([about(1, "A", error="template failed: x"), about(2, "A"),
+                       about(3, "A")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 30)) == ["d0002"]  # d0001 was stored dead
+    await box.dead_letter("d0002", "HTTP 400", 101.0)
+    assert ids(await box.claim("s", 10, 101.0, 30)) == ["d0003"]
+    await box.enqueue([about(4, "A")], 102.0)
+    assert await box.replay(["d0002"], 103.0) == 1
+    # d0003 is in flight already; d0004 waits for both.
+    assert ids(await box.claim("s", 10, 103.0, 30)) == ["d0002"]
+    await box.complete(["d0002", "d0003"], 104.0)
+    assert ids(await box.claim("s", 10, 104.0, 30)) == ["d0004"]
+
+
+async def test_digest_members_neither_wait_nor_hold_back(box: Store) -> None:
+    member = about(1, "A", delay=30.0)
+    member.group_key = "g"  # A's update waiting for its digest's window to close
+    await box.enqueue([member, about(2, "A"), about(3, "A")], 100.0)
+    # d0002 (an update whose step failed skips the digest) goes at once; d0003 waits for it.
+    assert ids(await box.claim("s", 10, 100.0, 300)) == ["d0002"]
+    assert await box.next_due("s") == 130.0
+    assert ids(await box.claim("s", 10, 130.0, 300)) == ["d0001"]  # d0002 still in flight
+
+
+async def test_next_due_ignores_deliveries_held_back(box: Store) -> None:
+    await box.enqueue([about(1, "A"), about(2, "A")], 100.0)
+    await box.claim("s", 10, 100.0, 30)
+    assert await box.next_due("s") == 130.0  # d0001's lease; d0002 is due but held back
+    await box.retry_at("d0001", 150.0, "HTTP 500", 101.0)
+    assert await box.next_due("s") == 150.0
+    await box.enqueue([about(3, "B", delay=40.0)], 101.0)
+    assert await box.next_due("s") == 141.0
+    await box.dead_letter("d0001", "gave up", 102.0)
+    assert await box.next_due("s") == 100.0  # d0002 is first now, due since 100
+
+
 async def test_ping(box: Store) -> None:
     await box.ping()
 
@@ -282,6 +382,72 @@ async def test_postgres_replicas_never_claim_the_same_delivery() -> None:
             claimed = [i for r in results for i in r]
             assert len(claimed) == 600 and len(set(claimed)) == 600  # each exactly once
             assert sum(1 for r in results if r) > 1  # the work really was shared
+        finally:
+            for box in replicas:
+                await box.close()
+
+
+async def test_postgres_a_replica_cannot_take_what_another_holds_back() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        first, second = from_url(url), from_url(url)
+        for box in (first, second):
+            await box.open(recover=True)
+        try:
+            await first.enqueue([about(1, "A"), about(2, "A"), about(3, "B"), about(4, "B"),
+                                 about(5, "B")], 100.0)
+            assert ids(await first.claim("s", 1, 100.0, 30)) == ["d0001"]
+            assert ids(await second.claim("s", 10, 100.0, 30)) == ["d0003"]  # not d0002
+            await second.complete(["d0003"], 101.0)
+            # A claim of d0004 not committed yet holds its row locked: the other replica
+            # skips it, and does not take d0005 either (d0004 is still pending).
+            conn = await asyncpg.connect(url)
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT 1 FROM deliveries WHERE id = 'd0004' FOR UPDATE")
+                    assert await first.claim("s", 10, 101.0, 30) == []
+            finally:
+                await conn.close()
+            assert ids(await first.claim("s", 10, 101.0, 30)) == ["d0004"]
+        finally:
+            for box in (first, second):
+                await box.close()
+
+
+async def test_postgres_replicas_never_hold_two_deliveries_of_one_item() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        replicas = [from_url(url) for _ in range(2)]
+        for box in replicas:
+            await box.open(recover=True)
+        try:
+            total = 300
+            await replicas[0].enqueue([about(n, f"u{n % 15}") for n in range(total)], 100.0)
+            held: dict[str, str] = {}  # item -> the delivery of it claimed and not settled
+            sent: dict[str, list[str]] = {}
+            shares = [0, 0]
+
+            async def work(r: int) -> None:
+                while sum(map(len, sent.values())) < total:
+                    claimed = await replicas[r].claim("s", 5, 100.0, 300)
+                    for d in claimed:
+                        assert d.item_uuid not in held, (d.id, held[d.item_uuid])
+                        held[d.item_uuid] = d.id
+                    await asyncio.sleep(0.001 if claimed else 0.005)  # sending
+                    for d in claimed:  # settled: first forgotten here, then in storage
+                        del held[d.item_uuid]
+                        sent.setdefault(d.item_uuid, []).append(d.id)
+                    shares[r] += len(claimed)
+                    if claimed:
+                        await replicas[r].complete(ids(claimed), 100.0)
+
+            await asyncio.wait_for(asyncio.gather(*(work(r) for r in (0, 1) for _ in range(3))),
+                                   60)
+            assert sum(map(len, sent.values())) == total
+            assert all(got == sorted(got) for got in sent.values())  # d<n>: in order made
+            assert min(shares) > 0  # both replicas did take part
         finally:
             for box in replicas:
                 await box.close()

@@ -12,10 +12,22 @@ SELECT *, $12::float8, $12::float8, $12::float8 FROM unnest($1::text[], $2::text
 ON CONFLICT (id) DO NOTHING RETURNING 1
 
 -- name: claim
+-- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
+-- this sink is pending, in flight, waiting for a retry or not yet due (deliveries_by_item).
+-- Digest members neither wait nor hold back: a digest goes out when its window closes.
+-- Across replicas too: an earlier delivery that another replica claimed stays pending, in
+-- every snapshot, until that replica commits its outcome.
+-- The OR makes the check a subplan, one index probe per candidate. NOT EXISTS alone may be
+-- planned as an anti join, which with stale statistics (a backlog just stored) scanned
+-- every pending row for each candidate: seconds per claim of 50 at 100,000 pending.
 UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2
-WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = $3
-              AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)
-              ORDER BY next_attempt_at, seq LIMIT $4 FOR UPDATE SKIP LOCKED)
+WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d.sink = $3
+              AND d.next_attempt_at <= $2 AND (d.lease_until IS NULL OR d.lease_until <= $2)
+              AND (d.group_key IS NOT NULL OR NOT EXISTS (
+                  SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
+                  AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
+                  AND e.seq < d.seq))
+              ORDER BY d.next_attempt_at, d.seq LIMIT $4 FOR UPDATE OF d SKIP LOCKED)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
 
@@ -46,8 +58,24 @@ FROM unnest($1::text[], $2::float8[]) AS c(id, lease_until)
 WHERE d.id = c.id AND d.status = 'pending' AND d.lease_until = c.lease_until
 
 -- name: next_due
-SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
-WHERE status = 'pending' AND sink = $1
+-- The earliest of: when the first unleased delivery that no earlier one of its item holds
+-- back becomes due (in the order of deliveries_due: the check runs for few rows), and when
+-- a lease runs out (a scan, as ever). A leased delivery was its item's earliest pending
+-- when claimed; only a replay can put one before it, and that one is due itself. So no
+-- check there, where it would run for every pending row the scan passes.
+SELECT MIN(t) FROM (
+    SELECT * FROM (
+        SELECT d.next_attempt_at AS t FROM deliveries AS d
+        WHERE d.status = 'pending' AND d.sink = $1
+        AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
+        AND (d.group_key IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
+            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
+    UNION ALL
+    SELECT MIN(lease_until) FROM deliveries
+    WHERE status = 'pending' AND sink = $1 AND lease_until > next_attempt_at
+) AS candidates
 
 -- name: get_delivery
 SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,

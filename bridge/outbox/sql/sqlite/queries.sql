@@ -10,10 +10,17 @@ INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, pa
 VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 
 -- name: claim
+-- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
+-- this sink is pending, in flight, waiting for a retry or not yet due (deliveries_by_item).
+-- Digest members neither wait nor hold back: a digest goes out when its window closes.
 UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
-WHERE seq IN (SELECT seq FROM deliveries WHERE status = 'pending' AND sink = :sink
-              AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until <= :now)
-              ORDER BY next_attempt_at, seq LIMIT :limit)
+WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d.sink = :sink
+              AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
+              AND (d.group_key IS NOT NULL OR NOT EXISTS (
+                  SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
+                  AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
+                  AND e.seq < d.seq))
+              ORDER BY d.next_attempt_at, d.seq LIMIT :limit)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
 
@@ -47,8 +54,24 @@ WHERE id = ? AND status = 'pending' AND lease_until = ?
 UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL
 
 -- name: next_due
-SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
-WHERE status = 'pending' AND sink = ?
+-- The earliest of: when the first unleased delivery that no earlier one of its item holds
+-- back becomes due (in the order of deliveries_due: the check runs for few rows), and when
+-- a lease runs out (a scan, as ever). A leased delivery was its item's earliest pending
+-- when claimed; only a replay can put one before it, and that one is due itself. So no
+-- check there, where it would run for every pending row the scan passes.
+SELECT MIN(t) FROM (
+    SELECT * FROM (
+        SELECT d.next_attempt_at AS t FROM deliveries AS d
+        WHERE d.status = 'pending' AND d.sink = :sink
+        AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
+        AND (d.group_key IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
+            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
+    UNION ALL
+    SELECT MIN(lease_until) FROM deliveries
+    WHERE status = 'pending' AND sink = :sink AND lease_until > next_attempt_at
+) AS candidates
 
 -- name: get_delivery
 SELECT id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
