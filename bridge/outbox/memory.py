@@ -46,7 +46,7 @@ class MemoryStore(Store):
                 payload=dict(d.payload), status=Status.DEAD if d.error else Status.PENDING,
                 attempts=0, next_attempt_at=now + d.delay, created_at=now, updated_at=now,
                 enqueued_at=now, last_error=d.error, batch_id=d.batch_id,
-                group_key=d.group_key,
+                group_key=d.group_key, seq=len(self._seq),
             )
             self._seq[d.id] = len(self._seq)
             new += 1

@@ -54,7 +54,7 @@ def _row(r: asyncpg.Record) -> Delivery:
         batch_id=r["batch_id"], payload=json.loads(r["payload"]), status=Status(r["status"]),
         attempts=r["attempts"], next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
         created_at=r["created_at"], enqueued_at=r["enqueued_at"], updated_at=r["updated_at"],
-        group_key=r["group_key"], lease_until=r["lease_until"],
+        group_key=r["group_key"], lease_until=r["lease_until"], seq=r.get("seq", 0),
     )
 
 

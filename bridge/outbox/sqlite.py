@@ -105,7 +105,7 @@ def _row(r: tuple[Any, ...]) -> Delivery:
         id=id_of_stored(r[0]), sink=r[1], route=r[2], item_uuid=r[3], kind=r[4], batch_id=r[5],
         payload=_unpack(r[6]), status=Status(r[7]), attempts=r[8], next_attempt_at=r[9],
         last_error=r[10], created_at=r[11], enqueued_at=r[12], updated_at=r[13],
-        group_key=r[14], lease_until=r[15],
+        group_key=r[14], lease_until=r[15], seq=r[16] if len(r) > 16 else 0,
     )
 
 

@@ -18,6 +18,7 @@ from bridge.sinks.base import RenderContext, Sink
 from bridge.state import Holder, Observation
 from bridge.templates import DEFAULT_SUMMARY, Template
 
+
 @dataclass(frozen=True, slots=True)
 class CompiledRoute:
     name: str

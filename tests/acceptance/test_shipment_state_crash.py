@@ -323,7 +323,6 @@ def test_two_replicas_notify_each_change_once_in_step_order(replica_run: Replica
     assert any(a.status == 503 and a.path == "/chat" for a in run.receiver.arrivals)
 
 
-@pytest.mark.xfail(strict=True, reason="per-uuid ordering at the sink not merged yet")
 def test_two_replicas_deliver_each_shipment_in_sequencer_order(
         replica_run: ReplicaRun) -> None:
     """README "Ordering": for one sink, a uuid's deliveries leave in the order the
