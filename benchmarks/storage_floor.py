@@ -52,7 +52,7 @@ def statements(workdir: Path, args: argparse.Namespace) -> tuple[list[Any], int,
     """Per batch, the bridge's INSERT statements; and the rows and payload bytes in all."""
     cfg = workdir / "bridge.yaml"
     cfg.write_text(bridge_config(1, "http://127.0.0.1:1/hook", workdir / "unused.db"))
-    runtime = build_runtime(load_config(cfg).config, outbox=MemoryStore())
+    runtime = build_runtime(load_config(cfg).config, store=MemoryStore())
     factory = BatchFactory(args.prefix, items=args.items)
     out, rows, payload_bytes = [], 0, 0
     now = time.time()
