@@ -27,10 +27,8 @@ StepKey = tuple[str, str, str]  # timestamp, status, description: what identifie
 
 
 def step_key(step: dict[str, Any]) -> StepKey:
-    # Worked out for every step of every snapshot: the usual case, text, skips _text.
-    t, s, d = step.get("timestamp"), step.get("status"), step.get("description")
-    return (t if type(t) is str else _text(t), s if type(s) is str else _text(s),
-            d if type(d) is str else _text(d))
+    return (_text(step.get("timestamp")), _text(step.get("status")),
+            _text(step.get("description")))
 
 
 def _text(value: Any) -> str:
@@ -49,13 +47,6 @@ class EntityState:
     version: Any = None  # order: the version value as found (number or ISO time)
     # Coalescing routes' open windows, by route: {"until", "steps", "previous"} (`hold`).
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # step_key of each of `steps`, in order; not stored: worked out again once after loading
-    keys: list[StepKey] | None = field(default=None, compare=False, repr=False)
-
-    def step_keys(self) -> list[StepKey]:
-        if self.keys is None:
-            self.keys = [step_key(s) for s in self.steps]
-        return self.keys
 
     def to_json(self) -> str:
         doc = {"fields": self.fields, "steps": self.steps, "newest": self.newest,
@@ -135,38 +126,24 @@ _MISSING = object()
 
 
 def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observation, EntityState]:
+    steps = _steps_of(item.data)
     fields = {k: v for k, v in item.data.items() if k != "steps"}
-    here: dict[StepKey, dict[str, Any]] = {}  # the snapshot's steps by key, first one kept
-    for s in _steps_of(item.data):
-        here.setdefault(step_key(s), s)
-    newest_here = max((k[0] for k in here), default=None)
+    newest_here = max((_text(s.get("timestamp")) for s in steps), default=None)
     if state is None:
-        keys = sorted(here)  # by time: keys are unique, and start with the timestamp
-        merged = EntityState("tracking", item.uuid, fields, [here[k] for k in keys],
-                             newest_here, keys=keys)
+        merged = EntityState("tracking", item.uuid, fields, _by_time(_unique(steps)),
+                             newest_here)
         return Observation(True, False, False, tuple(merged.steps), tuple(fields), None), merged
-    known = state.step_keys()
-    seen = set(known)
-    new_keys = sorted(k for k in here if k not in seen)
-    new_steps = [here[k] for k in new_keys]
+    seen = {step_key(s) for s in state.steps}
+    new_steps = _by_time(_unique([s for s in steps if step_key(s) not in seen]))
     stale = (newest_here is not None and state.newest is not None
              and newest_here < state.newest)
     changed = _changed(state.fields, fields)
     newest = max(filter(None, (state.newest, newest_here)), default=None)
-    keys, steps = known, state.steps  # a state's lists are never changed in place
-    if new_keys:
-        merged_steps = sorted(zip(known + new_keys, state.steps + new_steps, strict=True),
-                              key=_first)
-        keys, steps = [k for k, _ in merged_steps], [s for _, s in merged_steps]
-    merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
-                         newest, windows=dict(state.windows), keys=keys)
+    merged = EntityState("tracking", item.uuid, state.fields if stale else fields,
+                         _by_time(state.steps + new_steps), newest, windows=dict(state.windows))
     repeat = not new_steps and not changed
     return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
                        state.summary()), merged
-
-
-def _first(pair: tuple[StepKey, dict[str, Any]]) -> StepKey:
-    return pair[0]
 
 
 def _unique(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
