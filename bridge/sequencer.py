@@ -304,13 +304,19 @@ class Sequencer:
             if book is not None:
                 book.undo()  # what this batch observed is not kept: it failed
             return self._poison(row, exc)
+        # Counted once per batch and verdict: labels() per item was ~20 us of a ~1 ms batch.
+        observed: dict[tuple[str, str], int] = {}
+        debug = log.isEnabledFor(logging.DEBUG)
         for p in plans:
             if p.verdict is not None:
-                self.metrics.verdicts.labels(p.item.kind, p.verdict).inc()
-                if p.skipped:
+                key = (p.item.kind, p.verdict)
+                observed[key] = observed.get(key, 0) + 1
+                if p.skipped and debug:
                     log.debug("item skipped", extra={
                         "batch_id": row.id, "uuid": p.item.uuid, "verdict": p.verdict,
                         "routes": sorted(p.skipped)})
+        for (kind, verdict), n in observed.items():
+            self.metrics.verdicts.labels(kind, verdict).inc(n)
         return Sequenced(row.id, deliveries, summary_of(plans), states)
 
     async def _settle(self, rows: list[InboxBatch], outcomes: list[Outcome]) -> bool:

@@ -265,6 +265,10 @@ async def test_the_same_batch_twice_notifies_once(harness: Harness) -> None:
     info = await harness.store.batch(ids[1])
     assert info is not None and info.summary is not None
     assert [i["verdict"] for i in json.loads(info.summary)] == ["repeat", "repeat"]
+    observed = {v: harness.sequencer.metrics.registry.get_sample_value(
+        "bridge_items_observed_total", {"kind": "tracking", "verdict": v})
+        for v in ("first_seen", "repeat", "change")}
+    assert observed == {"first_seen": 2.0, "repeat": 2.0, "change": 0.0}  # once per item
 
 
 async def test_a_snapshot_with_one_step_more_notifies_that_step(harness: Harness) -> None:
