@@ -138,6 +138,8 @@ class Sequencer:
                  state: StateKeeping | None = None) -> None:
         self.inbox = inbox
         self.state = state
+        # Only routes that coalesce need the shipment's windows: no holder per item otherwise.
+        self._coalescing = any(r.coalesce is not None for r in router.routes)
         self._term = inbox.sequencer_term
         self.router = router
         self.metrics = metrics
@@ -293,7 +295,9 @@ class Sequencer:
             for item in batch.items:
                 seen = hold = None
                 if book is not None:
-                    seen, hold = book.observe(item), book.holder(item, self.clock())
+                    seen = book.observe(item)
+                    if self._coalescing:
+                        hold = book.holder(item, self.clock())
                 plans.append(plan_item(self.router, item, batch, seen, row.rerouted, hold))
                 slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER
                 if time.perf_counter() - turn > slice_:
