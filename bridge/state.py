@@ -27,8 +27,10 @@ StepKey = tuple[str, str, str]  # timestamp, status, description: what identifie
 
 
 def step_key(step: dict[str, Any]) -> StepKey:
-    return (_text(step.get("timestamp")), _text(step.get("status")),
-            _text(step.get("description")))
+    t, s, d = step.get("timestamp"), step.get("status"), step.get("description")
+    if type(t) is str and type(s) is str and type(d) is str:  # nearly always: no conversion
+        return (t, s, d)
+    return (_text(t), _text(s), _text(d))
 
 
 def _text(value: Any) -> str:
@@ -47,6 +49,13 @@ class EntityState:
     version: Any = None  # order: the version value as found (number or ISO time)
     # Coalescing routes' open windows, by route: {"until", "steps", "previous"} (`hold`).
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The step keys of `steps`, worked out once and then kept with the state in memory.
+    keys: frozenset[StepKey] | None = field(default=None, compare=False, repr=False)
+
+    def step_keys(self) -> frozenset[StepKey]:
+        if self.keys is None:
+            self.keys = frozenset(step_key(s) for s in self.steps)
+        return self.keys
 
     def to_json(self) -> str:
         doc = {"fields": self.fields, "steps": self.steps, "newest": self.newest,
@@ -89,7 +98,7 @@ class Observation:
 
 def first_sight(data: dict[str, Any], kind: Kind) -> Observation:
     """What a snapshot shows where no state is kept: everything in it is new."""
-    steps = _by_time(_unique(_steps_of(data))) if kind == "tracking" else []
+    steps = _in_order(_keyed(_steps_of(data))) if kind == "tracking" else []
     fields = tuple(k for k in data if k != "steps") if kind == "tracking" else tuple(data)
     return Observation(True, False, False, tuple(steps), fields, None)
 
@@ -115,6 +124,21 @@ def _by_time(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(steps, key=step_key)
 
 
+def _keyed(steps: list[dict[str, Any]]) -> dict[StepKey, dict[str, Any]]:
+    """Each step once (the first of equal keys), by its key."""
+    out: dict[StepKey, dict[str, Any]] = {}
+    for s in steps:
+        key = step_key(s)
+        if key not in out:
+            out[key] = s
+    return out
+
+
+def _in_order(keyed: dict[StepKey, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps by time: keys start with the timestamp, and no two are equal."""
+    return [keyed[k] for k in sorted(keyed)]
+
+
 def _changed(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[str, ...]:
     if before is None:
         return tuple(after)
@@ -126,31 +150,27 @@ _MISSING = object()
 
 
 def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observation, EntityState]:
-    steps = _steps_of(item.data)
+    keyed = _keyed(_steps_of(item.data))
     fields = {k: v for k, v in item.data.items() if k != "steps"}
-    newest_here = max((_text(s.get("timestamp")) for s in steps), default=None)
+    newest_here = max((k[0] for k in keyed), default=None)
     if state is None:
-        merged = EntityState("tracking", item.uuid, fields, _by_time(_unique(steps)),
-                             newest_here)
+        merged = EntityState("tracking", item.uuid, fields, _in_order(keyed), newest_here,
+                             keys=frozenset(keyed))
         return Observation(True, False, False, tuple(merged.steps), tuple(fields), None), merged
-    seen = {step_key(s) for s in state.steps}
-    new_steps = _by_time(_unique([s for s in steps if step_key(s) not in seen]))
+    seen = state.step_keys()
+    new = {k: s for k, s in keyed.items() if k not in seen}
+    new_steps = _in_order(new)
     stale = (newest_here is not None and state.newest is not None
              and newest_here < state.newest)
     changed = _changed(state.fields, fields)
     newest = max(filter(None, (state.newest, newest_here)), default=None)
-    merged = EntityState("tracking", item.uuid, state.fields if stale else fields,
-                         _by_time(state.steps + new_steps), newest, windows=dict(state.windows))
+    steps, keys = ((_by_time(state.steps + new_steps), seen.union(new)) if new
+                   else (state.steps, seen))
+    merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
+                         newest, windows=dict(state.windows), keys=keys)
     repeat = not new_steps and not changed
     return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
                        state.summary()), merged
-
-
-def _unique(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: dict[StepKey, dict[str, Any]] = {}
-    for s in steps:
-        out.setdefault(step_key(s), s)
-    return list(out.values())
 
 
 def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf | None
@@ -211,7 +231,7 @@ def hold(state: EntityState, route: str, seconds: float, seen: Observation, now:
     window = state.windows.get(route)
     margin = min(1.0, seconds / 10)  # a change just before the close would miss the send
     if window is not None and now < window["until"] - margin:
-        steps = _by_time(_unique(window["steps"] + list(seen.new_steps)))
+        steps = _in_order(_keyed(window["steps"] + list(seen.new_steps)))
         previous, until = window["previous"], window["until"]
     else:
         steps, previous, until = list(seen.new_steps), seen.previous, now + seconds
