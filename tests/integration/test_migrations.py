@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from bridge.errors import StorageError
-from bridge.models import InboxBatch, Status
+from bridge.models import InboxBatch, Sequenced, Status
 from bridge.outbox import Store, from_url
 from bridge.outbox.sql import migrations
+from bridge.outbox.sqlite import id_of_stored
 from tests.conftest import require_service
 from tests.helpers import postgres
 
@@ -151,3 +153,49 @@ async def test_a_database_from_a_newer_release_is_refused(tmp_path: Path) -> Non
     conn.close()
     with pytest.raises(StorageError, match=r"migrated by a newer bridge.*0999"):
         await from_url(f"sqlite:///{path}").open()
+
+
+# ---- 0005: from the release that kept shipment states WITHOUT ROWID ------------------------
+
+RELEASE_04 = Path(__file__).parents[1] / "data" / "release-0.4" / "sqlite.sql"  # make.py
+
+
+async def test_sqlite_file_with_shipment_states_is_migrated_to_0005(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(RELEASE_04.read_text())
+    states = sorted(conn.execute("SELECT kind, uuid, state, updated_at FROM shipment_state"))
+    pending = sorted(r[0] for r in conn.execute(
+        "SELECT id FROM deliveries WHERE status = 'pending'"))
+    [(dead_id,)] = conn.execute("SELECT id FROM deliveries WHERE status = 'dead'").fetchall()
+    conn.close()
+    assert len(states) == 36 and len(pending) == 74
+
+    store = from_url(f"sqlite:///{path}")
+    await store.open()
+    try:
+        assert store.migrated == ["0005_shipment_state_layout"]  # type: ignore[attr-defined]
+        keys = [(k, u) for k, u, _, _ in states]
+        assert await store.states(keys) == {(k, u): s for k, u, s, _ in states}
+        assert await store.counts() == {"pending": 74, "delivered": 1, "dead": 1}
+        [dead] = await store.list_dead()
+        assert (dead.id, dead.last_error) == (id_of_stored(dead_id), "HTTP 400: refused")
+        claimed = await store.claim("hook", 100, time.time() + 60, 30)
+        # Per-shipment order still holds: one delivery per item uuid at a time.
+        assert len({d.item_uuid for d in claimed}) == len(claimed) > 0
+        assert await store.recall("slack:C1", "u1") == "1700000000.0001"
+        # States are written and swept as before, in the new table.
+        await store.append(InboxBatch("b" * 32, time.time(), 1, b'{"order": [{"uuid": "o"}]}'))
+        await store.settle([Sequenced("b" * 32, [], "[]", {("order", "o-new"): '{"x": 1}'})],
+                           time.time())
+        assert await store.states([("order", "o-new")]) == {("order", "o-new"): '{"x": 1}'}
+        assert await store.forget_states(min(s[3] for s in states) + 1e-3) >= 1
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    [(sql,)] = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'shipment_state'").fetchall()
+    kept = conn.execute("SELECT COUNT(*) FROM shipment_state").fetchone()[0]
+    conn.close()
+    assert "WITHOUT ROWID" not in sql.upper() and "id INTEGER PRIMARY KEY" in sql
+    assert 0 < kept <= 36  # the swept ones gone, the new one there

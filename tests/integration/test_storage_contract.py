@@ -605,6 +605,57 @@ async def test_sqlite_a_failed_intake_in_a_group_leaves_the_others(tmp_path: Pat
         await box.close()
 
 
+async def test_sqlite_a_failed_settle_in_a_group_leaves_the_others(tmp_path: Path) -> None:
+    """A settle runs first in its group and without a savepoint (batch_cost: a savepoint
+    copies every page it changes): when it fails half-way, the transaction is begun again,
+    so none of it stays (no deliveries, no states, its batches still waiting), and the
+    intakes grouped with it are stored."""
+    import sqlite3
+
+    from bridge.outbox.sqlite import SqliteStore
+
+    box = SqliteStore(str(tmp_path / "o.db"))
+    await box.open(recover=True)
+    locker = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    locker.execute("CREATE TRIGGER fail_boom BEFORE INSERT ON deliveries "
+                   "WHEN NEW.route = 'fail' BEGIN SELECT RAISE(FAIL, 'half'); END")
+    failing = new(2)
+    failing.route = "fail"
+    try:
+        for n in (1, 2):
+            await box.append(batch(n))
+        locker.execute("BEGIN EXCLUSIVE")
+        blocker = asyncio.create_task(box.enqueue([new(9000)], 100.0))
+        await asyncio.sleep(0.1)  # the writer waits in BEGIN with the blocker alone
+        settle = asyncio.create_task(box.settle([
+            Sequenced(batch(1).id, [new(1)], "[]", {("order", "o1"): '{"n": 1}'}),
+            Sequenced(batch(2).id, [new(3), failing], "[]", {("order", "o2"): '{"n": 2}'}),
+        ], 100.0))
+        await asyncio.sleep(0.05)
+        intake = asyncio.create_task(box.append(batch(3)))  # urgent: queued first
+        await asyncio.sleep(0.1)
+        before = box.commits
+        locker.execute("ROLLBACK")
+        await blocker
+        with pytest.raises(sqlite3.IntegrityError, match="half"):
+            await settle
+        await intake
+        assert box.commits - before == 2  # the blocker, then settle and intake in one group
+        assert [b.id for b in await box.waiting(10)] == [batch(n).id for n in (1, 2, 3)]
+        assert [await box.get(f"d000{i}") for i in (1, 3)] == [None, None]
+        assert await box.states([("order", "o1"), ("order", "o2")]) == {}
+        # The writer carries on: the same settle without the failing row goes through.
+        assert await box.settle([
+            Sequenced(batch(1).id, [new(1)], "[]", {("order", "o1"): '{"n": 1}'}),
+            Sequenced(batch(2).id, [new(3)], "[]", {("order", "o2"): '{"n": 2}'}),
+        ], 101.0) == [1, 1]
+        assert await box.states([("order", "o1"), ("order", "o2")]) == {
+            ("order", "o1"): '{"n": 1}', ("order", "o2"): '{"n": 2}'}
+    finally:
+        locker.close()
+        await box.close()
+
+
 async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
     import sqlite3
 

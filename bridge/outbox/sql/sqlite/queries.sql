@@ -126,6 +126,9 @@ SELECT id, received_at, items, body, summary IS NOT NULL AS rerouted FROM inbox
 WHERE status = 'waiting'
 ORDER BY seq LIMIT ?
 
+-- name: is_waiting
+SELECT 1 FROM inbox WHERE id = ? AND status = 'waiting'
+
 -- name: mark_sequenced
 UPDATE inbox SET status = 'sequenced', deliveries = :deliveries, duplicates = :duplicates,
     summary = :summary, error = NULL, sequenced_at = :now
@@ -185,7 +188,8 @@ DELETE FROM ping
 -- name: get_state
 SELECT state FROM shipment_state WHERE kind = ? AND uuid = ?
 
--- name: put_state
+-- name: put_states
+-- One VALUES group; sqlite.py repeats it for up to INSERT_ROWS rows per statement.
 INSERT INTO shipment_state (kind, uuid, state, updated_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (kind, uuid) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
 
