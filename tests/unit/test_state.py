@@ -195,3 +195,19 @@ def test_a_coalescing_window_gathers_the_steps_of_its_changes() -> None:
     seen, state = observe(state, snapshot([step(0), step(1), step(2, error=True), step(3)]))
     fresh, wait, other = hold(state, "r", 10.0, seen, now=106.0, flush=False)
     assert other != window and [s["description"] for s in fresh.new_steps] == ["step 3"]
+
+
+def test_odd_steps_are_left_out_or_keyed_as_text() -> None:
+    """What isendu's docs do not promise: `steps` that is no list, entries that are no
+    objects, a step without a description or with a number for a status."""
+    item = Item("tracking", "t9", {"uuid": "t9", "status": "X", "steps": "not a list"})
+    obs, state = observe(None, item)
+    assert obs.new_steps == () and state.steps == [] and state.newest is None
+    odd = {"timestamp": "2025-11-01T09:00:00Z", "status": 3}
+    item = Item("tracking", "t9", {"uuid": "t9", "status": "X",
+                                   "steps": [7, None, odd, dict(odd), step(0)]})
+    obs, state = observe(state, item)
+    assert [s["status"] for s in obs.new_steps] == [step(0)["status"], 3]  # by time, once
+    assert step_key(odd) == ("2025-11-01T09:00:00Z", "3", "")
+    again, _ = observe(state, item)
+    assert again.repeat
