@@ -151,6 +151,25 @@ def test_the_book_writes_only_what_changed_and_undoes_a_failed_batch() -> None:
     assert book.missing([snapshot([step(0)], uuid="t9")]) == [("tracking", "t9")]
 
 
+def test_the_book_keeps_states_as_their_json_between_batches() -> None:
+    """What was written is what memory keeps (a parsed state took ~4x the memory); a
+    shipment that comes back is parsed again, and an undo puts the JSON back."""
+    from bridge.state import StateBook
+
+    book = StateBook()
+    book.observe(snapshot([step(0)]))
+    assert isinstance(book.known[("tracking", "t1")], EntityState)  # within the batch
+    written = book.take_changed()
+    assert book.known[("tracking", "t1")] == written[("tracking", "t1")]
+    seen = book.observe(snapshot([step(0), step(1)]))
+    assert [s["description"] for s in seen.new_steps] == ["step 1"]
+    assert seen.previous == {"status": step(0)["status"], "delivered": False, "step": step(0)}
+    book.undo()
+    assert book.known[("tracking", "t1")] == written[("tracking", "t1")]
+    assert book.observe(snapshot([step(0)])).repeat
+    assert book.known[("tracking", "t1")] == written[("tracking", "t1")]  # a repeat: as it was
+
+
 def test_the_book_keeps_the_most_recently_observed() -> None:
     from bridge.state import StateBook
 
