@@ -150,6 +150,8 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._swept_at = 0.0
+        # Per batch routed and not yet settled: its items' verdicts, for its log line.
+        self._verdicts: dict[str, dict[str, int]] = {}
         self.pressure = pressure or Pressure()
         self._idle = asyncio.Event()  # the last request in flight is done
         self.pressure.on_idle(self._idle.set)
@@ -227,6 +229,7 @@ class Sequencer:
         try:
             await self._sequence(parsed)
         finally:
+            self._verdicts.clear()  # of batches routed and then not settled (a failed settle)
             if self.state is not None:
                 self.state.book.trim(STATES_IN_MEMORY)
 
@@ -321,12 +324,16 @@ class Sequencer:
                     log.debug("item skipped", extra={
                         "batch_id": row.id, "uuid": p.item.uuid, "verdict": p.verdict,
                         "routes": sorted(p.skipped)})
+        verdicts: dict[str, int] = {}
         for (kind, verdict), n in observed.items():
             self.metrics.verdicts.labels(kind, verdict).inc(n)
+            verdicts[verdict] = verdicts.get(verdict, 0) + n
+        self._verdicts[row.id] = verdicts
         return Sequenced(row.id, deliveries, summary_of(plans), states)
 
     async def _settle(self, rows: list[InboxBatch], outcomes: list[Outcome]) -> bool:
         now = self.clock()
+        verdicts = [self._verdicts.pop(r.id, {}) for r in rows]
         try:
             results = await self.inbox.settle(outcomes, now)
         except Exception:
@@ -338,7 +345,7 @@ class Sequencer:
             await self._sleep(RETRY_AFTER_FAILURE)
             return False
         new_total = 0
-        for row, outcome, new in zip(rows, outcomes, results, strict=True):
+        for row, outcome, new, seen in zip(rows, outcomes, results, verdicts, strict=True):
             if isinstance(outcome, Failed):
                 self.metrics.batches_sequenced.labels("failed").inc()
                 continue
@@ -353,10 +360,12 @@ class Sequencer:
                     log.warning("template failed; delivery dead-lettered",
                                 extra={"batch_id": row.id, "delivery_id": d.id,
                                        "reason": d.error})
-            log.info("batch sequenced", extra={
-                "batch_id": row.id, "items": row.items, "deliveries": new,
-                "duplicates": len(outcome.deliveries) - new,
-                "waited": round(max(0.0, now - row.received_at), 3)})
+            line = {"batch_id": row.id, "items": row.items, "deliveries": new,
+                    "duplicates": len(outcome.deliveries) - new,
+                    "waited": round(max(0.0, now - row.received_at), 3)}
+            if self.state is not None:  # items the state found nothing new in, or older
+                line |= {"repeats": seen.get("repeat", 0), "stale": seen.get("stale", 0)}
+            log.info("batch sequenced", extra=line)
         if new_total:
             self.on_deliveries()
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
@@ -256,10 +257,15 @@ async def test_delivered_before_out_for_delivery(harness: Harness) -> None:
     assert item["verdict"] == "stale" and item["skipped"] == {"chat": "stale"}
 
 
-async def test_the_same_batch_twice_notifies_once(harness: Harness) -> None:
+async def test_the_same_batch_twice_notifies_once(harness: Harness,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     batch = [snapshot("t1", [0, 1]), snapshot("t2", [0])]
     ids = await harness.post(batch, batch)
-    await harness.sequence()
+    with caplog.at_level(logging.INFO, logger="bridge.sequencer"):
+        await harness.sequence()
+    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "batch sequenced"]
+    assert [(r["batch_id"], r["deliveries"], r["repeats"], r["stale"]) for r in lines] == [
+        (ids[0], 4, 0, 0), (ids[1], 0, 2, 0)]  # the log line says why nothing went out
     assert len(await harness.notified(ids[:1], "chat")) == 2
     assert await harness.notified(ids[1:], "chat") == []
     info = await harness.store.batch(ids[1])
