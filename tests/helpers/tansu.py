@@ -57,7 +57,24 @@ class Tansu:
 
 def start_tansu(binary: str, log: Path, advertised_port: int | None = None,
                 timeout: float = 30.0) -> Tansu:
-    """Start a broker on a free port and return once it accepts connections."""
+    """Start a broker on a free port and return once it accepts connections. A port found
+    free can be taken before the broker binds it: then the broker exits at once, and it
+    is started again on another port (up to three times)."""
+    for attempt in range(3):
+        try:
+            return _start_tansu(binary, log, advertised_port, timeout)
+        except _ExitedEarly:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _ExitedEarly(RuntimeError):
+    pass
+
+
+def _start_tansu(binary: str, log: Path, advertised_port: int | None,
+                 timeout: float) -> Tansu:
     port = free_port()
     advertised = advertised_port or port
     with log.open("wb") as out:
@@ -80,7 +97,7 @@ def _wait_for_port(broker: Tansu, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if broker.process.poll() is not None:
-            raise RuntimeError(f"tansu exited with {broker.process.returncode}: "
+            raise _ExitedEarly(f"tansu exited with {broker.process.returncode}: "
                                f"{broker.log.read_text(errors='replace')[-2000:]}")
         with contextlib.suppress(OSError), socket.create_connection(
                 ("127.0.0.1", broker.port), timeout=1.0):

@@ -38,9 +38,14 @@ class TcpProxy:
         return self._server is not None
 
     async def start(self) -> None:
+        """Listen; with port 0, on a port the system picks, kept for every later start.
+        Started before what needs its port is configured, it holds that port from then on:
+        a port found free and bound later can be taken in between (CI saw it happen)."""
         if self._server is None:
             self._server = await asyncio.start_server(
                 self._accept, self.host, self.port, reuse_address=True)
+            if self.port == 0:
+                self.port = self._server.sockets[0].getsockname()[1]
 
     async def go_down(self) -> None:
         """From now on connecting is refused, and every open connection is reset."""

@@ -28,7 +28,7 @@ from bridge.sinks.kafka import KafkaSink, KafkaSinkConfig
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers.bridge import Bridge, eventually
 from tests.helpers.cases import directives
-from tests.helpers.tansu import Tansu, broker_bin, free_port, start_tansu
+from tests.helpers.tansu import Tansu, broker_bin, start_tansu
 from tests.helpers.tcp_proxy import TcpProxy
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -79,11 +79,15 @@ def tansu(tansu_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 async def proxied_tansu(tansu_bin: str, tmp_path: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
     """A broker of its own that clients reach only through a proxy, which can cut them off
     (go_down) or hold every byte (stall)."""
-    proxy_port = free_port()
-    broker = start_tansu(tansu_bin, tmp_path / "tansu-proxied.log", advertised_port=proxy_port)
-    proxy = TcpProxy(target_port=broker.port, port=proxy_port)
+    proxy = TcpProxy(target_port=0, port=0)
+    await proxy.start()  # its port is held from now on (nothing connects before the broker)
     try:
-        await proxy.start()
+        broker = start_tansu(tansu_bin, tmp_path / "tansu-proxied.log", advertised_port=proxy.port)
+    except BaseException:
+        await proxy.close()
+        raise
+    proxy.target_port = broker.port
+    try:
         yield broker, proxy
     finally:
         proxy.flow()
