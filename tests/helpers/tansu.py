@@ -11,8 +11,11 @@ import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.tcp_proxy import TcpProxy
 
 
 def free_port() -> int:
@@ -105,3 +108,25 @@ def _wait_for_port(broker: Tansu, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"tansu did not listen on {broker.port} within {timeout}s")
         time.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def broker_behind_proxy(binary: str, log: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
+    """A broker of its own that clients reach only through a proxy, which can cut them off
+    (go_down) or hold every byte (stall). The proxy listens first and holds its port from
+    then on (nothing connects before the broker is up): a port found free and bound later
+    can be taken in between."""
+    proxy = TcpProxy(target_port=0, port=0)
+    await proxy.start()
+    try:
+        broker = start_tansu(binary, log, advertised_port=proxy.port)
+    except BaseException:
+        await proxy.close()
+        raise
+    proxy.target_port = broker.port
+    try:
+        yield broker, proxy
+    finally:
+        proxy.flow()
+        await proxy.close()
+        broker.stop()

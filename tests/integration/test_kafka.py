@@ -28,7 +28,7 @@ from bridge.sinks.kafka import KafkaSink, KafkaSinkConfig
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers.bridge import Bridge, eventually
 from tests.helpers.cases import directives
-from tests.helpers.tansu import Tansu, broker_bin, start_tansu
+from tests.helpers.tansu import Tansu, broker_behind_proxy, broker_bin, start_tansu
 from tests.helpers.tcp_proxy import TcpProxy
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -79,20 +79,8 @@ def tansu(tansu_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 async def proxied_tansu(tansu_bin: str, tmp_path: Path) -> AsyncIterator[tuple[Tansu, TcpProxy]]:
     """A broker of its own that clients reach only through a proxy, which can cut them off
     (go_down) or hold every byte (stall)."""
-    proxy = TcpProxy(target_port=0, port=0)
-    await proxy.start()  # its port is held from now on (nothing connects before the broker)
-    try:
-        broker = start_tansu(tansu_bin, tmp_path / "tansu-proxied.log", advertised_port=proxy.port)
-    except BaseException:
-        await proxy.close()
-        raise
-    proxy.target_port = broker.port
-    try:
+    async with broker_behind_proxy(tansu_bin, tmp_path / "tansu-proxied.log") as (broker, proxy):
         yield broker, proxy
-    finally:
-        proxy.flow()
-        await proxy.close()
-        broker.stop()
 
 
 def prefix() -> str:
