@@ -536,7 +536,12 @@ def routes_per_item(workdir: Path, config_text: str, src: str | None) -> dict[st
     cfg = workdir / "dry-run.yaml"
     cfg.write_text(config_text)
     payload = workdir / "dry-run-batch.json"
-    payload.write_bytes(BatchFactory(prefix=0, items=len(sample_items()), skeletons=1).body(0))
+    # Every item its own shipment: with shipment state on, two snapshots of one sample
+    # shipment in one batch would be a change and a stale one, not the fan-out of the mix.
+    doc: dict[str, list[dict[str, Any]]] = {}
+    for n, (kind, item) in enumerate(sample_items()):
+        doc.setdefault(kind, []).append({**item, "uuid": str(item["uuid"])[:-12] + f"{n:012x}"})
+    payload.write_bytes(json.dumps(doc, ensure_ascii=False).encode())
     out = subprocess.run([BRIDGE_BIN, "dry-run", "--config", str(cfg), "--json",
                           str(payload)], capture_output=True, check=True, text=True,
                          cwd=REPO, timeout=120,
