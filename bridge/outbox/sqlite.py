@@ -138,7 +138,9 @@ def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[s
             params += (stored_id(d.id), d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
                        _pack(d.payload),
                        Status.DEAD.value if d.error else Status.PENDING.value,
-                       now + d.delay, d.error, now, now, now, d.group_key)
+                       now + d.delay, d.error, now, now, now, d.group_key,
+                       # Not due yet and outside a digest: later ones of its item wait.
+                       1 if d.delay > 0 and d.group_key is None else None)
         chunks.append((_insert_sql(len(part)), params))
     return chunks
 
@@ -262,6 +264,9 @@ class SqliteStore(Store):
         self.commits = 0  # how many transactions served how many operations: group commit
         self.operations = 0
         self.migrated: list[str] = []
+        # When the last deliveries were stored. Stored ones are due in seq order, whatever
+        # the clock does (an NTP step back): the claim's per-shipment order relies on it.
+        self._stored_at = 0.0
 
     # ---- the writer thread -------------------------------------------------------------
 
@@ -275,7 +280,12 @@ class SqliteStore(Store):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         self.migrated = apply_migrations(conn, time.time())
+        self._stored_at = conn.execute(Q["last_stored"]).fetchone()[0] or 0.0
         return conn
+
+    def _storing_at(self, now: float) -> float:
+        self._stored_at = max(self._stored_at, now)
+        return self._stored_at
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         held: list[_Op] = []  # sequencing work left for the next group
@@ -433,7 +443,7 @@ class SqliteStore(Store):
     # ---- outbox ------------------------------------------------------------------------
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        chunks = insert_statements(deliveries, now)
+        chunks = insert_statements(deliveries, self._storing_at(now))
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
@@ -558,7 +568,8 @@ class SqliteStore(Store):
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
         # Parameters built here, on the event loop: the writer only binds and steps.
-        prepared = [(o, None if isinstance(o, Failed) else insert_statements(o.deliveries, now))
+        at = self._storing_at(now)
+        prepared = [(o, None if isinstance(o, Failed) else insert_statements(o.deliveries, at))
                     for o in outcomes]
 
         def write(c: sqlite3.Connection) -> list[int | None]:

@@ -105,7 +105,8 @@ async def test_sqlite_file_of_the_previous_release_is_migrated(tmp_path: Path) -
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'")}
     conn.close()
     assert recorded == [(m.version, m.name) for m in migrations("sqlite")]
-    assert "deliveries_by_item" in indexes  # 0004: per-shipment order at a sink
+    # 0004's per-shipment order index, narrowed by 0006 to the deliveries that hold back.
+    assert "deliveries_holding" in indexes and "deliveries_by_item" not in indexes
 
 
 async def test_postgres_database_of_the_previous_release_is_migrated() -> None:
@@ -157,10 +158,21 @@ async def test_a_database_from_a_newer_release_is_refused(tmp_path: Path) -> Non
 
 # ---- 0005: from the release that kept shipment states WITHOUT ROWID ------------------------
 
+async def _pending_uuids(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute(
+            "SELECT DISTINCT item_uuid FROM deliveries WHERE status = 'pending' AND sink = 'hook'")]
+    finally:
+        conn.close()
+
+
 RELEASE_04 = Path(__file__).parents[1] / "data" / "release-0.4" / "sqlite.sql"  # make.py
 
 
-async def test_sqlite_file_with_shipment_states_is_migrated_to_0005(tmp_path: Path) -> None:
+async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retries(
+    tmp_path: Path
+) -> None:
     path = tmp_path / "bridge.db"
     conn = sqlite3.connect(path)
     conn.executescript(RELEASE_04.read_text())
@@ -168,21 +180,33 @@ async def test_sqlite_file_with_shipment_states_is_migrated_to_0005(tmp_path: Pa
     pending = sorted(r[0] for r in conn.execute(
         "SELECT id FROM deliveries WHERE status = 'pending'"))
     [(dead_id,)] = conn.execute("SELECT id FROM deliveries WHERE status = 'dead'").fetchall()
+    # One shipment's first delivery failed once and waits for its retry, as a previous
+    # release leaves it: its later ones must still wait after the upgrade (0006).
+    (waiting_uuid, first_seq), = conn.execute(
+        "SELECT item_uuid, MIN(seq) FROM deliveries WHERE status = 'pending' AND sink = 'hook'"
+        " GROUP BY item_uuid HAVING COUNT(*) > 1 ORDER BY item_uuid LIMIT 1").fetchall()
+    conn.execute("UPDATE deliveries SET attempts = 1, next_attempt_at = ?, last_error = 'HTTP 500'"
+                 " WHERE seq = ?", (time.time() + 3600, first_seq))
+    conn.commit()
     conn.close()
     assert len(states) == 36 and len(pending) == 74
 
     store = from_url(f"sqlite:///{path}")
     await store.open()
     try:
-        assert store.migrated == ["0005_shipment_state_layout"]  # type: ignore[attr-defined]
+        assert store.migrated == [  # type: ignore[attr-defined]
+            "0005_shipment_state_layout", "0006_holding_deliveries"]
         keys = [(k, u) for k, u, _, _ in states]
         assert await store.states(keys) == {(k, u): s for k, u, s, _ in states}
         assert await store.counts() == {"pending": 74, "delivered": 1, "dead": 1}
         [dead] = await store.list_dead()
         assert (dead.id, dead.last_error) == (id_of_stored(dead_id), "HTTP 400: refused")
         claimed = await store.claim("hook", 100, time.time() + 60, 30)
-        # Per-shipment order still holds: one delivery per item uuid at a time.
+        # Per-shipment order still holds: one delivery per item uuid at a time, and none of
+        # the shipment whose first delivery waits for its retry.
         assert len({d.item_uuid for d in claimed}) == len(claimed) > 0
+        assert waiting_uuid not in {d.item_uuid for d in claimed}
+        assert len(claimed) == len({u for u in (await _pending_uuids(path))}) - 1
         assert await store.recall("slack:C1", "u1") == "1700000000.0001"
         # States are written and swept as before, in the new table.
         await store.append(InboxBatch("b" * 32, time.time(), 1, b'{"order": [{"uuid": "o"}]}'))

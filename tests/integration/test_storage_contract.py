@@ -296,6 +296,17 @@ async def test_one_item_s_deliveries_are_claimed_one_at_a_time_in_order(box: Sto
     assert ids(await box.claim("s", 10, 134.0, 30)) == ["d0004"]
 
 
+async def test_a_clock_gone_back_does_not_put_an_item_s_later_delivery_first(
+    box: Store
+) -> None:
+    await box.enqueue([about(1, "A")], 100.0)
+    await box.enqueue([about(2, "B"), about(3, "A")], 90.0)  # an NTP step back in between
+    # One at a time: d0003, stored as due at 90, must not go before d0001.
+    assert ids(await box.claim("s", 1, 100.0, 30)) in (["d0001"], ["d0002"])
+    claimed = ids(await box.claim("s", 1, 100.0, 30)) + ids(await box.claim("s", 1, 100.0, 30))
+    assert "d0003" not in claimed
+
+
 async def test_a_retry_holds_back_its_own_item_at_its_own_sink_only(box: Store) -> None:
     await box.enqueue([about(1, "A"), about(2, "A"), about(3, "B"), about(4, "B"),
                        about(5, "A", sink="t")], 100.0)

@@ -6,21 +6,35 @@
 -- name: insert_deliveries
 -- One VALUES group; sqlite.py repeats it for up to INSERT_ROWS rows per statement.
 INSERT OR IGNORE INTO deliveries (id, sink, route, item_uuid, kind, batch_id, payload,
-    status, next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+    status, next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key,
+    holds_item)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+
+-- name: last_stored
+-- When the newest delivery was stored (sqlite.py keeps later ones from being stored earlier).
+SELECT MAX(enqueued_at) FROM (SELECT enqueued_at FROM deliveries ORDER BY seq DESC LIMIT 1)
 
 -- name: claim
 -- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
--- this sink is pending, in flight, waiting for a retry or not yet due (deliveries_by_item).
+-- this sink is pending, in flight, waiting for a retry or not yet due. Those that can be in
+-- the way are marked (holds_item, indexed by deliveries_holding, migration 0006): claimed
+-- ones until settled, replayed ones, ones stored not yet due. An unmarked earlier one is
+-- due and unleased, and due no later than this one (sqlite.py stores them in seq order with
+-- times that never go back): it comes first among the candidates, and of each item only the
+-- first candidate is taken.
 -- Digest members neither wait nor hold back: a digest goes out when its window closes.
-UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
-WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d.sink = :sink
-              AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
-              AND (d.group_key IS NOT NULL OR NOT EXISTS (
-                  SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
-                  AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
-                  AND e.seq < d.seq))
-              ORDER BY d.next_attempt_at, d.seq LIMIT :limit)
+UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now,
+    holds_item = CASE WHEN group_key IS NULL THEN 1 END
+WHERE seq IN (
+    SELECT MIN(seq) FROM (
+        SELECT d.seq, d.item_uuid, d.group_key FROM deliveries AS d
+        WHERE d.status = 'pending' AND d.sink = :sink
+        AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
+        AND (d.group_key IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
+            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        ORDER BY d.next_attempt_at, d.seq LIMIT :limit) AS candidates
+    GROUP BY item_uuid, CASE WHEN group_key IS NULL THEN NULL ELSE seq END)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
 
@@ -65,7 +79,7 @@ SELECT MIN(t) FROM (
         WHERE d.status = 'pending' AND d.sink = :sink
         AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
         AND (d.group_key IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
+            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
             AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
         ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
     UNION ALL
@@ -86,12 +100,14 @@ ORDER BY updated_at DESC, seq DESC LIMIT ?
 
 -- name: replay_all
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
-    enqueued_at = :now, lease_until = NULL, updated_at = :now
+    enqueued_at = :now, lease_until = NULL, updated_at = :now,
+    holds_item = CASE WHEN group_key IS NULL THEN 1 END
 WHERE status = 'dead' AND status <> 'pending'
 
 -- name: replay_one
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
-    enqueued_at = :now, lease_until = NULL, updated_at = :now
+    enqueued_at = :now, lease_until = NULL, updated_at = :now,
+    holds_item = CASE WHEN group_key IS NULL THEN 1 END
 WHERE status = 'dead' AND status <> 'pending' AND id = :id
 
 -- name: sweep_delivered

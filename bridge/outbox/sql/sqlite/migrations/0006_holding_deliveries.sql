@@ -1,0 +1,18 @@
+-- Per-shipment order, cheaper: 0004's index held every pending delivery under a random key
+-- (its item's uuid), so storing and settling each one wrote a random page of it; with a
+-- backlog of 60,000 that upkeep took a fifth of a burst's time from first POST to last
+-- delivery. Only deliveries that were claimed (in flight, or waiting for a retry), replayed
+-- or stored not yet due can hold back a later one of their item: they are marked, and the
+-- index keeps them alone, a few hundred rows while deliveries flow. A later delivery that is
+-- due beside an earlier unmarked one never passes it: claims take candidates oldest first
+-- and at most one per item (queries.sql, claim).
+ALTER TABLE deliveries ADD COLUMN holds_item INTEGER;
+-- What 0004's rule held back before the upgrade is held back after it: every pending
+-- delivery already tried, waiting for a retry (a refunded attempt leaves it due later than
+-- it was stored) or stored not yet due.
+UPDATE deliveries SET holds_item = 1
+WHERE status = 'pending' AND group_key IS NULL
+  AND (attempts > 0 OR lease_until IS NOT NULL OR next_attempt_at > enqueued_at);
+DROP INDEX IF EXISTS deliveries_by_item;
+CREATE INDEX deliveries_holding ON deliveries (item_uuid, sink, seq)
+    WHERE status = 'pending' AND holds_item = 1;
