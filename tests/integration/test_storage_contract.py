@@ -850,3 +850,15 @@ async def test_shipment_states_are_written_with_their_batch_only(reopen: StoreFa
     assert await box2.states([t1]) == {t1: '{"v": 2}'}
     assert await box2.forget_states(150.0) == 1  # o1, unchanged since 100
     assert await box2.states([t1, o1]) == {t1: '{"v": 2}'}
+
+
+async def test_many_shipment_states_are_read_at_once(box: Store) -> None:
+    # A take's worth of keys: more than one statement's (SQLite reads them in parts),
+    # asked twice over, half of them never stored, one uuid under both kinds.
+    stored = {("tracking", f"t{i}"): f'{{"n": {i}}}' for i in range(0, 300, 2)}
+    stored[("order", "t0")] = '{"kind": "order"}'
+    await box.append(batch(1))
+    assert await box.settle([Sequenced(batch(1).id, [], "[]", stored)], 100.0) == [0]
+    asked = [("tracking", f"t{i}") for i in range(300)] + [("order", "t0"), ("order", "t2")]
+    assert await box.states(asked + asked[::-1]) == stored
+    assert await box.states([]) == {}

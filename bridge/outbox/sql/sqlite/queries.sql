@@ -201,8 +201,12 @@ DELETE FROM ping
 
 -- ---- shipment state ----------------------------------------------------------------------
 
--- name: get_state
-SELECT state FROM shipment_state WHERE kind = ? AND uuid = ?
+-- name: get_states
+-- One VALUES group; sqlite.py repeats it for up to INSERT_ROWS keys per statement. A join,
+-- as `(kind, uuid) IN (VALUES ...)` is planned as a scan of the table. One statement for
+-- many keys: the writer thread steps once per state found, not once per key asked.
+SELECT s.kind, s.uuid, s.state FROM (VALUES (?, ?)) AS k
+CROSS JOIN shipment_state AS s ON s.kind = k.column1 AND s.uuid = k.column2
 
 -- name: put_states
 -- One VALUES group; sqlite.py repeats it for up to INSERT_ROWS rows per statement.
