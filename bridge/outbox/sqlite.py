@@ -76,6 +76,10 @@ def _rows_sql(query: str, rows: int) -> str:
     return head + "VALUES " + ",".join([group + ")"] * rows) + tail
 
 
+def _read_states(sql: str, params: list[str], c: sqlite3.Connection) -> list[Any]:
+    return c.execute(sql, params).fetchall()
+
+
 def _insert_sql(rows: int) -> str:
     return _rows_sql("insert_deliveries", rows)
 
@@ -656,9 +660,9 @@ class SqliteStore(Store):
         # meanwhile go between two parts instead of waiting for the whole read.
         for start in range(0, len(asked), INSERT_ROWS):
             part = asked[start:start + INSERT_ROWS]
-            sql, params = _rows_sql("get_states", len(part)), [v for key in part for v in key]
-            rows = await self._call(lambda c, sql=sql, params=params: c.execute(
-                sql, params).fetchall(), weight=len(part))
+            rows = await self._call(functools.partial(
+                _read_states, _rows_sql("get_states", len(part)),
+                [v for key in part for v in key]), weight=len(part))
             out.update({(r[0], r[1]): str(r[2]) for r in rows})
         return out
 
