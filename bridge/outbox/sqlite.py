@@ -455,6 +455,10 @@ class SqliteStore(Store):
                 c.execute(sql, params)
             return c.total_changes - before
 
+        # Not used by `bridge serve` (the sequencer stores through settle). Beside a settle
+        # in one writer group, a one-statement enqueue queued first would run after it (the
+        # group's first operation of several statements leads) with the earlier storing
+        # time and the later seq, which per-shipment order assumes never happens.
         return await self._call(write, one_statement=len(chunks) == 1,
                                 weight=len(deliveries))
 
@@ -517,12 +521,15 @@ class SqliteStore(Store):
             _row(r) for r in c.execute(Q["list_dead"], (limit,)).fetchall()])
 
     async def replay(self, ids: list[str] | None, now: float) -> int:
+        # Stored again, so due no earlier than what was stored before it (_storing_at).
+        at = self._storing_at(now)
+
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
             if ids is None:
-                c.execute(Q["replay_all"], {"now": now})
+                c.execute(Q["replay_all"], {"now": at})
             else:
-                c.executemany(Q["replay_one"], [{"now": now, "id": stored_id(i)} for i in ids])
+                c.executemany(Q["replay_one"], [{"now": at, "id": stored_id(i)} for i in ids])
             return c.total_changes - before
 
         return await self._call(write)

@@ -187,6 +187,14 @@ async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retrie
         " GROUP BY item_uuid HAVING COUNT(*) > 1 ORDER BY item_uuid LIMIT 1").fetchall()
     conn.execute("UPDATE deliveries SET attempts = 1, next_attempt_at = ?, last_error = 'HTTP 500'"
                  " WHERE seq = ?", (time.time() + 3600, first_seq))
+    # Another's first delivery was a dead letter replayed by that release and not yet sent
+    # again: due later than its shipment's later ones, and still first after the upgrade.
+    (replayed_uuid, replayed_seq, replayed_id), = conn.execute(
+        "SELECT item_uuid, MIN(seq), id FROM deliveries WHERE status = 'pending'"
+        " AND sink = 'hook' GROUP BY item_uuid HAVING COUNT(*) > 1 ORDER BY item_uuid"
+        " LIMIT 1 OFFSET 1").fetchall()
+    conn.execute("UPDATE deliveries SET next_attempt_at = ?, enqueued_at = ? WHERE seq = ?",
+                 (time.time() + 10, time.time() + 10, replayed_seq))
     conn.commit()
     conn.close()
     assert len(states) == 36 and len(pending) == 74
@@ -201,11 +209,15 @@ async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retrie
         assert await store.counts() == {"pending": 74, "delivered": 1, "dead": 1}
         [dead] = await store.list_dead()
         assert (dead.id, dead.last_error) == (id_of_stored(dead_id), "HTTP 400: refused")
-        claimed = await store.claim("hook", 100, time.time() + 60, 30)
+        claimed, later = [], time.time() + 60
+        while taken := await store.claim("hook", 1, later, 30):  # one at a time, oldest first
+            claimed += taken
         # Per-shipment order still holds: one delivery per item uuid at a time, and none of
         # the shipment whose first delivery waits for its retry.
         assert len({d.item_uuid for d in claimed}) == len(claimed) > 0
         assert waiting_uuid not in {d.item_uuid for d in claimed}
+        assert [d.id for d in claimed if d.item_uuid == replayed_uuid] == [
+            id_of_stored(replayed_id)]
         assert len(claimed) == len({u for u in (await _pending_uuids(path))}) - 1
         assert await store.recall("slack:C1", "u1") == "1700000000.0001"
         # States are written and swept as before, in the new table.

@@ -307,6 +307,30 @@ async def test_a_clock_gone_back_does_not_put_an_item_s_later_delivery_first(
     assert "d0003" not in claimed
 
 
+async def test_a_replay_after_the_clock_went_back_does_not_pass_an_earlier_delivery(
+    box: Store
+) -> None:
+    await box.enqueue([about(1, "X")], 200.0)
+    await box.enqueue([about(2, "A")], 150.0)  # the clock stepped back
+    await box.enqueue([about(3, "A", error="template failed: x")], 150.0)  # stored dead
+    assert await box.replay(["d0003"], 150.0) == 1
+    claimed = ids(await box.claim("s", 10, 150.0, 30)) + ids(await box.claim("s", 10, 200.0, 30))
+    assert "d0003" not in claimed  # d0002 first, then d0003 once it is settled
+    await box.complete(["d0002"], 201.0)
+    assert ids(await box.claim("s", 10, 201.0, 30)) == ["d0003"]
+
+
+async def test_a_claim_is_full_when_items_have_several_deliveries_due(box: Store) -> None:
+    # A shipment's deliveries stored together (two routes, or two snapshots in one batch):
+    # the dispatcher claims again at once only after a full claim.
+    await box.enqueue([about(2 * k + j, f"u{k:03d}") for k in range(200) for j in range(2)],
+                      100.0)
+    claims = [await box.claim("s", 50, 100.0, 30) for _ in range(4)]
+    assert [len(c) for c in claims] == [50, 50, 50, 50]
+    assert len({d.item_uuid for c in claims for d in c}) == 200  # one each, the first ones
+    assert all(int(d.id[1:]) % 2 == 0 for c in claims for d in c)
+
+
 async def test_a_retry_holds_back_its_own_item_at_its_own_sink_only(box: Store) -> None:
     await box.enqueue([about(1, "A"), about(2, "A"), about(3, "B"), about(4, "B"),
                        about(5, "A", sink="t")], 100.0)

@@ -27,14 +27,17 @@ UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updat
     holds_item = CASE WHEN group_key IS NULL THEN 1 END
 WHERE seq IN (
     SELECT MIN(seq) FROM (
-        SELECT d.seq, d.item_uuid, d.group_key FROM deliveries AS d
+        SELECT d.seq, d.item_uuid, d.group_key, d.next_attempt_at FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = :sink
         AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
         AND (d.group_key IS NOT NULL OR NOT EXISTS (
             SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
             AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
-        ORDER BY d.next_attempt_at, d.seq LIMIT :limit) AS candidates
-    GROUP BY item_uuid, CASE WHEN group_key IS NULL THEN NULL ELSE seq END)
+        ORDER BY d.next_attempt_at, d.seq LIMIT 4 * :limit) AS candidates
+    -- One per item, `limit` at most, the first ones: the dispatcher claims again at once
+    -- only after a full claim, and an item often has several deliveries due together.
+    GROUP BY item_uuid, CASE WHEN group_key IS NULL THEN NULL ELSE seq END
+    ORDER BY MIN(next_attempt_at), MIN(seq) LIMIT :limit)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
 

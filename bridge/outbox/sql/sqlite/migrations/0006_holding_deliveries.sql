@@ -8,11 +8,11 @@
 -- and at most one per item (queries.sql, claim).
 ALTER TABLE deliveries ADD COLUMN holds_item INTEGER;
 -- What 0004's rule held back before the upgrade is held back after it: every pending
--- delivery already tried, waiting for a retry (a refunded attempt leaves it due later than
--- it was stored) or stored not yet due.
-UPDATE deliveries SET holds_item = 1
-WHERE status = 'pending' AND group_key IS NULL
-  AND (attempts > 0 OR lease_until IS NOT NULL OR next_attempt_at > enqueued_at);
+-- delivery outside a digest is marked, once. Not only those already tried: an earlier
+-- release's replay, or its clock stepping back, can have left one due later than a later
+-- one of its item, which the claim's ordering alone would then let pass. Each mark goes
+-- when its delivery is settled.
+UPDATE deliveries SET holds_item = 1 WHERE status = 'pending' AND group_key IS NULL;
 DROP INDEX IF EXISTS deliveries_by_item;
 CREATE INDEX deliveries_holding ON deliveries (item_uuid, sink, seq)
     WHERE status = 'pending' AND holds_item = 1;
