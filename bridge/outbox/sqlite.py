@@ -68,7 +68,7 @@ def id_of_stored(stored: bytes | str) -> str:
 INSERT_ROWS = 64
 
 
-@functools.lru_cache(maxsize=2 * INSERT_ROWS)
+@functools.lru_cache(maxsize=3 * INSERT_ROWS)  # every size of its three queries
 def _rows_sql(query: str, rows: int) -> str:
     """The named query, its one VALUES group repeated for `rows` rows."""
     head, values = Q[query].split("VALUES")
@@ -284,7 +284,8 @@ class SqliteStore(Store):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
         self.migrated = apply_migrations(conn, time.time())
-        self._stored_at = conn.execute(Q["last_stored"]).fetchone()[0] or 0.0
+        newest = conn.execute(Q["last_stored"]).fetchone()
+        self._stored_at = newest[0] if newest else 0.0
         return conn
 
     def _storing_at(self, now: float) -> float:

@@ -12,7 +12,7 @@ VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 
 -- name: last_stored
 -- When the newest delivery was stored (sqlite.py keeps later ones from being stored earlier).
-SELECT MAX(enqueued_at) FROM (SELECT enqueued_at FROM deliveries ORDER BY seq DESC LIMIT 1)
+SELECT enqueued_at FROM deliveries ORDER BY seq DESC LIMIT 1
 
 -- name: claim
 -- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for

@@ -1,7 +1,6 @@
 -- Per-shipment order, cheaper: 0004's index held every pending delivery under a random key
--- (its item's uuid), so storing and settling each one wrote a random page of it; with a
--- backlog of 60,000 that upkeep took a fifth of a burst's time from first POST to last
--- delivery. Only deliveries that were claimed (in flight, or waiting for a retry), replayed
+-- (its item's uuid), so storing and settling each one wrote a random page of it: half of
+-- the outbox's own cost of storing and completing 100,000 (benchmarks/claim_cost.py). Only deliveries that were claimed (in flight, or waiting for a retry), replayed
 -- or stored not yet due can hold back a later one of their item: they are marked, and the
 -- index keeps them alone, a few hundred rows while deliveries flow. A later delivery that is
 -- due beside an earlier unmarked one never passes it: claims take candidates oldest first
