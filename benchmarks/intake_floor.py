@@ -1,19 +1,21 @@
-"""Where the intake's time goes: the bridge with parts of its work taken away, same load.
+"""Where the intake's time goes: the bridge's intake beside durable floors, same load.
 
     .venv/bin/python benchmarks/intake_floor.py [--rounds 3] [--duration 8]
 
 Each round runs the same closed-loop load (10-item batches, concurrency 32) against:
  - `bare`: benchmarks/bare_app.py, which parses the JSON and answers 200 (the ceiling);
- - `no-routes`: `bridge serve` with no routes on `memory://`: aiohttp, parsing, validation,
-   the log line and metrics, nothing routed or stored;
- - `no-storage`: the benchmark's seven routes (~20 deliveries a batch), every delivery
-   routed and rendered, then dropped (benchmarks/null_serve.py: an outbox that keeps nothing);
- - `sqlite`: the same on the default SQLite outbox (WAL, synchronous=FULL): the real bridge;
- - `storage-alone`: no server and no load: benchmarks/storage_floor.py executes the bridge's
-   own INSERTs for the same batches (routed and rendered before its clock starts) on an
-   outbox opened as the bridge opens it, 32 batches a commit, one thread: what SQLite
-   itself costs for the rows, a floor under the `sqlite` variant's storage part.
-The receiver hangs (no send ever finishes), so no delivery work competes with intake.
+ - `durable-app`: benchmarks/durable_app.py, the issue's "minimal aiohttp app that parses,
+   validates and writes each batch as one SQLite row with group commit and fsync": the
+   floor any durable intake in Python on this machine stands on;
+ - `durable-small-row`: the same app storing only the first 100 bytes of each body: what
+   the body's size costs that floor;
+ - `intake-memory`: `bridge serve` on `memory://` with only its intake running
+   (benchmarks/intake_only_serve.py: no sequencer, no dispatcher): everything the bridge's
+   intake does but the SQLite row;
+ - `intake-sqlite`: the same on SQLite (WAL, synchronous=FULL): the bridge's intake alone;
+ - `bridge`: the real `bridge serve` on SQLite, its sequencer routing the benchmark's seven
+   routes (~20 deliveries a batch) and its dispatcher running, as a burst meets it.
+The receiver hangs (no send ever finishes), so deliveries pile up instead of being sent.
 For each: accepted batches/s, its share of the bare app's in the same round, and the
 server's CPU per batch (all its threads). The rounds alternate, so drift hits all alike.
 """
@@ -48,9 +50,10 @@ from common import (
     write_results,
 )
 
-NULL_SERVE = str(Path(__file__).resolve().with_name("null_serve.py"))
-STORAGE_FLOOR = str(Path(__file__).resolve().with_name("storage_floor.py"))
-VARIANTS = ("bare", "no-routes", "no-storage", "sqlite", "storage-alone")
+DURABLE_APP = str(Path(__file__).resolve().with_name("durable_app.py"))
+INTAKE_ONLY = str(Path(__file__).resolve().with_name("intake_only_serve.py"))
+VARIANTS = ("bare", "durable-app", "durable-small-row", "intake-memory", "intake-sqlite",
+            "bridge")
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,46 +72,44 @@ def parse_args() -> argparse.Namespace:
 
 def variant_config(name: str, port: int, sink_url: str, kids: Children, n: int) -> str:
     text = bridge_config(port, sink_url, kids.workdir / f"{name}-{n}" / "bridge.db")
-    if name in ("no-storage", "no-routes"):
+    if name == "intake-memory":
         lines = [ln if not ln.startswith("storage:") else "storage: memory://"
                  for ln in text.splitlines()]
         text = "\n".join(lines) + "\n"
-    if name == "no-routes":
-        text = text.split("\nroutes:\n", 1)[0] + "\nroutes: []\n"
     return text
+
+
+def start_server(kids: Children, name: str, n: int, sink_url: str, src: str | None
+                 ) -> tuple[Any, str]:
+    port = free_port()
+    base = f"http://{HOST}:{port}"
+    if name in ("bare", "durable-app", "durable-small-row"):
+        argv = [PYTHON, BARE_APP, "--port", str(port), "--path", WEBHOOK_PATH]
+        if name != "bare":
+            folder = kids.workdir / f"{name}-{n}"
+            folder.mkdir()
+            argv = [PYTHON, DURABLE_APP, "--port", str(port), "--path", WEBHOOK_PATH,
+                    "--db", str(folder / "floor.db")]
+            if name == "durable-small-row":
+                argv += ["--row-bytes", "100"]
+        server = kids.start(f"{name}-{n}", argv)
+        wait_ready(base + "/healthz", server)
+        return server, base
+    if name == "bridge":
+        return start_bridge(kids, f"{name}-{n}", variant_config(name, port, sink_url, kids, n),
+                            "INFO", src)
+    cfg = kids.workdir / f"{name}-{n}.yaml"
+    cfg.write_text(variant_config(name, port, sink_url, kids, n))
+    server = kids.start(f"{name}-{n}", [PYTHON, INTAKE_ONLY, "--log-level", "INFO", "serve",
+                                        "--config", str(cfg)],
+                        env={"PYTHONPATH": src} if src else None)
+    wait_ready(base + "/readyz", server)
+    return server, base
 
 
 def measure(kids: Children, args: argparse.Namespace, name: str, sink_url: str,
             n: int, src: str | None) -> dict[str, Any]:
-    if name == "storage-alone":
-        argv = [PYTHON, STORAGE_FLOOR, "--prefix", str(900 + n)]
-        if args.data_dir:
-            argv += ["--data-dir", args.data_dir]
-        floor, _ = run_json(kids, f"{name}-{n}", argv, timeout=600,
-                            env={"PYTHONPATH": src} if src else None)
-        return {"accepted_per_s": floor["batches_per_s"],
-                "cpu_us_per_batch": floor["cpu_us_per_batch"],
-                "deliveries_per_batch": floor["rows_per_batch"],
-                "foreign_cpu_percent": floor["foreign_cpu_percent"]}
-    if name == "bare":
-        port = free_port()
-        server = kids.start(f"bare-{n}", [PYTHON, BARE_APP, "--port", str(port),
-                                          "--path", WEBHOOK_PATH])
-        base = f"http://{HOST}:{port}"
-        wait_ready(base + "/healthz", server)
-    elif name == "no-storage":
-        port = free_port()
-        cfg = kids.workdir / f"{name}-{n}.yaml"
-        cfg.write_text(variant_config(name, port, sink_url, kids, n))
-        server = kids.start(f"{name}-{n}", [PYTHON, NULL_SERVE, "--log-level", "INFO", "serve",
-                                            "--config", str(cfg)],
-                            env={"PYTHONPATH": src} if src else None)
-        base = f"http://{HOST}:{port}"
-        wait_ready(base + "/readyz", server)
-    else:
-        server, base = start_bridge(kids, f"{name}-{n}",
-                                    variant_config(name, free_port(), sink_url, kids, n), "INFO",
-                                    src)
+    server, base = start_server(kids, name, n, sink_url, src)
     cpu0 = cpu_seconds(server.pid) or 0.0
     load, _ = run_json(kids, f"load-{name}-{n}", loadgen_argv(
         "intake", base + WEBHOOK_PATH, "--concurrency", str(args.concurrency), "--duration",
@@ -120,7 +121,6 @@ def measure(kids: Children, args: argparse.Namespace, name: str, sink_url: str,
         raise RuntimeError(f"{name}: non-200 answers {load['statuses']} {load['errors']}")
     return {"accepted_per_s": load["accepted_per_s"],
             "cpu_us_per_batch": 1e6 * (cpu1 - cpu0) / max(1, load["requests_total"]),
-            "deliveries_per_batch": load["deliveries_total"] / max(1, load["requests_total"]),
             "foreign_cpu_percent": load["foreign_cpu_percent"]}
 
 
@@ -142,15 +142,14 @@ def main() -> int:
                       flush=True)
                 this[name] = measure(kids, args, name, sink_url + "/hook", n, src)
             rounds.append(this)
-    print(f"\n{'variant':10s} {'batches/s per round':>28s} {'of bare (median)':>17s} "
-          f"{'cpu us/batch (median)':>22s} {'deliveries/batch':>17s}")
+    print(f"\n{'variant':17s} {'batches/s per round':>28s} {'of bare (median)':>17s} "
+          f"{'cpu us/batch (median)':>22s}")
     for name in chosen:
         rates = [r[name]["accepted_per_s"] for r in rounds]
         shares = [r[name]["accepted_per_s"] / r["bare"]["accepted_per_s"] for r in rounds]
         cpu = statistics.median(r[name]["cpu_us_per_batch"] for r in rounds)
-        per = statistics.median(r[name]["deliveries_per_batch"] for r in rounds)
-        print(f"{name:10s} {' / '.join(f'{x:,.0f}' for x in rates):>28s} "
-              f"{statistics.median(shares):>17.0%} {cpu:>22,.0f} {per:>17.1f}")
+        print(f"{name:17s} {' / '.join(f'{x:,.0f}' for x in rates):>28s} "
+              f"{statistics.median(shares):>17.0%} {cpu:>22,.0f}")
     foreign = max(v["foreign_cpu_percent"] for r in rounds for v in r.values())
     print(f"\nother processes used at most {foreign}% of one cpu during any load"
           + ("  <- NOT QUIET: rerun" if foreign > 15 else ""))
