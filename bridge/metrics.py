@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.models import KINDS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 CLOSE_REASONS = ("read_timeout", "keepalive_timeout", "max_connections")
 FAILURE_KINDS = ("auth_error", "rate_limited", "client_error", "server_error", "timeout",
@@ -90,8 +92,8 @@ class Metrics:
         for outcome in ("accepted", "rejected"):
             self.batches.labels(outcome)
         self.batches_accepted = self.batches.labels("accepted")  # once per batch: bound once
-        for kind in ("order", "tracking"):
-            self.items.labels(kind)
+        # Bound once: counted for every accepted batch, and labels() costs a lookup each time.
+        self.items_of = {kind: self.items.labels(kind) for kind in KINDS}
         for outcome in ("ok", "unknown_key", "invalid"):
             self.verifications.labels(outcome)
         for status in ("pending", "delivered", "dead"):
