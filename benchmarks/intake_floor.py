@@ -84,14 +84,12 @@ def start_server(kids: Children, name: str, n: int, sink_url: str, src: str | No
     port = free_port()
     base = f"http://{HOST}:{port}"
     if name in ("bare", "durable-app", "durable-small-row"):
-        argv = [PYTHON, BARE_APP, "--port", str(port), "--path", WEBHOOK_PATH]
+        argv = [PYTHON, BARE_APP if name == "bare" else DURABLE_APP, "--port", str(port),
+                "--path", WEBHOOK_PATH]
         if name != "bare":
-            folder = kids.workdir / f"{name}-{n}"
-            folder.mkdir()
-            argv = [PYTHON, DURABLE_APP, "--port", str(port), "--path", WEBHOOK_PATH,
-                    "--db", str(folder / "floor.db")]
-            if name == "durable-small-row":
-                argv += ["--row-bytes", "100"]
+            argv += ["--db", str(kids.workdir / f"{name}-{n}.db")]
+        if name == "durable-small-row":
+            argv += ["--row-bytes", "100"]
         server = kids.start(f"{name}-{n}", argv)
         wait_ready(base + "/healthz", server)
         return server, base
