@@ -10,6 +10,12 @@ are not counted: only max_age bounds how long they wait. Any answer from the rec
 success or a failure that is not unreachability (a 500, a 4xx, a 429), closes it again: the
 receiver is there, and from then on max_attempts counts what fails one delivery alone.
 
+A breaker starts up but not yet `heard_from`: until its receiver has answered once in this
+process, unreachable failures are not counted either. A bridge restarted during an outage
+(a rolling deploy, a crash loop) would otherwise spend attempts on the sends that trip it
+again after every start, and enough restarts would dead-letter work that an outage alone
+never does.
+
 Each process has its own breakers: replicas sharing PostgreSQL each find out for themselves.
 """
 
@@ -85,6 +91,7 @@ class Breaker:
         self.probe_at = 0.0  # when the next probe may start (only while down)
         self.probing = False  # a probe send is in flight
         self.probes = 0
+        self.heard_from = False  # the receiver has answered since this process started
         self._streak = 0  # unreachable sends in a row while up
         self._interval = first_probe
 
@@ -92,10 +99,17 @@ class Breaker:
     def up(self) -> bool:
         return self.down_since is None
 
+    @property
+    def counts_unreachable(self) -> bool:
+        """Whether a send failing as unreachable spends an attempt: only while up, and once
+        the receiver is known to be there (it answered since this process started)."""
+        return self.down_since is None and self.heard_from
+
     def answered(self, now: float) -> CameBack | None:
         """A send reached the receiver (delivered, or refused for a reason of its own).
         Returns what to report if that ends an outage."""
         self._streak = 0
+        self.heard_from = True
         if self.down_since is None:
             return None
         back = CameBack(now - self.down_since, self.cause, self.probes)

@@ -387,11 +387,12 @@ class Dispatcher:
             breaker.answered(time.monotonic())
         else:
             await self._judge(sink, errors, probe)
-        breaker_up = breaker.up
+        counts_unreachable = breaker.counts_unreachable
         for d, error in zip(chunk, errors, strict=True):
             if error is not None:
-                # Down, a delivery failing with the rest of its sink spends no attempt.
-                counted = breaker_up or not says_unreachable(error)
+                # Down, or not heard from since the start, a delivery failing with the rest
+                # of its sink spends no attempt.
+                counted = counts_unreachable or not says_unreachable(error)
                 await self._failed(sink, d, error, now, counted=counted)
 
     @staticmethod

@@ -339,3 +339,53 @@ async def test_one_item_failing_alone_is_dead_after_max_attempts_and_the_sink_st
     assert reason.startswith("gave up after 4 attempts; last error: receiver answered HTTP 500")
     lines = log_lines(log)
     assert not [line for line in lines if line["msg"].startswith("sink down")]
+
+
+# ---- restarted again and again while the receiver is away ----------------------------------
+
+@pytest.mark.slow
+async def test_restarts_during_an_outage_spend_no_attempts(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """A rolling deploy or a crash loop during an outage: each start finds the receiver away
+    and trips its breaker again. With three attempts, the sends that did so used to spend
+    one each per start, and three starts dead-lettered them."""
+    receiver = Receiver(default=Answer(200, "ok"))
+    server = await aiohttp_server(receiver.app())
+    proxy = TcpProxy(target_port=server.port, port=free_port())  # not started: refused
+    db, log = tmp_path / "bridge.db", tmp_path / "bridge.log"
+    config = tmp_path / "routes.yaml"
+    config.write_text(HTTP_CONFIG.format(
+        db=db, url=f"http://127.0.0.1:{proxy.port}",
+        retry="{max_attempts: 3, initial_delay: 100ms, max_delay: 500ms}"))
+    restarts = 4
+    try:
+        async with BridgeProcess(config, log) as bridge:
+            for start in range(restarts + 1):
+                await bridge.start(free_port())
+                if start == 0:
+                    accepted = await post_all(bridge.url, sample_batches()[:3], db)
+
+                async def marked_down() -> bool:
+                    return await sink_up(bridge.url, "hook") == 0
+                await eventually(marked_down, timeout=30, what="the sink down again")
+                assert await bridge.terminate() == 0
+                assert db_counts(db).get("dead", 0) == 0, f"dead-lettered after start {start}"
+            conn = sqlite3.connect(db)
+            try:
+                tried = conn.execute("SELECT MAX(attempts) FROM deliveries").fetchone()[0]
+            finally:
+                conn.close()
+            assert tried == 0, "an attempt was spent while the receiver was never there"
+
+            await proxy.start()
+            await bridge.start(free_port())
+
+            async def all_delivered() -> bool:
+                return db_counts(db).get("delivered", 0) == accepted
+            await eventually(all_delivered, timeout=60, what="every delivery after the return")
+            assert await bridge.terminate() == 0
+    finally:
+        await proxy.close()
+    assert db_counts(db).get("dead", 0) == 0
+    assert {r.headers["webhook-id"] for r in receiver.requests} == db_ids(db)

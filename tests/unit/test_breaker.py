@@ -160,3 +160,18 @@ def test_down_only_after_trip_after_unreachable_in_a_row(outcomes: list[str]) ->
             if went is not None:
                 streak = 0
             assert b.up == (was_up and went is None)
+
+
+def test_unreachable_failures_count_only_once_the_receiver_was_heard_from() -> None:
+    b = Breaker(1.0, 60.0)
+    # A process that just started knows nothing of its receiver: a refusal may be the
+    # outage it was restarted in, so it spends no attempt, blip or not.
+    assert b.up and not b.heard_from and not b.counts_unreachable
+    assert b.unreachable(0.0, "refused") is None and not b.counts_unreachable
+    assert b.answered(1.0) is None
+    assert b.heard_from and b.counts_unreachable  # there now: a blip counts again
+    trip(b, now=2.0)
+    assert not b.counts_unreachable  # down: nothing counts
+    b.probe_started()
+    b.answered(3.0)
+    assert b.counts_unreachable
