@@ -495,14 +495,14 @@ class Dispatcher:
             self.metrics.dead_letters.labels(sink.name, error.kind).inc()
             log.warning("dead-lettered", extra={**extra, "reason": decision.reason})
         else:
-            await self.outbox.retry_at(d.id, decision.at, decision.reason, now,
-                                       refund=rate_limited or not counted)
+            refund = rate_limited or not counted  # a 429 is the receiver's pace, not a failure
+            await self.outbox.retry_at(d.id, decision.at, decision.reason, now, refund=refund)
             self.metrics.deliveries.labels(sink.name, "retried").inc()
             self.metrics.retries.labels(sink.name).inc()
             # Down, the sink's one line said it all; a line per delivery would flood the log.
             log.log(logging.INFO if counted else logging.DEBUG, "will retry",
                     extra={**extra, "reason": decision.reason,
-                           "retry_in": round(decision.at - now, 3), "counted": counted})
+                           "retry_in": round(decision.at - now, 3), "counted": not refund})
 
     async def _write_completions(self) -> None:
         while True:

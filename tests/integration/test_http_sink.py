@@ -109,14 +109,20 @@ async def test_500_then_200_is_delivered_once_after_a_retry(
 
 
 async def test_429_retry_after_is_honoured(
-    make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bridge")
     rec, url = receiver
     rec.answer(Answer(429, "slow down", {"Retry-After": "2"}))
     bridge = await make_bridge(CONFIG, {"URL": url, "SIGNING_SECRET": SECRET})
     await bridge.post({"tracking": [TRACKING]})
     first, second = await rec.wait_for(2, timeout=15)
     assert second.at - first.at >= 2.0
+    # The log says what storage holds: the 429 spent no attempt.
+    [retry] = [r for r in caplog.records if r.getMessage() == "will retry"]
+    assert retry.__dict__["counted"] is False
+    row = await bridge.rt.store.get(first.headers["webhook-id"])
+    assert row is not None and row.attempts == 1  # the send after the 429 only
 
 
 async def test_400_is_dead_at_once_with_the_reason(
