@@ -174,7 +174,9 @@ async def test_bad_signature_is_dead_and_the_url_never_leaks(
     bridge = await make_bridge(CONFIG, {"TEAMS_URL": bad_url})
     await bridge.post({"tracking": [TRACKING_FAILED]})
     [row] = await dead(bridge)
-    assert row.attempts == 2  # the 502 was retried, the 401 was final
+    # The 502 was retried without spending an attempt (no answer from Teams yet since the
+    # start: it may be an outage); the 401 was final.
+    assert row.attempts == 1
     assert row.last_error is not None
     assert "HTTP 401" in row.last_error and "DirectApiAuthorizationRequired" in row.last_error
     assert fake.accepted == []
