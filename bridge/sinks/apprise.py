@@ -16,16 +16,16 @@ import logging
 import re
 import time
 import traceback
-import urllib.parse
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from urllib.parse import unquote, unquote_plus
 
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
 from bridge.config_types import SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
-from bridge.redact import REDACTOR, redact
+from bridge.redact import REDACTOR, is_plain, names_a_credential, redact
 from bridge.sinks.base import RenderContext, Sink
 from bridge.sinks.chat import Summary, burst_problem, cut, summarize
 from bridge.templates import Template, as_html
@@ -38,7 +38,12 @@ log = logging.getLogger("bridge.sinks.apprise")
 INSTALL_HINT = "the apprise sink needs the apprise package: pip install 'isendu-bridge[apprise]'"
 DESCRIPTION_LIMIT = 3000
 _NOTIFY_TYPE = {"good": "success", "bad": "warning", "active": "info", "neutral": "info"}
-_URL_PIECES = re.compile(r"[/:@?&=#]+")
+_MIN_PIECE = 6  # a shorter "secret" is more often a word (`ops`, `chat`) than a token
+_TAIL_MASK = re.compile(r".\.\.\..", re.S)  # how Apprise hides a token: first...last
+_HOST = (r"(localhost|[a-z0-9-]+(\.[a-z0-9-]+)*\.([a-z]{2,63}|xn--[a-z0-9-]+)"
+         r"|\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\])")
+_HOST_NAME = re.compile(_HOST + r"(:\d{1,5})?", re.IGNORECASE)
+_EMAIL = re.compile(r"[^\s@<>]+@" + _HOST, re.IGNORECASE)
 _REMEMBERED = 10_000  # deliveries whose partly successful fan-out is remembered
 
 
@@ -125,21 +130,99 @@ class AppriseSinkConfig(SinkConfigBase):
         return self
 
 
+class _Pieces(NamedTuple):
+    """An Apprise URL taken apart by hand: Apprise reads `#channel` as a path segment and
+    `tgram://123:token` as a token, where urllib sees a fragment and a bad port."""
+    user: str
+    password: str | None
+    hostport: str
+    path: list[str]
+    query: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, url: str) -> _Pieces:
+        rest = url.partition("://")[2] or url
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        netloc, tail = rest[:cut], rest[cut:]
+        userinfo, at, hostport = netloc.rpartition("@")
+        user, colon, password = userinfo.partition(":")
+        path, _, query = tail.partition("?")
+        pairs = [(k, v) for k, _, v in (p.partition("=") for p in query.split("&") if p)]
+        return cls(user, password if at and colon else None, hostport,
+                   [s for s in path.split("/") if s], pairs)
+
+    def shown(self) -> list[str]:
+        """Every value, decoded: what a privacy form lets through (or its masks)."""
+        host = self.hostport.partition(":")[0]
+        return [unquote(p) for p in (self.user, self.password or "", self.hostport, host,
+                                     *self.path, *(v for _, v in self.query)) if p]
+
+
 def url_secrets(url: str, private_form: str | None) -> list[str]:
-    """The URL and its credential pieces: what Apprise masks in its privacy form (passwords,
-    tokens in the host or path), plus longer path segments and query values."""
-    out = {url}
-    pieces = [p for p in _URL_PIECES.split(url) if p]
+    """The URL and its credentials, each as written and decoded: the password; query values
+    under a credential's name (`?token=`, `+Authorization=`); each piece Apprise's privacy
+    form hides; and long path segments (an ntfy topic, a token in a json:// path), which
+    Apprise shows. Every secret is masked in all the bridge prints, so never a scheme, a
+    parameter name, a host name or an address, nor a piece shorter than _MIN_PIECE."""
+    mine = _Pieces.of(url)
+    out = {url, *_forms(mine.password)}
+    for key, value in mine.query:
+        if value and _credential_name(key):
+            out.update(_credential_forms(value))
     if private_form is not None:
-        shown = set(_URL_PIECES.split(private_form))
-        out.update(p for p in pieces if p not in shown)
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        out.add(parts.password)
-    # Topics and tokens that Apprise shows unmasked (an ntfy topic is its only secret).
-    out.update(s for s in parts.path.split("/") if len(s) >= 12)
-    out.update(v for _, v in urllib.parse.parse_qsl(parts.query) if len(v) >= 12)
+        out.update(*(_forms(p) for p in _hidden(mine, _Pieces.of(private_form))))
+    out.update(*(_forms(s) for s in mine.path
+                 if len(unquote(s)) >= 12 and not _public(unquote(s))))
     return sorted(out)
+
+
+def _hidden(mine: _Pieces, private: _Pieces) -> list[str]:
+    """Pieces of the URL its privacy form does not repeat but masks: `a...z` (first and last
+    character shown) or `****`. The form may be another spelling of the same URL (discord's
+    https:// link becomes discord://id/token), so pieces are matched by value, not place."""
+    shown = private.shown()
+    seen = {p.casefold() for p in shown} | {p.lstrip("#@+").casefold() for p in shown}
+    tails = {(p[0], p[-1]) for p in shown if _TAIL_MASK.fullmatch(p)}
+    # A `****` stands for the password or a value under a credential's name (both taken
+    # already); any other for a key shown only as stars.
+    stars = shown.count("****") - (mine.password is not None) - sum(
+        1 for k, v in mine.query if v and _credential_name(k))
+    out: list[str] = []
+    host, _, port = mine.hostport.partition(":")
+    for piece in (mine.user, mine.hostport, host, *mine.path, *(v for _, v in mine.query)):
+        plain = unquote(piece)
+        if len(plain) < _MIN_PIECE or plain.lstrip("#@+").casefold() in seen:
+            continue
+        if (plain[0], plain[-1]) in tails or (stars > 0 and not _public(plain)):
+            out.append(piece)
+            # A bot token `id:secret` in the host's place: its secret half leaks alone too.
+            if piece == mine.hostport and len(port) >= _MIN_PIECE and not port.isdigit():
+                out.append(port)
+    return out
+
+
+def _credential_name(key: str) -> bool:
+    # Apprise's prefixes: `+` a header, `-` a GET parameter, `:` a payload field.
+    name = unquote(key).lstrip("+-:")
+    return names_a_credential(name) or name.lower() == "code"  # `code`: Azure's function key
+
+
+def _credential_forms(value: str) -> set[str]:
+    """A value under a credential's name, and the token after a scheme word (`Bearer x`);
+    kept if all digits, but never a plain word (ntfy's `?auth=token` names a mode)."""
+    out: set[str] = set()
+    for v in _forms(value):
+        out |= {v, v.partition(" ")[2].strip()} if " " in v.strip() else {v}
+    return {v for v in out if v and (v.isdigit() or not is_plain(v))}
+
+
+def _forms(piece: str | None) -> set[str]:
+    return {piece, unquote(piece), unquote_plus(piece)} if piece else set()
+
+
+def _public(piece: str) -> bool:
+    """A host name, an IP address or an e-mail address: said in plenty of ordinary text."""
+    return bool(_HOST_NAME.fullmatch(piece) or _EMAIL.search(piece))
 
 
 def default_title(s: Summary) -> str:
