@@ -22,6 +22,7 @@ from typing import Any
 
 from bridge import jsontext
 from bridge.models import Item, Kind
+from bridge.moments import earlier, is_plain, moment
 
 StepKey = tuple[str, str, str]  # timestamp, status, description: what identifies a step
 
@@ -116,7 +117,15 @@ def observe(state: EntityState | None, item: Item, version_of: VersionOf | None 
 
 
 def _by_time(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(steps, key=step_key)
+    keyed = [(step_key(s), s) for s in steps]
+    if all(is_plain(k[0]) for k, _ in keyed):
+        return [s for _, s in sorted(keyed, key=lambda pair: pair[0])]
+    return [s for _, s in sorted(keyed, key=lambda pair: _time_order(pair[0]))]
+
+
+def _time_order(key: StepKey) -> tuple[str, str, str]:
+    """A step key by the moment of its timestamp (bridge/moments.py), then as it is."""
+    return (moment(key[0]), key[1], key[2])
 
 
 def _keyed(steps: Any) -> dict[StepKey, dict[str, Any]]:
@@ -137,9 +146,25 @@ def _keyed(steps: Any) -> dict[StepKey, dict[str, Any]]:
     return out
 
 
-def _in_order(keyed: dict[StepKey, dict[str, Any]]) -> list[dict[str, Any]]:
+def _plain(keyed: dict[StepKey, dict[str, Any]]) -> bool:
+    """Every timestamp written the plain way (`...T07:40:13Z`): text order is time order,
+    and no timestamp needs parsing."""
+    return all(is_plain(k[0]) for k in keyed)
+
+
+def _in_order(keyed: dict[StepKey, dict[str, Any]], plain: bool | None = None
+              ) -> list[dict[str, Any]]:
     """The steps by time: keys start with the timestamp, and no two are equal."""
-    return [keyed[k] for k in sorted(keyed)]
+    if plain if plain is not None else _plain(keyed):
+        return [keyed[k] for k in sorted(keyed)]
+    return [keyed[k] for k in sorted(keyed, key=_time_order)]
+
+
+def _newest(keyed: dict[StepKey, dict[str, Any]], plain: bool) -> str | None:
+    """The timestamp of the newest step, as written."""
+    if not keyed:
+        return None
+    return max(keyed)[0] if plain else max(keyed, key=_time_order)[0]
 
 
 def _changed(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[str, ...]:
@@ -159,19 +184,22 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
     keyed = _keyed(item.data.get("steps"))
     fields = dict(item.data)
     fields.pop("steps", None)
-    newest_here = max(keyed)[0] if keyed else None  # keys start with the timestamp
+    plain = _plain(keyed)  # once per snapshot: this runs for every tracking item
+    newest_here = _newest(keyed, plain)
     if state is None:
-        merged = EntityState("tracking", item.uuid, fields, _in_order(keyed), newest_here,
+        merged = EntityState("tracking", item.uuid, fields, _in_order(keyed, plain), newest_here,
                              keys=frozenset(keyed))
         return Observation(True, False, False, tuple(merged.steps), tuple(fields), None), merged
     seen = state.step_keys()
     new = {k: s for k, s in keyed.items() if k not in seen}
-    new_steps = _in_order(new)
+    new_steps = _in_order(new, plain)
     stale = (newest_here is not None and state.newest is not None
-             and newest_here < state.newest)
+             and earlier(newest_here, state.newest))
     changed = _changed(state.fields, fields)
-    newest = max(filter(None, (state.newest, newest_here)), default=None)
-    steps, keys = (_merged(state, new_steps, new), seen.union(new)) if new else (state.steps, seen)
+    newest = (newest_here if state.newest is None
+              or (newest_here is not None and earlier(state.newest, newest_here))
+              else state.newest)
+    steps, keys = (_merged(state, new_steps), seen.union(new)) if new else (state.steps, seen)
     merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
                          newest, windows=dict(state.windows), keys=keys)
     repeat = not new_steps and not changed
@@ -179,11 +207,15 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
                        state.summary()), merged
 
 
-def _merged(state: EntityState, new_steps: list[dict[str, Any]],
-            new: dict[StepKey, dict[str, Any]]) -> list[dict[str, Any]]:
+def _merged(state: EntityState, new_steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The state's steps and the new ones, by time. Mostly the new steps come after every
     step seen: they are then added at the end, with no key worked out again."""
-    if not state.steps or step_key(state.steps[-1]) < min(new):
+    if not state.steps:
+        return new_steps
+    last = step_key(state.steps[-1])
+    first = step_key(new_steps[0])  # new_steps are in time order
+    if (last < first if is_plain(last[0]) and is_plain(first[0])
+            else _time_order(last) < _time_order(first)):
         return state.steps + new_steps
     return _by_time(state.steps + new_steps)
 

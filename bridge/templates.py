@@ -18,6 +18,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from bridge import jsontext
 from bridge.errors import TemplateRenderError
+from bridge.moments import moment
 
 
 def _json_filter(value: Any) -> str:
@@ -107,14 +108,13 @@ def last_step(item: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(steps, list):
         return None
     best: dict[str, Any] | None = None
-    best_ts = ""
+    best_at = ""
     for step in steps:
         if not isinstance(step, dict):
             continue
-        ts = step.get("timestamp")
-        ts = ts if isinstance(ts, str) else ""
-        if best is None or ts >= best_ts:
-            best, best_ts = step, ts
+        at = moment(step.get("timestamp"))  # by the moment, not the text (bridge/moments.py)
+        if best is None or at >= best_at:
+            best, best_at = step, at
     return best
 
 
