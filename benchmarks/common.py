@@ -179,19 +179,21 @@ class ForeignCpu:
     and gone between two samples is missed, so this is a lower bound).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, not_uid: int | None = None) -> None:
         self.seconds = 0.0
         self.started = time.monotonic()
+        self.not_uid = not_uid  # a server measured as part of the work (PostgreSQL's user)
         self._last = self._read()
 
-    @staticmethod
-    def _read() -> dict[int, tuple[int, float]]:
+    def _read(self) -> dict[int, tuple[int, float]]:
         out: dict[int, tuple[int, float]] = {}
         ticks = os.sysconf("SC_CLK_TCK")
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
+                if self.not_uid is not None and os.stat(f"/proc/{entry}").st_uid == self.not_uid:
+                    continue
                 with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
@@ -365,12 +367,13 @@ def wait_ready(url: str, child: Child, timeout: float = 30.0) -> None:
 
 def run_json(kids: Children, name: str, argv: list[str], timeout: float,
              watch: Sequence[int] = (), env: dict[str, str] | None = None,
-             ) -> tuple[dict[str, Any], dict[int, int]]:
+             not_foreign_uid: int | None = None) -> tuple[dict[str, Any], dict[int, int]]:
     """Run a helper that prints one JSON object; meanwhile track the peak RSS (KiB) of
     `watch`ed pids (VmHWM is the kernel's own peak, sampling only covers a dying pid) and
-    what the rest of the machine is doing (`foreign_cpu_percent` in the result)."""
+    what the rest of the machine is doing (`foreign_cpu_percent` in the result; processes of
+    `not_foreign_uid` are part of the work measured, not foreign)."""
     out_path = kids.workdir / f"{name}.json"
-    foreign = ForeignCpu()
+    foreign = ForeignCpu(not_foreign_uid)
     with open(out_path, "wb") as out:
         child = kids.start(name, argv, stdout=out, env=env)
         peaks: dict[int, int] = {}
@@ -442,10 +445,12 @@ ROUTES_YAML = """\
 """
 
 
-def bridge_config(port: int, sink_url: str, db_path: Path, sink_concurrency: int = 8,
+def bridge_config(port: int, sink_url: str, db_path: Path | str, sink_concurrency: int = 8,
                   sink_timeout: str = "10s", intake_concurrency: int | None = None) -> str:
+    """`db_path`: a SQLite file, or a storage URL (postgresql://...)."""
     # None: the bridge's default (older revisions have no such setting).
     intake = "" if intake_concurrency is None else f"\n  intake_concurrency: {intake_concurrency}"
+    storage = db_path if "://" in str(db_path) else f"sqlite:///{db_path}"
     return f"""\
 # Written by benchmarks/; a throwaway bridge on 127.0.0.1.
 server:
@@ -454,7 +459,7 @@ server:
 integrations:
   - key_id: {KEY_ID}
     secret: {SECRET}
-storage: sqlite:///{db_path}
+storage: {storage}
 sinks:
   receiver:
     type: http

@@ -72,9 +72,7 @@ def main() -> int:
             wait_ready(sink_url + "/healthz", sink)
             bases = []
             for n in range(2):
-                text = bridge_config(free_port(), sink_url + "/hook", workdir / "unused.db")
-                text = text.replace(f"storage: sqlite:///{workdir / 'unused.db'}",
-                                    f"storage: {dsn}")
+                text = bridge_config(free_port(), sink_url + "/hook", dsn)
                 _, base = start_bridge(kids, f"replica-{n}", text, "WARNING")
                 bases.append(base)
             time.sleep(2.0)  # both idle: the dispatchers are waiting, not polling busily
