@@ -4,6 +4,7 @@ sinks render today."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from bridge.config import load_config
 from bridge.errors import ConfigError
 from bridge.models import Kind
+from tests.conftest import BridgeFactory
 from tests.helpers.mockups import DRAW, mockup
 
 ROOT = Path(__file__).parents[2]
@@ -169,3 +171,15 @@ def test_readme_shows_each_default_message_as_rendered(service: str, kind: Kind)
     assert f"```text\n{picture}\n```" in README.read_text(), (
         f"README.md's {service} {kind} message is out of date; it now looks like:\n{picture}\n"
         "(python -m tests.helpers.mockups prints them all)")
+
+
+async def test_the_sample_verification_is_answered_by_the_shipped_config(
+        make_bridge: BridgeFactory) -> None:
+    """A newcomer posting tests/data/isendu/verification-request.json to `make run` gets the
+    demo secret, not a 403: the sample names the shipped demo pair."""
+    text = (ROOT / "config" / "routes.yaml").read_text()
+    bridge = await make_bridge(text.replace("storage:", "# storage:"), {})
+    sample = json.loads((ROOT / "tests" / "data" / "isendu" / "verification-request.json")
+                        .read_text())
+    status, answer = await bridge.post(sample)
+    assert (status, answer) == (200, {"response": "demo-secret-change-me"})
