@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -20,14 +21,22 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.cli_batches import add_batch_commands
-from bridge.cli_common import iso, load_for, open_store
+from bridge.cli_common import (
+    SKIP_REASONS,
+    iso,
+    load_for,
+    open_store,
+    origin,
+    storage_in_use,
+    storage_origin,
+    written_with,
+)
 from bridge.config import LoadedConfig
 from bridge.config_types import format_duration, format_rate
 from bridge.dispatch.breaker import probe_schedule
 from bridge.errors import BridgeError, ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
 from bridge.models import Batch, Delivery, Status
-from bridge.outbox.base import storage_label
 from bridge.parse import Verification, parse_request
 from bridge.redact import redact
 from bridge.routing.router import Router, compile_routes
@@ -35,7 +44,6 @@ from bridge.runtime import build_runtime, build_sinks, register_secrets
 from bridge.sequencer import plan_item, state_book
 from bridge.sinks.base import Sink
 from bridge.state import StateBook
-from bridge.yamlsource import variables_in
 
 log = logging.getLogger("bridge")
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -54,6 +62,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     rt = build_runtime(cfg)
     app = create_app(rt)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+    rt.storage_origin = storage_origin(loaded)
     await runner.setup()  # opens the store: StorageUnavailable says what is wrong
     host, port = cfg.server.host_port()
     # Each connection is timed and counted: read_timeout, keepalive_timeout, max_connections.
@@ -75,6 +84,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         "storage": storage_in_use(loaded),
         "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__,
         "gc_frozen_objects": gc.get_freeze_count()})
+    _warn_of_demo_secrets(loaded, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,49 +96,63 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _written_with(loaded: LoadedConfig, path: tuple[str, ...]) -> list[str]:
-    """The variables a setting is written with (`${BRIDGE_LISTEN:-...}`: BRIDGE_LISTEN)."""
-    raw = loaded.source.raw.get(path)
-    return variables_in(raw) if raw else []
-
-
-def _origin(loaded: LoadedConfig, path: tuple[str, ...]) -> list[str]:
-    """Where a setting's value came from, for people: `from BRIDGE_STORAGE`, or `the
-    default of ${BRIDGE_STORAGE:-...}, BRIDGE_STORAGE not set`. Never the default itself,
-    which may hold a password."""
-    notes = []
-    for name in _written_with(loaded, path):
-        notes.append(f"from ${name}" if name in os.environ
-                     else f"{name} not set: the default written in the config")
-    return notes
-
-
-def storage_in_use(loaded: LoadedConfig) -> str:
-    """The storage really used: variables resolved, a password masked, a relative SQLite
-    path shown with the file it names from here, and where the value came from."""
-    url = loaded.config.storage
-    notes = _origin(loaded, ("storage",))
-    scheme, _, rest = url.partition("://")
-    if scheme == "sqlite":
-        relative = rest[1:] if rest.startswith("/") else rest
-        if relative and not relative.startswith("/"):
-            notes.append(f"file {Path(relative).resolve()}")
-    return storage_label(url) + (f" ({'; '.join(notes)})" if notes else "")
-
-
 def _listen_origin(loaded: LoadedConfig) -> str:
     if ("server", "listen") not in loaded.source.lines:
         return "server.listen not set: the default"
-    return ", ".join(["server.listen", *_origin(loaded, ("server", "listen"))])
+    return ", ".join(["server.listen", *origin(loaded, ("server", "listen"))])
 
 
 def _listen_remedy(loaded: LoadedConfig) -> str:
-    names = _written_with(loaded, ("server", "listen"))
+    """What to change, as the file has it: the variable it reads the address from, or the
+    address it writes (or leaves out)."""
+    names = written_with(loaded, ("server", "listen"))
     if names:
         return (f"stop what holds the port, or set {names[0]}=host:port "
                 f"(e.g. {names[0]}=127.0.0.1:8081) to listen elsewhere")
-    return (f"stop what holds the port, or change server.listen in {loaded.source.file} "
-            "(written as ${BRIDGE_LISTEN:-127.0.0.1:8080}, BRIDGE_LISTEN can choose it)")
+    file = loaded.source.file
+    if ("server", "listen") not in loaded.source.lines:
+        return f"stop what holds the port, or set server.listen in {file} to a free host:port"
+    return (f"stop what holds the port, or change server.listen in {file} "
+            f"({loaded.config.server.listen} there) to a free host:port")
+
+
+# The secret config/routes.yaml answers when ISENDU_SECRET is not set: public, in the repo.
+DEMO_SECRET = "demo-secret-change-me"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine reaches `host` (an empty host is every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, others may reach it
+
+
+def _warn_of_demo_secrets(loaded: LoadedConfig, host: str, port: int) -> None:
+    """The shipped demo secret is fine on loopback; elsewhere anyone who reaches the port
+    can have the verification answer it and post batches as isendu."""
+    if is_loopback(host):
+        return
+    for i, integration in enumerate(loaded.config.integrations):
+        if integration.secret.get_secret_value() != DEMO_SECRET:
+            continue
+        where = f"integrations[{i}].secret"
+        secret_vars = written_with(loaded, ("integrations", i, "secret"))
+        key_vars = written_with(loaded, ("integrations", i, "key_id"))
+        if secret_vars:
+            pair = f", and {key_vars[0]} to its key id" if key_vars else ""
+            how = (f"Set {secret_vars[0]} (read by {where}) to your isendu API key's "
+                   f"secret{pair}")
+        else:
+            how = f"Write your isendu API key's secret as {where} in {loaded.source.file}"
+        log.warning(
+            f"integration {integration.key_id!r} answers isendu's verification with the demo "
+            f"secret shipped in config/routes.yaml, and {host}:{port} is reachable from "
+            f"other machines: whoever reaches it can ask for the secret and post batches. "
+            f"{how}; or listen on 127.0.0.1 only",
+            extra={"listen": f"{host}:{port}", "key_id": integration.key_id})
 
 
 # ---- check ---------------------------------------------------------------------------------
@@ -240,6 +264,12 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
         return 1
     # One history for every batch given, in order, as the sequencer keeps it; nothing stored.
     book = state_book(cfg.state)
+    # What serve stored is not read: a batch it sequenced shows here as first seen. Said
+    # first, where the verdicts are read (on stderr with --json, whose stdout is JSON only).
+    print("shipment state: starts empty; nothing stored is read or written (the batches "
+          "given are one history, in order)" if book is not None else
+          "shipment state: off (state.enabled: false); every item is routed as first seen",
+          file=sys.stderr if args.json else sys.stdout)
     many = len(bodies) > 1
     items = deliveries = 0
     for where, body in bodies:
@@ -276,10 +306,6 @@ def _dry_run_bodies(paths: list[str]) -> Iterator[tuple[str, bytes]]:
                     yield f"{path}:{n}", line
         else:
             yield path, data
-
-
-SKIP_REASONS = {"repeat": "a repeat, nothing new against what came before",
-                "stale": "stale, older than what came before"}
 
 
 def _print_dry_run(report: list[dict[str, Any]], where: str | None, as_json: bool) -> None:
@@ -386,11 +412,12 @@ async def cmd_send_test(args: argparse.Namespace) -> int:
 # ---- dlq -----------------------------------------------------------------------------------
 
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
-    cfg = load_for(args).config
+    loaded = load_for(args)
+    cfg = loaded.config
     # Reasons are scrubbed when stored; scrubbed again here with today's secrets, for
     # rows stored before a secret was known as one.
     register_secrets(cfg, build_sinks(cfg))
-    store = await open_store(cfg.storage)
+    store = await open_store(loaded)
     try:
         dead = await store.list_dead(args.limit)
     finally:
@@ -418,8 +445,7 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
         print(f"error: give delivery ids (see `bridge dlq list`) or --all; got {given}",
               file=sys.stderr)
         return 2
-    cfg = load_for(args).config
-    store = await open_store(cfg.storage)
+    store = await open_store(load_for(args))
     refused: list[str] = []
     try:
         for delivery_id in args.ids:  # say which ids cannot be replayed, and why
@@ -440,15 +466,17 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
 # ---- wiring --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    # Before or after the command: given in both places, the one after wins. SUPPRESS, so
+    # a subcommand's parser leaves what was given before it alone when not given again.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS,
                         help="routes.yaml (default: $BRIDGE_CONFIG or config/routes.yaml)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper,
+                        help=f"one of {', '.join(LOG_LEVELS)} "
+                        "(default: $BRIDGE_LOG_LEVEL or INFO)")
     parser = argparse.ArgumentParser(prog="bridge", parents=[common],
                                      description="isendu webhooks in, notifications out.")
     parser.add_argument("--version", action="version", version=f"bridge {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("BRIDGE_LOG_LEVEL", "INFO"),
-                        type=str.upper, help=f"one of {', '.join(LOG_LEVELS)} "
-                        "(default: $BRIDGE_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the bridge").set_defaults(fn=cmd_serve)
     sub.add_parser("check", parents=[common], help="validate the config").set_defaults(fn=cmd_check)
@@ -483,10 +511,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # WARN and FATAL
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.log_level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):  # BRIDGE_LOG_LEVEL too
-        parser.error(f"--log-level {args.log_level.lower()!r}: expected one of "
+    level = getattr(args, "log_level", None) or os.environ.get("BRIDGE_LOG_LEVEL", "INFO")
+    if level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):  # BRIDGE_LOG_LEVEL too
+        parser.error(f"--log-level {level.lower()!r}: expected one of "
                      f"{', '.join(LOG_LEVELS)} (from --log-level or BRIDGE_LOG_LEVEL)")
-    setup_logging(args.log_level.upper())
+    setup_logging(level.upper())
     fn: Command = args.fn
     try:
         return asyncio.run(fn(args))

@@ -9,7 +9,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bridge.cli_common import iso, load_for, open_store
+from bridge.cli_common import SKIP_REASONS, iso, load_for, open_store
 from bridge.config_types import parse_duration
 from bridge.models import BatchInfo, BatchStatus
 from bridge.outbox import Store
@@ -19,8 +19,9 @@ from bridge.runtime import build_sinks, register_secrets
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg = load_for(args).config
-    store = await open_store(cfg.storage)  # opening applies what is pending
+    loaded = load_for(args)
+    cfg = loaded.config
+    store = await open_store(loaded)  # opening applies what is pending
     try:
         applied = await store.migrate()
     finally:
@@ -36,10 +37,10 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _with_store(args: argparse.Namespace) -> Store:
-    cfg = load_for(args).config
+    loaded = load_for(args)
     # Errors are scrubbed when stored; again here with today's secrets.
-    register_secrets(cfg, build_sinks(cfg))
-    return await open_store(cfg.storage)
+    register_secrets(loaded.config, build_sinks(loaded.config))
+    return await open_store(loaded)
 
 
 def _row(b: BatchInfo) -> dict[str, Any]:
@@ -99,11 +100,17 @@ async def cmd_batches_show(args: argparse.Namespace) -> int:
 
 
 async def _show_item(store: Store, batch_id: str, entry: dict[str, Any]) -> None:
-    head = f"{entry['kind']} {entry['uuid']}"
-    if not entry["deliveries"]:
+    # The summary the sequencer stored (sequencer.summary_of): routes matched, deliveries
+    # made, and where shipment state is kept the verdict and the routes that skipped it.
+    # A matched item with no deliveries was skipped, not unmatched.
+    verdict = entry.get("verdict")
+    head = f"{entry['kind']} {entry['uuid']}" + (f" [{verdict}]" if verdict else "")
+    if not entry["routes"]:
         print(f"  {head}: no route matches")
         return
     print(f"  {head}: routes {', '.join(entry['routes'])}")
+    for route, why in entry.get("skipped", {}).items():
+        print(f"    -- {route}: skipped, {SKIP_REASONS.get(why, why)}")
     for delivery_id in entry["deliveries"]:
         d = await store.get(delivery_id)
         if d is None:
@@ -171,7 +178,8 @@ def add_batch_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=cmd_batches_list)
     p = bsub.add_parser("show", parents=[common],
-                        help="one batch: each item's routes and deliveries")
+                        help="one batch: each item's verdict, the routes that matched or "
+                        "skipped it, and its deliveries")
     p.add_argument("id", help="a batch id (see `bridge batches list`)")
     p.set_defaults(fn=cmd_batches_show)
     p = bsub.add_parser("reroute", parents=[common],

@@ -1,13 +1,21 @@
-"""What every command needs: the config, the store, times for people."""
+"""What every command needs: the config, the store, where a setting came from, times for
+people."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 from bridge.config import LoadedConfig, config_path, load_config
 from bridge.outbox import Store, from_url
-from bridge.outbox.base import open_explained
+from bridge.outbox.base import open_explained, storage_label
+from bridge.yamlsource import variables_in
+
+# Why a route made nothing of a matched item (the router's `skipped`), for people.
+SKIP_REASONS = {"repeat": "a repeat, nothing new against what came before",
+                "stale": "stale, older than what came before"}
 
 
 def load_for(args: argparse.Namespace) -> LoadedConfig:
@@ -15,11 +23,48 @@ def load_for(args: argparse.Namespace) -> LoadedConfig:
     return load_config(config_path(getattr(args, "config", None)))
 
 
-async def open_store(storage: str) -> Store:
+def written_with(loaded: LoadedConfig, path: tuple[str | int, ...]) -> list[str]:
+    """The variables a setting is written with (`${BRIDGE_LISTEN:-...}`: BRIDGE_LISTEN)."""
+    raw = loaded.source.raw.get(path)
+    return variables_in(raw) if raw else []
+
+
+def origin(loaded: LoadedConfig, path: tuple[str | int, ...]) -> list[str]:
+    """Where a setting's value came from, for people: `from BRIDGE_STORAGE`, or `the
+    default of ${BRIDGE_STORAGE:-...}, BRIDGE_STORAGE not set`. Never the default itself,
+    which may hold a password."""
+    notes = []
+    for name in written_with(loaded, path):
+        notes.append(f"from ${name}" if name in os.environ
+                     else f"{name} not set: the default written in the config")
+    return notes
+
+
+def storage_in_use(loaded: LoadedConfig) -> str:
+    """The storage really used: variables resolved, a password masked, a relative SQLite
+    path shown with the file it names from here, and where the value came from."""
+    url = loaded.config.storage
+    notes = origin(loaded, ("storage",))
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        relative = rest[1:] if rest.startswith("/") else rest
+        if relative and not relative.startswith("/"):
+            notes.append(f"file {Path(relative).resolve()}")
+    return storage_label(url) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def storage_origin(loaded: LoadedConfig) -> str:
+    """Where the storage URL came from, for an error that sends a person to fix it: a
+    variable ($BRIDGE_STORAGE) as often as the file."""
+    return "; ".join(origin(loaded, ("storage",))) or "storage in the config"
+
+
+async def open_store(loaded: LoadedConfig) -> Store:
     """The configured store, migrated, without taking ownership (a serving process may be
     running on it)."""
+    storage = loaded.config.storage
     store = from_url(storage)
-    await open_explained(store, storage)
+    await open_explained(store, storage, origin=storage_origin(loaded))
     return store
 
 

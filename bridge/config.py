@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
@@ -28,7 +29,7 @@ from typing_extensions import TypeAliasType
 
 from bridge.config_types import (
     ByteSize,
-    Duration,
+    PositiveDuration,
     RetryPolicy,
     SinkConfigBase,
     StrictModel,
@@ -38,7 +39,7 @@ from bridge.errors import ConfigError
 from bridge.models import Kind
 from bridge.routing import conditions as cond
 from bridge.sinks import SINK_TYPES
-from bridge.yamlsource import KeyPath, Source, format_path, load_yaml
+from bridge.yamlsource import KeyPath, Source, format_path, load_yaml, variables_in
 
 DEFAULT_CONFIG_PATH = "config/routes.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -55,9 +56,9 @@ class ServerConfig(StrictModel):
     intake_concurrency: int = Field(32, ge=1, le=1024)
     # A client must send a request's headers and body within this (the time its body waits
     # for an intake slot does not count): a slow or stalled sender holds nothing longer.
-    read_timeout: Duration = Field(30.0, gt=0)
+    read_timeout: PositiveDuration = 30.0
     # An open connection with no request in progress is closed after this.
-    keepalive_timeout: Duration = Field(75.0, gt=0)
+    keepalive_timeout: PositiveDuration = 75.0
     # Connections open at once; one more is answered 503 and closed.
     max_connections: int = Field(512, ge=1, le=65536)
 
@@ -100,11 +101,11 @@ class Integration(StrictModel):
 class Defaults(StrictModel):
     retry: RetryPolicy = RetryPolicy()
     # How long delivered rows are kept: they let a repeated isendu item be recognised.
-    delivered_retention: Duration = 7 * 86400.0
+    delivered_retention: PositiveDuration = 7 * 86400.0
     # How long a sink's memory of an item (a shipment's Slack thread) is kept once written.
-    state_retention: Duration = 90 * 86400.0
+    state_retention: PositiveDuration = 90 * 86400.0
     # How long a sequenced batch is kept in the inbox (`bridge batches`); failed ones stay.
-    inbox_retention: Duration = 7 * 86400.0
+    inbox_retention: PositiveDuration = 7 * 86400.0
 
 
 # ---- conditions ---------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def _one_or_many(v: Any) -> Any:
 class GroupConfig(StrictModel):
     """Items routed to one sink within `window` go out as one digest message."""
 
-    window: Duration = Field(30.0, gt=0)
+    window: PositiveDuration = 30.0
     max_items: int = Field(20, ge=2, le=500)
 
 
@@ -314,7 +315,7 @@ class Route(StrictModel):
     stale: Literal["skip", "deliver"] = "skip"
     # A shipment's changes sequenced within this window go out as one message (the last
     # one's, with every new step); a step with an error goes at once.
-    coalesce: Duration | None = Field(None, gt=0, le=3600)
+    coalesce: PositiveDuration | None = Field(None, le=3600)
 
     @model_validator(mode="after")
     def _coalesce_or_group(self) -> Route:
@@ -334,7 +335,7 @@ class StateConfig(StrictModel):
     # order older than the one seen is stale. Unset: orders are never stale.
     order_version_path: str | None = None
     # A shipment's state is forgotten after this long without change.
-    retention: Duration = Field(90 * 86400.0, gt=0)
+    retention: PositiveDuration = 90 * 86400.0
 
     @field_validator("order_version_path")
     @classmethod
@@ -353,6 +354,30 @@ else:  # a union of every registered sink type's model, told apart by `type`
     ]
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "memory")
+STORAGE_EXPECTED = (
+    "expected a storage URL such as sqlite:///data/bridge.db (relative), "
+    "sqlite:////var/lib/bridge/bridge.db (absolute), "
+    "postgresql://user:password@host:5432/db (replicas) or memory:// (tests only)")
+
+
+def storage_problem(url: str) -> str | None:
+    """What keeps `url` from naming a store `from_url` can open, for people (None: nothing).
+    A PostgreSQL URL is never repeated: it may hold a password."""
+    scheme, slashes, rest = url.partition("://")
+    if not slashes:
+        scheme = url.split(":", 1)[0] if ":" in url else ""
+        if scheme in STORAGE_SCHEMES:
+            shown = repr(url) if scheme in ("sqlite", "memory") else f"a {scheme}: URL"
+            return f"{shown}, without // after '{scheme}:'"
+    if scheme not in STORAGE_SCHEMES:
+        return f"scheme {scheme or url!r}"
+    if scheme == "sqlite":
+        path = rest[1:] if rest.startswith("/") else rest  # as from_url reads it
+        if not path:
+            return f"{url!r}, which names no file"
+        if path.endswith("/"):
+            return f"{url!r}, which names a folder, not a file"
+    return None
 
 
 class BridgeConfig(StrictModel):
@@ -367,14 +392,9 @@ class BridgeConfig(StrictModel):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: str) -> str:
-        scheme = v.split(":", 1)[0] if ":" in v else ""
-        if scheme not in STORAGE_SCHEMES:
-            raise ValueError(
-                "expected a storage URL such as sqlite:///data/bridge.db (relative), "
-                "sqlite:////var/lib/bridge/bridge.db (absolute), "
-                "postgresql://user:password@host:5432/db (replicas) or memory:// (tests only); "
-                f"got scheme {scheme or v!r}"
-            )
+        problem = storage_problem(v)
+        if problem:
+            raise ValueError(f"{STORAGE_EXPECTED}; got {problem}")
         return v
 
     def retry_for(self, sink: str) -> RetryPolicy:
@@ -589,12 +609,21 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
     return msg
 
 
-def parse_config(source: Source) -> BridgeConfig:
+def parse_config(source: Source, env: Mapping[str, str] | None = None) -> BridgeConfig:
+    """`env`: the variables the source was read with (default: this process's)."""
     data = source.data
     if not isinstance(data, dict):
         raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
                            f"(server, integrations, storage, defaults, sinks, routes)"])
     read = source.problems
+    given = os.environ if env is None else env
+
+    def where(path: KeyPath) -> str:
+        """`file:line: key`, and the variable that gave the value if one did: the line
+        alone would send a person to a default they are not using."""
+        names = [n for n in variables_in(source.raw.get(path, "")) if n in given]
+        origin = f" (from {', '.join('$' + n for n in names)})" if names else ""
+        return source.where(path) + origin
 
     def new(path: KeyPath, message: str) -> bool:
         """False for what an unset variable's empty value explains: a complaint about that
@@ -618,11 +647,11 @@ def parse_config(source: Source) -> BridgeConfig:
                 path = (*path, "type")  # point at the `type:` line itself
             message = _message(err, path, data)
             if new(path, message):
-                problems.append(f"{source.where(path)}: {message}")
-        problems += [f"{source.where(p)}: {m}"
+                problems.append(f"{where(path)}: {message}")
+        problems += [f"{where(p)}: {m}"
                      for p, m in cross_check(_References.of_raw(data)) if new(p, m)]
         raise ConfigError(_in_file_order(list(dict.fromkeys(problems)), source.file)) from None
-    crossed = read + [f"{source.where(p)}: {m}"
+    crossed = read + [f"{where(p)}: {m}"
                       for p, m in cross_check(_References.of(cfg)) if new(p, m)]
     if crossed:
         raise ConfigError(_in_file_order(crossed, source.file))
@@ -651,4 +680,4 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{file}: cannot read config file: {exc}"]) from None
     source = load_yaml(text, file, env)
-    return LoadedConfig(config=parse_config(source), source=source)
+    return LoadedConfig(config=parse_config(source, env), source=source)

@@ -10,11 +10,13 @@ import re
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     field_validator,
 )
 
@@ -62,7 +64,17 @@ def format_duration(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms" if seconds < 1 else f"{seconds}s"
 
 
+def _above_zero(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("expected a duration above 0, such as 30s, 10m or 24h; got 0s")
+    return seconds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+# For a time that must pass before something happens or is forgotten: 0 would mean at once,
+# which no such setting means (a timeout of 0 is none at all to aiohttp, a retention of 0
+# forgets what it keeps for, a max_age of 0 dead-letters at the first failure).
+PositiveDuration = Annotated[Duration, AfterValidator(_above_zero)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 
 
@@ -90,6 +102,10 @@ def parse_rate(value: Any) -> float | None:
     """`1/s`, `20/min`, `4/s`, `100/10s`, `off` -> messages per second (None: unlimited)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
+    # YAML reads an unquoted `off` (or `no`) as false: what was written is off. `true`
+    # names no rate and stays an error.
+    if value is False:
+        return None
     if isinstance(value, str) and (m := _RATE.match(value)):
         count, per, unit = float(m.group(1)), float(m.group(2) or 1), _RATE_UNITS[m.group(3)]
         if count > 0:
@@ -111,9 +127,26 @@ Rate = Annotated[float | None, BeforeValidator(parse_rate), PlainSerializer(form
 
 class RetryPolicy(StrictModel):
     max_attempts: int = Field(10, ge=1, description="attempts before a delivery is dead")
+    # 0 is allowed: retried at once, every time (the breaker keeps its probes apart).
     initial_delay: Duration = 1.0
-    max_delay: Duration = 600.0
-    max_age: Duration = 86400.0
+    # Checked even when left out (validate_default), against an initial_delay written longer.
+    max_delay: Duration = Field(600.0, validate_default=True)
+    max_age: PositiveDuration = 86400.0
+
+    @field_validator("max_delay")
+    @classmethod
+    def _delays(cls, v: float, info: ValidationInfo) -> float:
+        # A field validator, not a model one: it runs beside max_age's own check, so both
+        # are reported at once. tenacity caps every wait at max_delay: an initial_delay
+        # above it would never be waited.
+        initial = info.data.get("initial_delay")  # absent: it failed its own check
+        if initial is not None and initial > v:
+            raise ValueError(
+                f"initial_delay {format_duration(initial)} is longer than max_delay "
+                f"{format_duration(v) if v else '0s'}; expected initial_delay at most "
+                "max_delay (a wait starts at initial_delay and doubles up to max_delay), "
+                "e.g. initial_delay: 1s, max_delay: 10m")
+        return v
 
 
 MAX_PROBE_INTERVAL = 3600.0

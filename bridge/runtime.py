@@ -56,6 +56,8 @@ class Runtime:
     secrets_by_key: dict[str, str]
     intake_slots: asyncio.Semaphore  # server.intake_concurrency
     pressure: Pressure  # requests in flight: the stages after the 200 give way to them
+    # Where config.storage came from, for the error when it cannot be opened.
+    storage_origin: str = "storage in the config"
 
 
 def build_runtime(config: BridgeConfig, store: Store | None = None) -> Runtime:

@@ -269,7 +269,7 @@ def create_app(rt: Runtime, own_lifecycle: bool = True) -> web.Application:
 
 async def _startup(app: web.Application) -> None:
     rt = app[RUNTIME]
-    await open_explained(rt.store, rt.config.storage, recover=True)
+    await open_explained(rt.store, rt.config.storage, recover=True, origin=rt.storage_origin)
     rt.pressure.start()
     await rt.dispatcher.start()
     await rt.sequencer.start()

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
-from bridge.errors import StorageInUse, StorageUnavailable
+from bridge.errors import StorageError, StorageInUse, StorageUnavailable
 from bridge.models import BatchInfo, Delivery, InboxBatch, NewDelivery, Outcome
 from bridge.redact import MASK, names_a_credential, redact
 
@@ -24,9 +24,11 @@ __all__ = ["Inbox", "Outbox", "ShipmentStates", "SinkMemory", "StorageInUse",
            "StorageUnavailable", "Store", "from_url", "open_explained", "storage_label"]
 
 
-async def open_explained(store: Store, url: str, *, recover: bool = False) -> None:
+async def open_explained(store: Store, url: str, *, recover: bool = False,
+                         origin: str = "storage in the config") -> None:
     """`store.open()`, with any failure but StorageInUse turned into one sentence that
-    names the `storage` setting (a missing folder, an unreachable PostgreSQL...)."""
+    names the `storage` setting (a missing folder, an unreachable PostgreSQL...) and where
+    its value came from (`origin`: a variable, or the config)."""
     try:
         await store.open(recover=recover)
     except StorageInUse:
@@ -34,7 +36,7 @@ async def open_explained(store: Store, url: str, *, recover: bool = False) -> No
     except Exception as exc:
         detail = redact(str(exc)) or exc.__class__.__name__
         raise StorageUnavailable(
-            f"cannot open storage {storage_label(url)} (storage in the config): {detail}; "
+            f"cannot open storage {storage_label(url)} ({origin}): {detail}; "
             "expected a writable SQLite path or a reachable PostgreSQL URL") from None
 
 
@@ -259,7 +261,9 @@ def from_url(url: str) -> Store:
 
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
-            raise ValueError("sqlite storage URL needs a file path, e.g. sqlite:///data/bridge.db")
+            raise StorageError(f"storage {url!r} names no SQLite file; expected a URL such as "
+                               "sqlite:///data/bridge.db (relative) or "
+                               "sqlite:////var/lib/bridge/bridge.db (absolute)")
         return SqliteStore(path)
     if scheme in ("postgresql", "postgres"):
         from bridge.outbox.postgres import PostgresStore
@@ -269,5 +273,8 @@ def from_url(url: str) -> Store:
         from bridge.outbox.memory import MemoryStore
 
         return MemoryStore()
-    raise ValueError(f"unsupported storage URL scheme {scheme!r}; "
-                     "expected sqlite://, postgresql:// or memory://")
+    # The config refuses these first (config.storage_problem), with the file's line; this
+    # is for what reaches a store without it. Only the scheme is shown: a password may follow.
+    raise StorageError(f"storage URL of scheme {url.split(':', 1)[0]!r} cannot be opened; "
+                       "expected sqlite:///data/bridge.db, postgresql://user@host/db "
+                       "or memory://")

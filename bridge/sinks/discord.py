@@ -20,7 +20,7 @@ import aiohttp
 import yarl
 from pydantic import Field, SecretStr, model_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.errors import TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, parse_retry_after
@@ -57,7 +57,7 @@ class DiscordSinkConfig(SinkConfigBase):
     message: TemplateField | None = None  # replaces `content` (Discord markdown)
     details: bool = True  # the embed with status, latest step, location, time and error
     username: str | None = Field(None, min_length=1, max_length=80)
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     # A webhook allows a few requests a second; one at a time also keeps messages in order.
     concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
 

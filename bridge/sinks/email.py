@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import aiosmtplib
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, SinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink
@@ -64,7 +64,7 @@ class EmailSinkConfig(SinkConfigBase):
     text: TemplateField | None = None
     html: TemplateField | None = None  # autoescaped: item values cannot inject markup
     ca_file: str | None = None  # trust this CA bundle (a private relay's own certificate)
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
 
     @field_validator("from_")
     @classmethod

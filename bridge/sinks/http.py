@@ -12,7 +12,7 @@ from typing import Literal
 import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
 from bridge.redact import is_plain, names_a_credential, url_credentials
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
@@ -25,7 +25,7 @@ class HttpSinkConfig(SinkConfigBase):
     url: AnyHttpUrl
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     headers: dict[str, TemplateField] = Field(default_factory=dict)
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     body: TemplateField | None = None  # default: the JSON envelope
     signing_secret: SecretStr | None = None
 

@@ -25,7 +25,7 @@ from jinja2.runtime import Undefined
 from markupsafe import Markup
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.errors import FailureKind, PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, dumps, excerpt, post_and_classify
@@ -85,7 +85,7 @@ class SlackSinkConfig(SinkConfigBase):
     thread_by: Literal["shipment"] | None = None
     update_parent: bool = False
     broadcast: list[str] = Field(default_factory=list)
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     # Slack allows about one message a second per channel; one at a time keeps the order.
     concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
 

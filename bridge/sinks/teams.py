@@ -13,7 +13,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import Field, SecretStr, model_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, dumps, post_and_classify
 from bridge.sinks.chat import Summary, cut, fit_lines, http_url_problem, one_line, summarize
@@ -38,7 +38,7 @@ class TeamsSinkConfig(SinkConfigBase):
     webhook_url: SecretStr
     message: TemplateField | None = None  # replaces the card's headline text (Teams markdown)
     details: bool = True  # facts, latest step, error and the "Track shipment" button
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     # One at a time keeps cards in order and inside the flow's throttling.
     concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import Field, SecretStr, field_validator
 
-from bridge.config_types import Duration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, excerpt
@@ -39,7 +39,7 @@ class TelegramSinkConfig(SinkConfigBase):
     api_url: str = "https://api.telegram.org"
     message_thread_id: int | None = None  # a forum topic
     disable_notification: bool = False
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     # Telegram allows about one message a second per chat; one at a time keeps the order.
     concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
 

@@ -226,3 +226,68 @@ async def test_sequenced_batches_are_swept_after_the_retention(
         return await second.rt.store.batch(answer["batch_id"]) is None
 
     await eventually(swept, timeout=10, what="the old batch swept")
+
+
+STATE_CONFIG = """
+storage: sqlite:///{db}
+server:
+  listen: ${{BRIDGE_LISTEN:-127.0.0.1:8080}}
+sinks:
+  ops: {{type: console}}
+routes:
+  - {{name: all, to: ops}}
+  - name: created
+    kind: tracking
+    when: {{path: $.status, equals: CREATED}}
+    dedupe: false
+    to: ops
+  - {{name: never, kind: order, when: {{path: $.status, equals: NO_SUCH_STATUS}}, to: ops}}
+"""
+
+
+async def test_batches_show_gives_each_items_verdict_and_the_routes_that_skipped_it(
+        tmp_path: Path) -> None:
+    """The same batch twice against the shipment state: the second one's items are repeats
+    (and one a stale snapshot), skipped by the routes that skip those; `show` says so for
+    each, and which deliveries a route that does not skip repeats made (stored already, by
+    the first batch), not "no route matches"."""
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "routes.yaml"
+    config.write_text(STATE_CONFIG.format(db=db))
+    body = json.dumps(sample_batch()).encode()
+    await _serve_until_settled(config, tmp_path / "bridge.log", body)
+    await _serve_until_settled(config, tmp_path / "bridge.log", body)
+    listed = run_bridge("batches", "list", "--json", "--config", str(config))
+    second, first = [json.loads(x)["id"] for x in listed.stdout.splitlines()]
+
+    shown = run_bridge("batches", "show", first, "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    order = "order 01d6a94c-ea60-4675-9e5e-3a9f64cec5fe"
+    assert f"  {order} [first_seen]: routes all\n" in shown.stdout
+    assert "[change]: routes all" in shown.stdout  # one shipment's second snapshot
+    assert "skipped" not in shown.stdout and "no route matches" not in shown.stdout
+
+    shown = run_bridge("batches", "show", second, "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "no route matches" not in out
+    assert (f"  {order} [repeat]: routes all\n"
+            "    -- all: skipped, a repeat, nothing new against what came before\n") in out
+    assert out.count("[repeat]") == 5 and out.count("[stale]") == 1
+    assert out.count("-- all: skipped, a repeat") == 5
+    assert out.count("-- all: skipped, stale, older than what came before") == 1
+    # `created` does not skip repeats: its deliveries are those the first batch stored.
+    made = [line for line in out.splitlines() if "-> ops via created" in line]
+    assert len(made) == 3 and all(f"(a repeat: stored by batch {first})" in x for x in made)
+
+
+async def test_batches_show_says_no_route_matches_only_where_none_does(tmp_path: Path) -> None:
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "routes.yaml"
+    config.write_text(STATE_CONFIG.format(db=db).replace("  - {name: all, to: ops}\n", ""))
+    await _serve_until_settled(config, tmp_path / "bridge.log",
+                               json.dumps(sample_batch()).encode())
+    listed = run_bridge("batches", "list", "--json", "--config", str(config))
+    [batch_id] = [json.loads(x)["id"] for x in listed.stdout.splitlines()]
+    out = run_bridge("batches", "show", batch_id, "--config", str(config)).stdout
+    assert "  order 01d6a94c-ea60-4675-9e5e-3a9f64cec5fe [first_seen]: no route matches" in out

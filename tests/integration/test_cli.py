@@ -315,9 +315,25 @@ def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
         assert out.stderr.strip().splitlines()[-1] == (
             f"error: cannot listen on 127.0.0.1:{port} (server.listen): error while attempting "
             f"to bind on address ('127.0.0.1', {port}): address already in use; stop what "
-            f"holds the port, or change server.listen in {path} (written as "
-            "${BRIDGE_LISTEN:-127.0.0.1:8080}, BRIDGE_LISTEN can choose it)")
+            f"holds the port, or change server.listen in {path} (127.0.0.1:{port} there) "
+            "to a free host:port")
         assert "Traceback" not in out.stderr
+        # Not written at all: the default is what listens, and the file is where to say.
+        bare = tmp_path / "bare.yaml"
+        bare.write_text(f"storage: sqlite:///{tmp_path}/bridge.db\n")
+        with socket.socket() as default:
+            try:
+                default.bind(("0.0.0.0", 8080))
+                default.listen()
+            except OSError:
+                pass  # taken already: the bridge meets the same
+            out = bridge("serve", "--config", str(bare))
+        assert out.returncode == 1
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot listen on 0.0.0.0:8080 (server.listen not set: "
+                               "the default): "), last
+        assert last.endswith(f"; stop what holds the port, or set server.listen in {bare} to "
+                             "a free host:port"), last
         # The shipped config reads the address from BRIDGE_LISTEN: the error says so.
         out = bridge("serve", "--config", str(ROOT / "config" / "routes.yaml"),
                      env={"BRIDGE_LISTEN": f"127.0.0.1:{port}",
@@ -450,3 +466,172 @@ async def test_serve_logs_the_storage_in_use_resolved_and_masked(tmp_path: Path)
     assert line["storage"] == (f"sqlite:///own.db (from $BRIDGE_STORAGE; "
                                f"file {folder}/own.db)")
     assert (tmp_path / "own.db").exists()  # the file it names is the one opened
+
+
+# ---- reviewed defects: each seen as the user sees it ------------------------------------
+
+def _shipped_env(**overrides: str) -> dict[str, str]:
+    """The environment of `make run`: none of the shipped config's variables set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BRIDGE_LISTEN", "BRIDGE_STORAGE", "ISENDU_KEY_ID", "ISENDU_SECRET",
+                        "BRIDGE_LOG_LEVEL")}
+    return {**env, **ENV, **overrides}
+
+
+async def _serve_once(*args: str, env: dict[str, str], port: int) -> str:
+    """A real `bridge serve ARGS` until it answers /readyz on `port`, stopped with SIGTERM;
+    what it wrote to stderr (its log)."""
+    import signal
+
+    import aiohttp
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                if proc.returncode is not None:
+                    break
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
+
+
+@pytest.mark.parametrize("url", ["sqlite:", "sqlite://", "sqlite:///", "sqlite:///data/",
+                                 "memory:", "postgresql:"])
+def test_a_storage_url_naming_no_store_is_a_config_error_in_every_command(
+        tmp_path: Path, url: str) -> None:
+    """Refused by `check` as by every command that would open it, naming the variable it
+    came from and what a storage URL looks like; never a traceback."""
+    shipped = str(ROOT / "config" / "routes.yaml")
+    env = _shipped_env(BRIDGE_STORAGE=url)
+    for command in (["check"], ["batches", "list"], ["migrate"], ["dlq", "list"], ["serve"]):
+        out = subprocess.run([sys.executable, "-m", "bridge", *command, "--config", shipped],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             env={**env, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 1, (command, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("config error:\n"), out.stderr
+        assert f"{shipped}:15: storage (from $BRIDGE_STORAGE): " in out.stderr, out.stderr
+        assert "sqlite:///data/bridge.db" in out.stderr and "memory://" in out.stderr
+        assert "postgresql://" in out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_from_url_refuses_a_url_naming_no_store_as_a_storage_error() -> None:
+    """What reaches it without the config's check (a test, a script) is refused as the
+    bridge refuses things, not with a ValueError: `main()` says it in one line."""
+    from bridge.errors import StorageError
+
+    for url in ("sqlite:", "sqlite://", "sqlite:///", "mysql://db/x", ""):
+        with pytest.raises(StorageError, match="storage"):
+            from_url(url)
+
+
+def test_an_unreachable_storage_names_the_variable_it_came_from(tmp_path: Path) -> None:
+    shipped = str(ROOT / "config" / "routes.yaml")
+    env = _shipped_env(BRIDGE_STORAGE="postgresql://postgres@127.0.0.1:1/x",
+                       BRIDGE_LISTEN=f"127.0.0.1:{_free_port()}")
+    for command in (["serve"], ["dlq", "list"], ["batches", "list"]):
+        out = subprocess.run([sys.executable, "-m", "bridge", *command, "--config", shipped],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 1, command
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot open storage postgresql://********@127.0.0.1:1/x "
+                               "(from $BRIDGE_STORAGE): "), last
+        assert "storage in the config" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_log_level_works_after_the_command_too(config: Path) -> None:
+    for args in (["check", "--log-level", "debug"], ["dlq", "list", "--log-level", "ERROR"],
+                 ["--log-level", "info", "check", "--log-level", "warning"]):
+        out = bridge(*args, "--config", str(config))
+        assert out.returncode == 0, (args, out.stderr)
+    out = bridge("check", "--log-level", "verbose", "--config", str(config))
+    assert out.returncode == 2
+    assert "expected one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+
+
+async def test_serve_takes_log_level_after_the_command(tmp_path: Path) -> None:
+    """`bridge serve --log-level WARNING` is obeyed: its info lines are not written."""
+    port = _free_port()
+    config = tmp_path / "routes.yaml"
+    config.write_text(f"server: {{listen: 127.0.0.1:{port}}}\n"
+                      f"storage: sqlite:///{tmp_path}/bridge.db\n")
+    quiet = await _serve_once("serve", "--config", str(config), "--log-level", "WARNING",
+                              env=_shipped_env(), port=port)
+    assert '"bridge serving"' not in quiet
+    loud = await _serve_once("--log-level", "WARNING", "serve", "--log-level", "DEBUG",
+                             "--config", str(config), env=_shipped_env(), port=port)
+    assert '"bridge serving"' in loud  # given after the command, it wins
+
+
+async def test_serve_warns_of_the_shipped_demo_secret_on_a_reachable_address() -> None:
+    """The shipped config answers its demo secret to whoever asks: on an address other
+    machines reach, serve says so at start and how to set a secret of one's own; the
+    secret itself is never written."""
+    shipped = str(ROOT / "config" / "routes.yaml")
+    port = _free_port()
+    log = await _serve_once("serve", "--config", shipped, port=port, env=_shipped_env(
+        BRIDGE_LISTEN=f"0.0.0.0:{port}", BRIDGE_STORAGE="memory://"))
+    warnings = [json.loads(x) for x in log.splitlines() if '"level":"warning"' in x]
+    assert len(warnings) == 1, log
+    text = warnings[0]["msg"]
+    assert "demo secret" in text and "0.0.0.0" in text
+    assert "ISENDU_SECRET" in text and "integrations[0].secret" in text
+    assert "demo-secret-change-me" not in log
+
+    # A secret of one's own, or the demo one on loopback only: nothing to warn of.
+    for env in ({"BRIDGE_LISTEN": f"0.0.0.0:{port}", "ISENDU_SECRET": "own-secret-12345678"},
+                {"BRIDGE_LISTEN": f"127.0.0.1:{port}"}):
+        log = await _serve_once("serve", "--config", shipped, port=port, env=_shipped_env(
+            BRIDGE_STORAGE="memory://", **env))
+        assert '"level":"warning"' not in log, (env, log)
+        assert "own-secret-12345678" not in log
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.10", False),
+    ("bridge.example.com", False),
+])
+def test_which_listen_addresses_other_machines_reach(host: str, loopback: bool) -> None:
+    from bridge.cli import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_dry_run_says_it_starts_from_empty_shipment_state(config: Path) -> None:
+    out = bridge("dry-run", str(SHARED / "batch.json"), "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == (
+        "shipment state: starts empty; nothing stored is read or written (the batches given "
+        "are one history, in order)")
+    as_json = bridge("dry-run", "--json", str(SHARED / "batch.json"), "--config", str(config))
+    assert as_json.stderr.splitlines()[0].startswith("shipment state: starts empty;")
+    assert all(json.loads(line) for line in as_json.stdout.splitlines())  # JSON only
+    off = config.parent / "off.yaml"
+    off.write_text(config.read_text() + "state: {enabled: false}\n")
+    out = bridge("dry-run", str(SHARED / "batch.json"), "--config", str(off))
+    assert out.stdout.splitlines()[0] == (
+        "shipment state: off (state.enabled: false); every item is routed as first seen")

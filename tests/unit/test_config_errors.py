@@ -138,3 +138,38 @@ def test_shipped_config_loads_without_credentials() -> None:
 def test_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"config file not found .*BRIDGE_CONFIG"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_rate_limit_off_unquoted_is_off(tmp_path: Path) -> None:
+    """YAML reads an unquoted `off` (or `no`) as false: that is what was written, so it is
+    off, as the docs show it; `true` says nothing of a rate and stays an error."""
+    path = tmp_path / "routes.yaml"
+    for written in ("off", "Off", "no", "false", '"off"'):
+        path.write_text(f"sinks:\n  out: {{type: console, rate_limit: {written}}}\n")
+        sink = load_config(path, env={}).config.sinks["out"]
+        assert sink.rate_limit is None and "rate_limit" in sink.model_fields_set, written
+
+
+def test_a_value_from_a_variable_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("storage: ${BRIDGE_STORAGE:-sqlite:///data/bridge.db}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"BRIDGE_STORAGE": "sqlite://"})
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}:1: storage (from $BRIDGE_STORAGE): expected a storage "
+                              "URL such as sqlite:///data/bridge.db"), problem
+    assert problem.endswith("got 'sqlite://', which names no file"), problem
+    # Written in the file: the file's line is all there is to say.
+    path.write_text("storage: ${BRIDGE_STORAGE:-sqlite://}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems[0].startswith(f"{path}:1: storage: expected"), info.value
+
+
+def test_retry_policies_that_make_sense_load(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("defaults:\n  retry: {initial_delay: 1m, max_delay: 1m, max_age: 1s}\n"
+                    "sinks:\n  out: {type: console, retry: {initial_delay: 0, max_delay: 0}}\n")
+    cfg = load_config(path, env={}).config
+    assert (cfg.defaults.retry.initial_delay, cfg.defaults.retry.max_delay) == (60, 60)
+    assert cfg.retry_for("out").initial_delay == 0  # retried at once: the breaker's floor
