@@ -192,11 +192,32 @@ async def cmd_check(args: argparse.Namespace) -> int:
         scope = route.kind or "order+tracking"
         when = "always" if route.when is None else "when " + json.dumps(
             _condition_json(route.when), ensure_ascii=False)
-        stop = ", stop" if route.stop else ""
-        print(f"  {route.name} [{scope}] {when} -> {', '.join(route.to)}{stop}")
+        print(f"  {route.name} [{scope}] {when} -> {', '.join(route.to)}"
+              f"{''.join(', ' + part for part in route_settings(route))}")
     if not cfg.routes:
         print("  (none: every batch is accepted and nothing is sent)")
     return 0
+
+
+def route_settings(route: Any) -> list[str]:
+    """What a route sets beyond where it goes, in the words of the config."""
+    parts = []
+    if route.group is not None:
+        parts.append(f"digest every {format_duration(route.group.window)} "
+                     f"(up to {route.group.max_items} items)")
+    if route.coalesce is not None:
+        parts.append(f"coalesce {format_duration(route.coalesce)}")
+    if not route.dedupe:
+        parts.append("dedupe: false (repeats sent too)")
+    if route.stale == "deliver":
+        parts.append("stale: deliver")
+    if isinstance(route.message, dict):
+        parts.append(f"own message for {', '.join(sorted(route.message))}")
+    elif route.message is not None:
+        parts.append("own message")
+    if route.stop:
+        parts.append("stop")
+    return parts
 
 
 def rate_text(sink: Sink) -> str:

@@ -615,6 +615,12 @@ def parse_config(source: Source, env: Mapping[str, str] | None = None) -> Bridge
     if not isinstance(data, dict):
         raise ConfigError([f"{source.file}:1: (top level): expected a mapping of settings "
                            f"(server, integrations, storage, defaults, sinks, routes)"])
+    if not data:
+        # Every setting has a default, but a bridge with none answers every verification
+        # 403 and sends nothing: an empty file is a wrong path or a failed mount, not a wish.
+        raise ConfigError([f"{source.file}: the file holds no settings; expected at least "
+                           f"integrations, sinks and routes (config/routes.yaml is a "
+                           f"complete example)"])
     read = source.problems
     given = os.environ if env is None else env
 

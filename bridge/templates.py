@@ -85,11 +85,17 @@ def compile_template(source: str) -> Template:
     if unknown:
         # Undefined values render empty (a field isendu left out must not kill a message),
         # so a misspelt name like `itme.uuid` would otherwise print nothing, silently.
-        name = sorted(unknown)[0]
-        close = difflib.get_close_matches(name, CONTEXT_NAMES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"template uses {name!r}, which no message has; {hint}expected one "
-                         f"of: {', '.join(CONTEXT_NAMES)}")
+        # Every one named at once: fixing them one load at a time would be a chore.
+        names = sorted(unknown)
+        hints = [difflib.get_close_matches(n, CONTEXT_NAMES, n=1) for n in names]
+        if len(names) == 1:
+            hint = f"did you mean {hints[0][0]!r}? " if hints[0] else ""
+            used = f"{names[0]!r}, which no message has; {hint}"
+        else:
+            each = [f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+                    for n, h in zip(names, hints, strict=True)]
+            used = f"{', '.join(each[:-1])} and {each[-1]}, which no message has; "
+        raise ValueError(f"template uses {used}expected one of: {', '.join(CONTEXT_NAMES)}")
     static = "{{" not in source and "{%" not in source and "{#" not in source
     return Template(source=source, compiled=compiled, is_static=static)
 

@@ -85,6 +85,18 @@ def test_check_shows_variables_as_written_and_masks_literal_credentials(tmp_path
         assert secret not in out.stdout + out.stderr
 
 
+def test_check_shows_what_each_route_sets_beyond_where_it_goes() -> None:
+    out = bridge("check", "--config", str(ROOT / "tests" / "data" / "check-route-settings.yaml"))
+    assert out.returncode == 0, out.stderr
+    routes = out.stdout.split("routes:\n", 1)[1].splitlines()
+    assert routes == [
+        "  digest [order+tracking] always -> erp, digest every 5m (up to 50 items), stop",
+        "  co [tracking] always -> out, coalesce 10s, dedupe: false (repeats sent too), "
+        "stale: deliver, own message",
+        "  plain [order+tracking] always -> out, erp, own message for out",
+    ]
+
+
 def test_check_with_errors_exits_1_and_lists_them(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("sinks:\n  a: {type: console}\nroutes:\n  - {name: r, to: b}\n")
