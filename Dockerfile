@@ -27,7 +27,9 @@ ENV BRIDGE_CONFIG=/config/routes.yaml \
 USER 10001
 VOLUME ["/data"]
 EXPOSE 8080
+# Asks the port BRIDGE_LISTEN names (run with -e BRIDGE_LISTEN=0.0.0.0:9000, it follows), from
+# inside the container. A plain one-liner: loading the config every 30 s would cost 0.5 s of CPU.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('BRIDGE_LISTEN', ':8080').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["bridge"]
 CMD ["serve"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -9,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bridge.config import load_config
+from tests.helpers.process import BridgeProcess, free_port
 
 ROOT = Path(__file__).parents[2]
 
@@ -52,4 +56,35 @@ def test_the_shipped_config_listens_on_localhost_outside_the_image_and_on_all_in
     assert cfg.server.host_port() == ("0.0.0.0", 8080)
     assert cfg.storage == "sqlite:////data/bridge.db"
     text = (ROOT / "Dockerfile").read_text()
-    assert "127.0.0.1:8080/healthz" in text  # the health check asks from inside: either works
+    # The health check asks from inside the container, on the port BRIDGE_LISTEN names.
+    assert "BRIDGE_LISTEN" in text and "127.0.0.1:{port}/healthz" in text
+
+
+def _health_code() -> str:
+    """The Python the image's HEALTHCHECK runs."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    [cmd] = re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)
+    argv = json.loads(cmd)
+    assert argv[:2] == ["python", "-c"]
+    return str(argv[2])
+
+
+def _check_health(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _health_code()], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+async def test_the_health_check_asks_the_port_bridge_listen_names(tmp_path: Path) -> None:
+    config = tmp_path / "routes.yaml"
+    config.write_text((ROOT / "config" / "routes.yaml").read_text())
+    port = free_port()
+    env = {**os.environ, "BRIDGE_LISTEN": f"0.0.0.0:{port}"}
+    async with BridgeProcess(config, tmp_path / "bridge.log",
+                             env={"BRIDGE_STORAGE": f"sqlite:///{tmp_path}/b.db"}) as bridge:
+        await bridge.start(port)  # BridgeProcess listens on 127.0.0.1:<port>
+        ok = await asyncio.to_thread(_check_health, env)
+        assert ok.returncode == 0, ok.stderr
+        down = await asyncio.to_thread(
+            _check_health, {**env, "BRIDGE_LISTEN": f"0.0.0.0:{free_port()}"})
+        assert down.returncode != 0 and "Connection refused" in down.stderr
+        assert await bridge.terminate() == 0
