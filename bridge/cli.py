@@ -390,9 +390,10 @@ def dry_run(router: Router, batch: Batch, book: StateBook | None = None
 # ---- send-test -----------------------------------------------------------------------------
 
 async def cmd_send_test(args: argparse.Namespace) -> int:
+    from bridge.canonical import canonical_json
     from bridge.outbox.memory import MemoryStore
     from bridge.parse import utc_now
-    from bridge.routing.router import canonical_json, delivery_id
+    from bridge.routing.router import delivery_id
     from bridge.samples import SAMPLE_ORDER, SAMPLE_TRACKING
     from bridge.sinks.base import RenderContext
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge import jsontext
+from bridge.canonical import canonical_json, digest
 from bridge.models import Item, Kind
 from bridge.moments import earlier, is_plain, moment
 
@@ -52,6 +53,10 @@ class EntityState:
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The step keys of `steps`, worked out once and then kept with the state in memory.
     keys: frozenset[StepKey] | None = field(default=None, compare=False, repr=False)
+    # The contents of its last changes (`digest` of the canonical JSON), each with how many
+    # times a change brought it: a shipment back to what it was (PAID, ON_HOLD, PAID) is a
+    # change again, and its deliveries need ids other than the first time's (`occurrence`).
+    contents: dict[str, int] = field(default_factory=dict)
 
     def step_keys(self) -> frozenset[StepKey]:
         if self.keys is None:
@@ -63,6 +68,8 @@ class EntityState:
                "version": self.version}
         if self.windows:
             doc["windows"] = self.windows
+        if self.contents:
+            doc["contents"] = self.contents
         return jsontext.dumps_exact(doc).decode()
 
     @classmethod
@@ -70,7 +77,7 @@ class EntityState:
         doc = jsontext.loads(text.encode())
         return cls(kind=kind, uuid=uuid, fields=doc["fields"], steps=doc["steps"],
                    newest=doc["newest"], version=doc["version"],
-                   windows=doc.get("windows", {}))
+                   windows=doc.get("windows", {}), contents=doc.get("contents", {}))
 
     def summary(self) -> dict[str, Any]:
         """`previous` in templates: what was known before this snapshot."""
@@ -88,6 +95,10 @@ class Observation:
     new_steps: tuple[dict[str, Any], ...]  # steps not seen before, by timestamp
     changed: tuple[str, ...]  # top-level fields that differ from the state (all, first seen)
     previous: dict[str, Any] | None  # EntityState.summary() before, None on first sight
+    # How many times a change has brought this very content (1: the first), for delivery
+    # ids: the same content as a change again is news again, as a repeat it is not.
+    occurrence: int = 1
+    item_json: str | None = None  # the item's canonical JSON, worked out once
 
     @property
     def verdict(self) -> str:
@@ -102,6 +113,28 @@ def first_sight(data: dict[str, Any], kind: Kind) -> Observation:
     steps = _in_order(_keyed(data.get("steps"))) if kind == "tracking" else []
     fields = tuple(k for k in data if k != "steps") if kind == "tracking" else tuple(data)
     return Observation(True, False, False, tuple(steps), fields, None)
+
+KEPT_CONTENTS = 8  # contents remembered per shipment: a return further back is not seen
+
+
+def _occurrence(state: EntityState | None, merged: EntityState, item: Item, change: bool,
+                ) -> tuple[int, str]:
+    """(occurrence, canonical JSON) of `item`'s content; a change (or a first sight) is
+    counted in `merged.contents`, the most recent last."""
+    item_json = canonical_json(item.data)
+    key = digest(item_json)
+    known = state.contents if state is not None else {}
+    if not change:
+        return known.get(key, 1), item_json
+    n = known.get(key, 0) + 1
+    contents = dict(known)
+    contents.pop(key, None)
+    contents[key] = n
+    while len(contents) > KEPT_CONTENTS:
+        del contents[next(iter(contents))]
+    merged.contents = contents
+    return n, item_json
+
 
 VersionOf = Callable[[dict[str, Any]], Any]
 # (route, window seconds, observation, flush) -> (observation, wait, window id): `hold`.
@@ -189,22 +222,29 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
     if state is None:
         merged = EntityState("tracking", item.uuid, fields, _in_order(keyed, plain), newest_here,
                              keys=frozenset(keyed))
-        return Observation(True, False, False, tuple(merged.steps), tuple(fields), None), merged
+        n, item_json = _occurrence(None, merged, item, True)
+        return Observation(True, False, False, tuple(merged.steps), tuple(fields), None, n,
+                           item_json), merged
     seen = state.step_keys()
     new = {k: s for k, s in keyed.items() if k not in seen}
     new_steps = _in_order(new, plain)
-    stale = (newest_here is not None and state.newest is not None
-             and earlier(newest_here, state.newest))
+    # A snapshot without steps cannot say when it was taken: against a state that has
+    # steps it counts as older, so that `steps: []` with an early status never turns a
+    # DELIVERED shipment back.
+    stale = state.newest is not None and (newest_here is None
+                                          or earlier(newest_here, state.newest))
     changed = _changed(state.fields, fields)
     newest = (newest_here if state.newest is None
               or (newest_here is not None and earlier(state.newest, newest_here))
               else state.newest)
     steps, keys = (_merged(state, new_steps), seen.union(new)) if new else (state.steps, seen)
     merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
-                         newest, windows=dict(state.windows), keys=keys)
+                         newest, windows=dict(state.windows), keys=keys,
+                         contents=state.contents)
     repeat = not new_steps and not changed
+    n, item_json = _occurrence(state, merged, item, not repeat and not stale)
     return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
-                       state.summary()), merged
+                       state.summary(), n, item_json), merged
 
 
 def _merged(state: EntityState, new_steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -226,16 +266,23 @@ def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf 
     version = version_of(item.data) if version_of else None
     merged = EntityState("order", item.uuid, fields, [], _version_text(version), version)
     if state is None:
-        return Observation(True, False, False, (), tuple(fields), None), merged
+        n, item_json = _occurrence(None, merged, item, True)
+        return Observation(True, False, False, (), tuple(fields), None, n, item_json), merged
     changed = _changed(state.fields, fields)
     stale = _older(version, state.version)
     if stale:
         merged = state
     else:
         merged.windows = dict(state.windows)
+        merged.contents = state.contents
+        if version is None and state.version is not None:
+            # A snapshot without a version cannot be dated: the version known stays, or an
+            # older one coming next would pass for news.
+            merged.version, merged.newest = state.version, state.newest
     repeat = not changed
+    n, item_json = _occurrence(state, merged, item, not repeat and not stale)
     return Observation(False, repeat, stale and not repeat, (), changed,
-                       state.summary()), merged
+                       state.summary(), n, item_json), merged
 
 
 def _version_text(version: Any) -> str | None:
@@ -260,11 +307,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _moment(text: str) -> datetime | None:
+    """An ISO 8601 time; without an offset, UTC (as step timestamps, bridge/moments.py)."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def hold(state: EntityState, route: str, seconds: float, seen: Observation, now: float,
@@ -287,7 +335,7 @@ def hold(state: EntityState, route: str, seconds: float, seen: Observation, now:
     else:
         state.windows[route] = {"until": until, "steps": steps, "previous": previous}
     held = Observation(seen.first_seen, seen.repeat, seen.stale, tuple(steps), seen.changed,
-                       previous)
+                       previous, seen.occurrence, seen.item_json)
     return held, 0.0 if flush else until - now, f"{until:.3f}"
 
 

@@ -7,11 +7,9 @@ import functools
 import hashlib
 from dataclasses import dataclass
 
-import orjson
-
-from bridge import jsontext
+from bridge.canonical import canonical_json
 from bridge.config import BridgeConfig, Route, predicate_of
-from bridge.errors import PayloadError, TemplateRenderError
+from bridge.errors import TemplateRenderError
 from bridge.models import COALESCED, Batch, Item, NewDelivery
 from bridge.routing.conditions import Predicate, always
 from bridge.sinks.base import RenderContext, Sink
@@ -68,23 +66,6 @@ def _has_error(ctx: RenderContext) -> bool:
     return bool(step and step.get("error"))
 
 
-def canonical_json(data: object) -> str:
-    """Sorted keys, no spaces: the same item always encodes (and hashes) the same way.
-
-    orjson is ~10x faster than the stdlib here; it refuses integers beyond 64 bits, which
-    the stdlib writes exactly (each item always takes the same one of the two paths).
-    Numbers beyond a float's range (BigNumber) are written as isendu wrote them."""
-    try:
-        return jsontext.orjson_dumps(data, orjson.OPT_SORT_KEYS).decode()
-    except TypeError:  # also orjson's limit of 254 levels of nesting
-        pass
-    try:
-        return jsontext.dumps(data, sort_keys=True)
-    except RecursionError:
-        raise PayloadError("an item is nested too deeply to store; expected at most a few "
-                           "hundred levels of objects and arrays") from None
-
-
 def delivery_id(sink: str, route: str, kind: str, item_json: str) -> str:
     """Stable per (sink, route, item content): a repeated isendu item maps to the same
     delivery, which the outbox stores once and receivers can recognise by `webhook-id`."""
@@ -96,10 +77,16 @@ def _id_prefix(sink: str, route: str, kind: str) -> hashlib._Hash:
     return hashlib.sha256(f"{sink}\x1f{route}\x1f{kind}\x1f".encode())
 
 
-def delivery_id_of(item_bytes: bytes, sink: str, route: str, kind: str) -> str:
-    """`delivery_id` for an item already encoded (once per item, not once per delivery)."""
+def delivery_id_of(item_bytes: bytes, sink: str, route: str, kind: str,
+                   occurrence: int = 1) -> str:
+    """`delivery_id` for an item already encoded (once per item, not once per delivery).
+    `occurrence`: how many times a change brought this content (shipment state): the
+    second time a shipment is back to what it was, its deliveries are new ones, where the
+    same content as a repeat keeps the id of the change that brought it."""
     h = _id_prefix(sink, route, kind).copy()
     h.update(item_bytes)
+    if occurrence > 1:
+        h.update(b"\x1f#%d" % occurrence)
     return "dlv_" + h.hexdigest()[:32]
 
 
@@ -140,7 +127,9 @@ class Router:
         names = [r.name for r in matched]
         if not sending:
             return Routed([], names, skipped)
-        item_json = canonical_json(item.data)
+        item_json = (seen.item_json if seen is not None and seen.item_json is not None
+                     else canonical_json(item.data))
+        occurrence = seen.occurrence if seen is not None else 1
         ctx = RenderContext(item.data, item.kind, batch.received_at, item_json, seen)
         item_bytes = item_json.encode()
         out = []
@@ -154,7 +143,7 @@ class Router:
                 route_ctx = RenderContext(item.data, item.kind, batch.received_at, item_json,
                                           held)
             for sink, message in route.targets:
-                did = delivery_id_of(item_bytes, sink.name, route.name, item.kind)
+                did = delivery_id_of(item_bytes, sink.name, route.name, item.kind, occurrence)
                 try:
                     payload = sink.render(route_ctx, route.name, did, message)
                     if grouped:

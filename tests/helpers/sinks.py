@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from bridge.canonical import canonical_json
 from bridge.models import Delivery, Kind, Status
-from bridge.routing.router import canonical_json, delivery_id
+from bridge.routing.router import delivery_id
 from tests.helpers.bridge import Bridge, eventually
 
 

@@ -189,7 +189,8 @@ def test_without_apprise_installed_the_config_says_what_to_install(
 
 
 async def _ids(bridge: Any) -> list[str]:
-    from bridge.routing.router import canonical_json, delivery_id
+    from bridge.canonical import canonical_json
+    from bridge.routing.router import delivery_id
 
     return [delivery_id("notify", "to-apprise", "tracking", canonical_json(TRACKING_FAILED))]
 

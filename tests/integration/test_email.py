@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from bridge.routing.router import canonical_json, delivery_id
+from bridge.canonical import canonical_json
+from bridge.routing.router import delivery_id
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers.sinks import (
     ORDER,

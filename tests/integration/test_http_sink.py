@@ -20,9 +20,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bridge.canonical import canonical_json
 from bridge.logs import JsonFormatter
 from bridge.models import Status
-from bridge.routing.router import canonical_json, delivery_id
+from bridge.routing.router import delivery_id
 from tests.conftest import BridgeFactory
 from tests.helpers.bridge import WEBHOOK, eventually, sample_batch
 from tests.helpers.process import ROOT, BridgeProcess, free_port

@@ -20,10 +20,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.canonical import canonical_json
 from bridge.config import load_config
 from bridge.errors import ConfigError, PermanentSinkError, SinkError, TransientSinkError
 from bridge.models import Delivery, Status
-from bridge.routing.router import canonical_json, delivery_id
+from bridge.routing.router import delivery_id
 from bridge.sinks.kafka import KafkaSink, KafkaSinkConfig
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers.bridge import Bridge, eventually

@@ -277,6 +277,41 @@ async def test_the_same_batch_twice_notifies_once(harness: Harness,
     assert observed == {"first_seen": 2.0, "repeat": 2.0, "change": 0.0}  # once per item
 
 
+async def test_a_shipment_back_to_what_it_was_is_notified_again(harness: Harness) -> None:
+    """IN_TRANSIT, EXCEPTION, IN_TRANSIT again, with the same steps: three changes. The third
+    snapshot is byte for byte the first, whose delivery is stored: it is notified all the
+    same (an id of its own), and only a repeat of it is not."""
+    first = snapshot("t1", [0, 1, 2])
+    exception = {**first, "status": "EXCEPTION"}
+    ids = await harness.post([first], [exception], [first], [first])
+    await harness.sequence()
+    chat = await harness.notified(ids, "chat")
+    assert [(status, previous) for status, _, previous, _ in chat] == [
+        ("IN_TRANSIT", "-"), ("EXCEPTION", "IN_TRANSIT"), ("IN_TRANSIT", "EXCEPTION")]
+    summaries = [json.loads((await harness.store.batch(i)).summary or "[]") for i in ids]
+    assert [s[0]["verdict"] for s in summaries] == ["first_seen", "change", "change", "repeat"]
+    routes = [{(await harness.store.get(d)).route: d  # type: ignore[union-attr]
+               for d in s[0]["deliveries"]} for s in summaries]
+    assert routes[0]["chat"] != routes[2]["chat"]  # the return is a delivery of its own
+    assert routes[0]["all"] != routes[2]["all"]
+    # `all` (dedupe: false) routes the repeat too, with the id of the change it repeats.
+    assert set(summaries[3][0]["deliveries"]) <= set(summaries[2][0]["deliveries"])
+
+
+async def test_a_snapshot_without_steps_never_turns_a_shipment_back(harness: Harness) -> None:
+    delivered = snapshot("t1", [0, 1, 2, 3, 4])
+    early = {"uuid": "t1", "trackingNumber": "GLS1", "status": "CREATED", "delivered": False,
+             "steps": []}
+    ids = await harness.post([delivered], [early], [delivered])
+    await harness.sequence()
+    chat = await harness.notified(ids, "chat")
+    assert [status for status, _, _, _ in chat] == ["DELIVERED"]  # once, never CREATED
+    summaries = [json.loads((await harness.store.batch(i)).summary or "[]") for i in ids]
+    assert [s[0]["verdict"] for s in summaries] == ["first_seen", "stale", "repeat"]
+    state = await harness.state("t1")
+    assert state is not None and state.fields["status"] == "DELIVERED"
+
+
 async def test_a_snapshot_with_one_step_more_notifies_that_step(harness: Harness) -> None:
     ids = await harness.post([snapshot("t1", [0, 1, 2])], [snapshot("t1", [0, 1, 2, 3])])
     await harness.sequence()

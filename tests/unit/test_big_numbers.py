@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.canonical import canonical_json
 from bridge.errors import TemplateRenderError
 from bridge.jsontext import BigNumber, dumps
 from bridge.models import Batch
 from bridge.parse import parse_request
 from bridge.routing.conditions import compile_leaf
-from bridge.routing.router import canonical_json
 from bridge.templates import compile_template
 
 WIDE = [

@@ -120,7 +120,7 @@ def test_nan_and_infinity_are_not_json(body: bytes) -> None:
 
 @given(doc=json_values)
 def test_canonical_json_is_exact_and_independent_of_key_order(doc: Any) -> None:
-    from bridge.routing.router import canonical_json
+    from bridge.canonical import canonical_json
 
     text = canonical_json(doc)
     assert json.loads(text) == doc
@@ -164,7 +164,7 @@ def test_both_parsers_refuse_what_cannot_be_stored(body: bytes, message: str) ->
 
 @pytest.mark.parametrize("depth", [300, 1000])
 def test_deeply_nested_items_are_stored_or_refused_never_a_crash(depth: int) -> None:
-    from bridge.routing.router import canonical_json
+    from bridge.canonical import canonical_json
 
     body = ('{"order": [{"uuid": "a", "deep": ' + "[" * depth + "]" * depth + "}]}").encode()
     try:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.models import Item
-from bridge.state import EntityState, observe, step_key
+from bridge.state import KEPT_CONTENTS, EntityState, observe, step_key
 
 STATUSES = ["CREATED", "PICKED_UP", "IN_TRANSIT", "OUT_FOR_DELIVERY", "DELIVERED"]
 
@@ -96,6 +96,49 @@ def test_orders_compare_as_json_and_by_version() -> None:
     obs, newer = observe(state, order(12, "2025-11-02T11:00:00Z"), version_of)
     assert obs.verdict == "change" and obs.changed == ("total", "updatedAt")
     assert newer.fields["total"] == 12
+
+
+def test_an_order_without_a_version_or_without_an_offset_keeps_the_stale_check() -> None:
+    def order(status: str, updated: Any) -> Item:
+        return Item("order", "o1", {"uuid": "o1", "status": status, "updatedAt": updated})
+
+    def version_of(data: dict[str, Any]) -> Any:
+        return data.get("updatedAt")
+
+    _, state = observe(None, order("SHIPPED", "2025-11-03T12:00:00Z"), version_of)
+    # No version: it cannot be dated, so it is a change, and the version known stays.
+    obs, state = observe(state, order("SHIPPED", None), version_of)
+    assert obs.verdict == "change" and state.version == "2025-11-03T12:00:00Z"
+    obs, _ = observe(state, order("NEW", "2025-11-03T08:00:00Z"), version_of)
+    assert obs.stale  # older than the version known before the versionless one
+    # An ISO time without an offset is UTC, as step timestamps are.
+    obs, _ = observe(state, order("PAID", "2025-11-03T11:30:00"), version_of)
+    assert obs.stale
+
+
+def test_content_back_again_counts_as_a_new_occurrence_a_repeat_does_not() -> None:
+    def order(status: str) -> Item:
+        return Item("order", "o1", {"uuid": "o1", "status": status})
+
+    seen = []
+    state = None
+    for status in ("PAID", "ON_HOLD", "PAID", "PAID", "ON_HOLD", "PAID"):
+        obs, state = observe(state, order(status))
+        seen.append((obs.verdict, obs.occurrence))
+    assert seen == [("first_seen", 1), ("change", 1), ("change", 2), ("repeat", 2),
+                    ("change", 2), ("change", 3)]
+    assert state is not None
+    again = EntityState.from_json("order", "o1", state.to_json())
+    assert again.contents == state.contents and len(state.contents) == 2
+
+
+def test_only_the_last_contents_are_kept() -> None:
+    state = None
+    for n in range(KEPT_CONTENTS + 3):
+        _, state = observe(state, Item("order", "o1", {"uuid": "o1", "n": n}))
+    assert state is not None and len(state.contents) == KEPT_CONTENTS
+    obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "n": 0}))
+    assert obs.occurrence == 1  # too far back to be known: counted as new content
 
 
 @st.composite
