@@ -61,9 +61,15 @@ def _compile(route: Route, sinks: dict[str, Sink]) -> CompiledRoute:
     )
 
 
-def _has_error(ctx: RenderContext) -> bool:
+def _has_error(ctx: RenderContext, seen: Observation | None) -> bool:
+    """A step with an error is news now (it never waits for a digest or a coalescing
+    window): the newest step, or any step this snapshot brings, though a later one came
+    with it."""
     step = ctx.last_step
-    return bool(step and step.get("error"))
+    if step and step.get("error"):
+        return True
+    return seen is not None and any(
+        isinstance(s, dict) and s.get("error") for s in seen.new_steps)
 
 
 def delivery_id(sink: str, route: str, kind: str, item_json: str) -> str:
@@ -135,11 +141,12 @@ class Router:
         out = []
         for route in sending:
             # An item whose latest step failed is news now: it never waits for a digest.
-            grouped = route.group_window is not None and not _has_error(ctx)
+            grouped = route.group_window is not None and not _has_error(ctx, seen)
             route_ctx, window, wait = ctx, None, 0.0
             if (route.coalesce is not None and hold is not None and seen is not None
                     and not (seen.repeat or seen.stale)):
-                held, wait, window = hold(route.name, route.coalesce, seen, _has_error(ctx))
+                held, wait, window = hold(route.name, route.coalesce, seen,
+                                          _has_error(ctx, seen))
                 route_ctx = RenderContext(item.data, item.kind, batch.received_at, item_json,
                                           held)
             for sink, message in route.targets:

@@ -81,3 +81,18 @@ async def test_a_step_with_an_error_is_never_held_back(
     assert got.json() == {"uuid": "t1", "status": "EXCEPTION",
                           "new": [ts(0), ts(1), ts(2), ts(3), ts(4)], "was": None}
     assert await bridge.rt.store.counts() == {"pending": 0, "delivered": 3, "dead": 0}
+
+
+async def test_an_error_in_a_step_before_the_newest_is_not_held_back_either(
+        make_bridge: BridgeFactory, receiver: tuple[Receiver, str]) -> None:
+    """One snapshot brings three steps, the middle one failed (customs), and the shipment
+    has moved on since: the error is news all the same."""
+    rec, url = receiver
+    bridge = await make_bridge(CONFIG.format(window="10m"), {"URL": url})
+    await bridge.post({"tracking": [snapshot("t1", 1)]})
+    await asyncio.sleep(0.3)
+    assert rec.requests == []  # held for the window
+    await bridge.post({"tracking": [snapshot("t1", 5, error_at=4)]})
+    [got] = await rec.wait_for(1, timeout=15)
+    assert got.json() == {"uuid": "t1", "status": "DELIVERED",
+                          "new": [ts(i) for i in range(6)], "was": None}
