@@ -227,6 +227,11 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
                            item_json), merged
     seen = state.step_keys()
     new = {k: s for k, s in keyed.items() if k not in seen}
+    failed = _newly_failed(state, keyed, seen)
+    base = state.steps
+    if failed:  # known steps that now carry an error: news, and the history takes them
+        base = [failed.get(step_key(s), s) for s in state.steps]
+        new = {**new, **failed}
     new_steps = _in_order(new, plain)
     # A snapshot without steps cannot say when it was taken: against a state that has
     # steps it counts as older, so that `steps: []` with an early status never turns a
@@ -237,7 +242,9 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
     newest = (newest_here if state.newest is None
               or (newest_here is not None and earlier(state.newest, newest_here))
               else state.newest)
-    steps, keys = (_merged(state, new_steps), seen.union(new)) if new else (state.steps, seen)
+    fresh = [s for s in new_steps if step_key(s) not in failed] if failed else new_steps
+    steps, keys = ((_merged(base, fresh), seen.union(new)) if fresh
+                   else (base, seen))
     merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
                          newest, windows=dict(state.windows), keys=keys,
                          contents=state.contents)
@@ -247,17 +254,29 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
                        state.summary(), n, item_json), merged
 
 
-def _merged(state: EntityState, new_steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The state's steps and the new ones, by time. Mostly the new steps come after every
+def _newly_failed(state: EntityState, keyed: dict[StepKey, dict[str, Any]],
+                  seen: frozenset[StepKey]) -> dict[StepKey, dict[str, Any]]:
+    """Steps seen before that now carry an `error` they did not (isendu's failure signal,
+    added to a step already sent: a customs hold on the step that reached customs)."""
+    if not any(s.get("error") for k, s in keyed.items() if k in seen):
+        return {}  # nearly always: no index of the state's steps is built
+    known = {step_key(s): s for s in state.steps}
+    return {k: s for k, s in keyed.items()
+            if k in seen and s.get("error") and known[k].get("error") != s.get("error")}
+
+
+def _merged(steps_before: list[dict[str, Any]], new_steps: list[dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+    """The steps known and the new ones, by time. Mostly the new steps come after every
     step seen: they are then added at the end, with no key worked out again."""
-    if not state.steps:
+    if not steps_before:
         return new_steps
-    last = step_key(state.steps[-1])
+    last = step_key(steps_before[-1])
     first = step_key(new_steps[0])  # new_steps are in time order
     if (last < first if is_plain(last[0]) and is_plain(first[0])
             else _time_order(last) < _time_order(first)):
-        return state.steps + new_steps
-    return _by_time(state.steps + new_steps)
+        return steps_before + new_steps
+    return _by_time(steps_before + new_steps)
 
 
 def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf | None
@@ -326,7 +345,9 @@ def hold(state: EntityState, route: str, seconds: float, seen: Observation, now:
     window = state.windows.get(route)
     margin = min(1.0, seconds / 10)  # a change just before the close would miss the send
     if window is not None and now < window["until"] - margin:
-        steps = _in_order(_keyed(window["steps"] + list(seen.new_steps)))
+        # This change's steps first: of two with one key, _keyed keeps the first, and a
+        # step that failed since the window opened must be held with its error.
+        steps = _in_order(_keyed(list(seen.new_steps) + window["steps"]))
         previous, until = window["previous"], window["until"]
     else:
         steps, previous, until = list(seen.new_steps), seen.previous, now + seconds

@@ -98,6 +98,19 @@ def test_orders_compare_as_json_and_by_version() -> None:
     assert newer.fields["total"] == 12
 
 
+def test_a_known_step_that_now_carries_an_error_is_news() -> None:
+    _, state = observe(None, snapshot([step(0), step(1), step(2)]))
+    failed = {**step(2), "error": {"code": "DAMAGED", "message": "parcel damaged"}}
+    obs, merged = observe(state, snapshot([step(0), step(1), failed]))
+    assert obs.verdict == "change" and obs.new_steps == (failed,)
+    assert merged.steps == [step(0), step(1), failed]  # the history takes the error
+    again, _ = observe(merged, snapshot([step(0), step(1), failed]))
+    assert again.repeat
+    # The same step without its error later (an older snapshot) changes nothing back.
+    older, kept = observe(merged, snapshot([step(0), step(1), step(2)]))
+    assert older.repeat and kept.steps[2] == failed
+
+
 def test_an_order_without_a_version_or_without_an_offset_keeps_the_stale_check() -> None:
     def order(status: str, updated: Any) -> Item:
         return Item("order", "o1", {"uuid": "o1", "status": status, "updatedAt": updated})
