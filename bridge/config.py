@@ -34,6 +34,7 @@ from bridge.config_types import (
     SinkConfigBase,
     StrictModel,
     TemplateField,
+    format_duration,
 )
 from bridge.errors import ConfigError
 from bridge.models import Kind
@@ -189,6 +190,20 @@ class ChangedOf(StrictModel):
     changed: str
     _predicate: cond.Predicate = PrivateAttr()
 
+    @field_validator("changed")
+    @classmethod
+    def _a_top_level_field(cls, v: str) -> str:
+        # The state compares top-level fields, by name: a path or a nested name would be
+        # true on first sight only, silently.
+        if not v or v.startswith("$") or any(c in v for c in ".[]*"):
+            raise ValueError(f"expected the name of a top-level field of the item, such as "
+                             f"status or trackingUrl (the state compares those), got {v!r}")
+        if v == "steps":
+            raise ValueError("expected the name of a top-level field other than steps: "
+                             "steps never seen are the snapshot's `new_steps` (a change, "
+                             "for the state), not a field it compares")
+        return v
+
     @model_validator(mode="after")
     def _compile(self) -> ChangedOf:
         self._predicate = cond.changed(self.changed)
@@ -315,7 +330,15 @@ class Route(StrictModel):
     stale: Literal["skip", "deliver"] = "skip"
     # A shipment's changes sequenced within this window go out as one message (the last
     # one's, with every new step); a step with an error goes at once.
-    coalesce: PositiveDuration | None = Field(None, le=3600)
+    coalesce: PositiveDuration | None = None
+
+    @field_validator("coalesce")
+    @classmethod
+    def _coalesce_at_most_an_hour(cls, v: float | None) -> float | None:
+        if v is not None and v > 3600:
+            raise ValueError(f"expected a window of at most 1h (a shipment's changes held "
+                             f"longer are stale news), got {format_duration(v)}")
+        return v
 
     @model_validator(mode="after")
     def _coalesce_or_group(self) -> Route:
@@ -569,6 +592,11 @@ def _clean_loc(loc: tuple[Any, ...], data: Any, names_key: bool) -> KeyPath:
         last = n == len(loc) - 1
         in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if (in_dict and not last and not isinstance(node[part], dict | list)
+                and loc[n + 1] in node):
+            # A union's tag that is also a key here (`changed` in {changed: status, path:
+            # ...}): the next part is this mapping's own key, not one inside that value.
+            continue
         if in_dict or in_list:
             out.append(part)
             node = node[part]
@@ -586,6 +614,11 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
     if etype == "extra_forbidden":
         allowed = _expected_keys(path[:-1], data)
         key = str(path[-1])
+        if key in allowed and "when" in path:
+            # A known key in the wrong company: one condition mixes two kinds of test.
+            return (f"{key!r} cannot stand beside the other keys of this condition: a "
+                    f"condition is ONE of path with an operator, all:, any:, not:, changed:, "
+                    f"transition: or first_seen:; to need several, list them under all:")
         hint = difflib.get_close_matches(key, allowed, n=1)
         text = f"unknown key {key!r}"
         if hint:
