@@ -36,7 +36,7 @@ from bridge.config_types import format_duration, format_rate
 from bridge.dispatch.breaker import probe_schedule
 from bridge.errors import BridgeError, ConfigError, PayloadError, PermanentSinkError
 from bridge.logs import setup_logging
-from bridge.models import Batch, Delivery, Status
+from bridge.models import COALESCED, Batch, Delivery, Status
 from bridge.parse import Verification, parse_request
 from bridge.redact import redact
 from bridge.routing.router import Router, compile_routes
@@ -292,7 +292,8 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
           "shipment state: off (state.enabled: false); every item is routed as first seen",
           file=sys.stderr if args.json else sys.stdout)
     many = len(bodies) > 1
-    items = deliveries = 0
+    items = deliveries = again = 0
+    made: dict[str, str] = {}  # delivery id -> the batch that made it: the outbox's view
     for where, body in bodies:
         try:
             parsed = parse_request(body)
@@ -307,13 +308,16 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
                   + ("would answer 200 with its secret" if known
                      else "unknown keyId, would answer 403"))
             continue
-        report = dry_run(router, parsed, book)
+        report = dry_run(router, parsed, book, made, where)
         items += len(parsed.items)
-        deliveries += sum(len(r["deliveries"]) for r in report)
+        every = [d for r in report for d in r["deliveries"]]
+        deliveries += len(every)
+        again += sum(1 for d in every if "stored_by" in d)
         _print_dry_run(report, where if many else None, args.json)
     print(f"{len(bodies)} batches, " if many else "", end="", file=sys.stderr)
-    print(f"{items} items, {deliveries} deliveries; nothing sent, nothing stored",
-          file=sys.stderr)
+    print(f"{items} items, {deliveries - again} deliveries"
+          + (f" (and {again} made again, which the outbox would store once)" if again else "")
+          + "; nothing sent, nothing stored", file=sys.stderr)
     return 0
 
 
@@ -346,11 +350,17 @@ def _print_dry_run(report: list[dict[str, Any]], where: str | None, as_json: boo
         for route, why in row.get("skipped", {}).items():
             print(f"  -- {route}: skipped, {SKIP_REASONS.get(why, why)}")
         for d in row["deliveries"]:
-            if d["error"]:
+            if "stored_by" in d:
+                print(f"  == {d['sink']} via {d['route']}: made by {d['stored_by']} already "
+                      "(the same id: stored once, not sent again)")
+            elif d["error"]:
                 print(redact(f"  -> {d['sink']} via {d['route']}: WOULD DEAD-LETTER: "
                              f"{d['error']}"))
             else:
-                print(f"  -> {d['sink']} via {d['route']}:")
+                held = (" (held for its coalescing window: only the window's last change "
+                        "goes out, with every step the window brought)"
+                        if d.get("coalesced") else "")
+                print(f"  -> {d['sink']} via {d['route']}{held}:")
                 for key, value in d["payload"].items():
                     print(redact(f"     {key}: {value}"))
 
@@ -365,10 +375,13 @@ def _scrubbed(value: Any) -> Any:
     return value
 
 
-def dry_run(router: Router, batch: Batch, book: StateBook | None = None
+def dry_run(router: Router, batch: Batch, book: StateBook | None = None,
+            made: dict[str, str] | None = None, where: str = "an earlier batch"
             ) -> list[dict[str, Any]]:
     """What the sequencer would make of `batch` after the batches `book` has seen: the same
-    routing, nothing stored."""
+    routing, nothing stored. `made`: the delivery ids of earlier batches of this run (and
+    where they were made), so that one made again shows as the outbox would store it:
+    once."""
     rows = []
     for item in batch.items:
         seen = book.observe(item) if book else None
@@ -381,8 +394,18 @@ def dry_run(router: Router, batch: Batch, book: StateBook | None = None
             row["verdict"] = plan.verdict
         if plan.skipped:
             row["skipped"] = plan.skipped
-        row["deliveries"] = [{"route": d.route, "sink": d.sink, "id": d.id,
-                              "payload": d.payload, "error": d.error} for d in plan.deliveries]
+        row["deliveries"] = []
+        for d in plan.deliveries:
+            out: dict[str, Any] = {"route": d.route, "sink": d.sink, "id": d.id,
+                                   "payload": d.payload, "error": d.error}
+            if made is not None:
+                if d.id in made:
+                    out["stored_by"] = made[d.id]
+                else:
+                    made[d.id] = where
+            if d.group_key is not None and d.group_key.startswith(COALESCED):
+                out["coalesced"] = True
+            row["deliveries"].append(out)
         rows.append(row)
     return rows
 

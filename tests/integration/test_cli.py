@@ -647,3 +647,29 @@ def test_dry_run_says_it_starts_from_empty_shipment_state(config: Path) -> None:
     out = bridge("dry-run", str(SHARED / "batch.json"), "--config", str(off))
     assert out.stdout.splitlines()[0] == (
         "shipment state: off (state.enabled: false); every item is routed as first seen")
+
+
+def test_dry_run_shows_a_delivery_made_again_and_a_coalesced_one_as_serve_would_treat_them(
+        tmp_path: Path) -> None:
+    """The same batch twice: a `dedupe: false` route makes the same deliveries again, which
+    the outbox would store once; a coalescing route's deliveries say they are held."""
+    config = tmp_path / "routes.yaml"
+    config.write_text("""
+integrations: [{key_id: k, secret: s}]
+storage: memory://
+sinks: {out: {type: console}}
+routes:
+  - {name: everything, kind: tracking, to: out, dedupe: false}
+  - {name: calm, kind: tracking, to: out, coalesce: 10s}
+""")
+    batch = str(SHARED / "batch.json")
+    out = bridge("dry-run", batch, batch, "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split(f"== {batch}\n")[1:]
+    assert "made by" not in first
+    assert first.count("-> out via calm (held for its coalescing window") == 5
+    again = [line for line in second.splitlines() if line.startswith("  == out via everything")]
+    # Four repeats (the fifth item is stale now, which both routes skip).
+    assert len(again) == 4 and all(f"made by {batch} already" in line for line in again)
+    assert "-> out via" not in second  # nothing new: the repeats' ids are stored already
+    assert "10 deliveries (and 4 made again, which the outbox would store once)" in out.stderr
