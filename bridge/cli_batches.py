@@ -11,7 +11,7 @@ from typing import Any
 
 from bridge.cli_common import SKIP_REASONS, iso, load_for, open_store
 from bridge.config_types import parse_duration
-from bridge.models import BatchInfo, BatchStatus
+from bridge.models import COALESCED, BatchInfo, BatchStatus
 from bridge.outbox import Store
 from bridge.outbox.base import storage_label
 from bridge.redact import redact
@@ -118,7 +118,11 @@ async def _show_item(store: Store, batch_id: str, entry: dict[str, Any]) -> None
             continue
         origin = "" if d.batch_id == batch_id else f" (a repeat: stored by batch {d.batch_id})"
         error = f": {redact(d.last_error)}" if d.last_error else ""
-        print(f"    {delivery_id} -> {d.sink} via {d.route}: {d.status}{error}{origin}")
+        # Its window's changes leave as ONE message, the last one's: `delivered` says that
+        # message went, not that this change was sent on its own.
+        merged = (" (coalesced: its window's changes go out as one message, the last one's)"
+                  if d.group_key is not None and d.group_key.startswith(COALESCED) else "")
+        print(f"    {delivery_id} -> {d.sink} via {d.route}: {d.status}{error}{origin}{merged}")
 
 
 def parse_since(text: str, now: float) -> float:

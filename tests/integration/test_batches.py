@@ -291,3 +291,22 @@ async def test_batches_show_says_no_route_matches_only_where_none_does(tmp_path:
     [batch_id] = [json.loads(x)["id"] for x in listed.stdout.splitlines()]
     out = run_bridge("batches", "show", batch_id, "--config", str(config)).stdout
     assert "  order 01d6a94c-ea60-4675-9e5e-3a9f64cec5fe [first_seen]: no route matches" in out
+
+
+async def test_batches_show_says_a_coalesced_delivery_went_out_with_its_window(
+        tmp_path: Path) -> None:
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "routes.yaml"
+    config.write_text(STATE_CONFIG.format(db=db).replace(
+        "  - {name: all, to: ops}\n", "  - {name: all, kind: tracking, to: ops, coalesce: 1s}\n"))
+    await _serve_until_settled(config, tmp_path / "bridge.log",
+                               json.dumps(sample_batch()).encode())
+    listed = run_bridge("batches", "list", "--json", "--config", str(config))
+    [batch_id] = [json.loads(x)["id"] for x in listed.stdout.splitlines()]
+    out = run_bridge("batches", "show", batch_id, "--config", str(config)).stdout
+    coalesced = [line for line in out.splitlines() if "-> ops via all" in line]
+    assert len(coalesced) == 5 and all(
+        "(coalesced: its window's changes go out as one message, the last one's)" in line
+        for line in coalesced)
+    assert not [line for line in out.splitlines()
+                if "-> ops via created" in line and "coalesced" in line]
