@@ -123,6 +123,9 @@ def _occurrence(state: EntityState | None, merged: EntityState, item: Item, chan
     counted in `merged.contents`, the most recent last."""
     item_json = canonical_json(item.data)
     key = digest(item_json)
+    if state is None:
+        merged.contents = {key: 1}
+        return 1, item_json
     known = state.contents if state is not None else {}
     if not change:
         return known.get(key, 1), item_json
@@ -163,25 +166,36 @@ def _time_order(key: StepKey) -> tuple[str, str, str]:
 
 def _keyed(steps: Any) -> dict[StepKey, dict[str, Any]]:
     """Each step of a snapshot's `steps` once (the first of equal keys), by its key; what
-    is not a step (not an object) is left out. step_key inlined: the loop runs for every
-    step of every snapshot, and a call per step was a fifth of the observation's time."""
+    is not a step (not an object) is left out."""
+    return _keyed_plain(steps)[0]
+
+
+def _keyed_plain(steps: Any) -> tuple[dict[StepKey, dict[str, Any]], bool]:
+    """`_keyed`, and whether every timestamp is written the plain way (`...T07:40:13Z`:
+    text order is time order, nothing to parse). step_key and is_plain inlined: the loop
+    runs for every step of every snapshot, and a call per step was a fifth of the
+    observation's time."""
     out: dict[StepKey, dict[str, Any]] = {}
+    plain = True
     if not isinstance(steps, list):
-        return out
+        return out, plain
     for s in steps:
         if not isinstance(s, dict):
             continue
         t, st, d = s.get("timestamp"), s.get("status"), s.get("description")
-        key = ((t, st, d) if type(t) is str and type(st) is str and type(d) is str
-               else (_text(t), _text(st), _text(d)))
+        if type(t) is str and type(st) is str and type(d) is str:
+            key = (t, st, d)
+        else:
+            key = (_text(t), _text(st), _text(d))
+        if plain and not (len(key[0]) == 20 and key[0][19] == "Z" and key[0][10] == "T"):
+            plain = False
         if key not in out:
             out[key] = s
-    return out
+    return out, plain
 
 
 def _plain(keyed: dict[StepKey, dict[str, Any]]) -> bool:
-    """Every timestamp written the plain way (`...T07:40:13Z`): text order is time order,
-    and no timestamp needs parsing."""
+    """Every timestamp written the plain way: see `_keyed_plain`."""
     return all(is_plain(k[0]) for k in keyed)
 
 
@@ -214,10 +228,9 @@ _MISSING = object()
 
 
 def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observation, EntityState]:
-    keyed = _keyed(item.data.get("steps"))
+    keyed, plain = _keyed_plain(item.data.get("steps"))
     fields = dict(item.data)
     fields.pop("steps", None)
-    plain = _plain(keyed)  # once per snapshot: this runs for every tracking item
     newest_here = _newest(keyed, plain)
     if state is None:
         merged = EntityState("tracking", item.uuid, fields, _in_order(keyed, plain), newest_here,
