@@ -215,12 +215,15 @@ def _newest(keyed: dict[StepKey, dict[str, Any]], plain: bool) -> str | None:
 
 
 def _changed(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[str, ...]:
+    """Names of the top-level fields whose JSON values differ: Python's `True == 1` (and
+    `1 == 1.0`) would call `"delivered": 1` after `true` the same."""
     if before is None:
         return tuple(after)
-    if before == after:  # a repeat, most often: one comparison in C
-        return ()
     get = before.get
-    names = [k for k, v in after.items() if get(k, _MISSING) != v]
+    if before == after:  # a repeat, most often: one comparison in C, then the types
+        return tuple(k for k, v in after.items() if type(get(k)) is not type(v))
+    names = [k for k, v in after.items()
+             if get(k, _MISSING) != v or type(get(k)) is not type(v)]
     return tuple(names + [k for k in before if k not in after])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import given, settings
@@ -286,3 +287,26 @@ def test_odd_steps_are_left_out_or_keyed_as_text() -> None:
     assert step_key(odd) == ("2025-11-01T09:00:00Z", "3", "")
     again, _ = observe(state, item)
     assert again.repeat
+
+
+def test_a_state_stored_before_contents_were_kept_still_loads() -> None:
+    """States written before 28aa641 have no `contents`: they load, and the content they
+    hold counts as seen once from the next change on."""
+    _, state = observe(None, Item("order", "o1", {"uuid": "o1", "status": "PAID"}))
+    doc = json.loads(state.to_json())
+    del doc["contents"]
+    old = EntityState.from_json("order", "o1", json.dumps(doc))
+    assert old.contents == {}
+    obs, merged = observe(old, Item("order", "o1", {"uuid": "o1", "status": "ON_HOLD"}))
+    assert obs.verdict == "change" and obs.occurrence == 1 and len(merged.contents) == 1
+
+
+def test_true_and_1_are_not_the_same_value() -> None:
+    """JSON tells them apart (a receiver reading `delivered` does too); Python does not."""
+    _, state = observe(None, Item("order", "o1", {"uuid": "o1", "paid": True, "n": 1}))
+    obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "paid": 1, "n": 1}))
+    assert obs.verdict == "change" and obs.changed == ("paid",)
+    obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "paid": True, "n": 1.0}))
+    assert obs.changed == ("n",)
+    obs, _ = observe(state, Item("order", "o1", {"n": 1, "paid": True, "uuid": "o1"}))
+    assert obs.repeat
