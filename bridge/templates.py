@@ -142,6 +142,12 @@ def _envelope_middle(kind: str, route: str) -> str:
     return ',"kind":' + _quote(kind) + ',"route":' + _quote(route) + ',"received_at":'
 
 
+# A change that brings no new step and keeps the status (a new trackingUrl, a new total)
+# would read like the message before it: the line names what changed.
+_ONLY_CHANGED = (
+    "{% if previous and not new_steps and changed and previous.status == item.status %}"
+    " (changed: {{ changed | join(', ') }}){% endif %}"
+)
 # One line per item: the digest's list entries, and (prefixed with the route) the default
 # message of the console sink and the fallback text of chat sinks.
 _ORDER_LINE = (
@@ -149,6 +155,7 @@ _ORDER_LINE = (
     "{% if item.status %}: {{ item.status }}{% endif %}"
     "{% if item.recipient and item.recipient.city %} -> {{ item.recipient.city }}"
     "{% if item.recipient.country %}, {{ item.recipient.country }}{% endif %}{% endif %}"
+    + _ONLY_CHANGED
 )
 _TRACKING_LINE = (
     "{{ item.trackingNumber or item.uuid }}: {{ item.status or 'UNKNOWN' }}"
@@ -163,6 +170,7 @@ _TRACKING_LINE = (
     " ({{ new_steps|length }} new steps){% endif %}"
     "{% if previous and previous.status and previous.status != item.status %}"
     " (was {{ previous.status }}){% endif %}"
+    + _ONLY_CHANGED
 )
 DEFAULT_SUMMARY = {
     "order": compile_template(_ORDER_LINE),

@@ -90,6 +90,8 @@ class Summary:
     route: str
     new_steps: int = 0  # steps this snapshot brings that no earlier one did
     was: str | None = None  # the status before this snapshot, when it changed
+    # What changed, when that is neither a new step nor the status (a new trackingUrl).
+    changed: tuple[str, ...] = ()
 
     @property
     def error(self) -> str | None:
@@ -111,6 +113,8 @@ class Summary:
             pairs.append(("Was", self.was))
         if self.new_steps > 1:
             pairs.append(("New steps", str(self.new_steps)))
+        if self.changed:
+            pairs.append(("Changed", ", ".join(self.changed)))
         pairs += [("Destination", self.destination), ("Total", self.total)]
         return [(k, v) for k, v in pairs if v]
 
@@ -138,7 +142,18 @@ def summarize(ctx: RenderContext, route: str) -> Summary:
         new_steps=len(ctx.seen.new_steps)
         if ctx.kind == "tracking" and not ctx.seen.first_seen else 0,
         was=_was(ctx, status),
+        changed=_only_changed(ctx, status),
     )
+
+
+def _only_changed(ctx: RenderContext, status: str | None) -> tuple[str, ...]:
+    """The fields a change changed, when it brings no new step and keeps the status: the
+    message would otherwise read like the one before."""
+    seen = ctx.seen
+    previous = seen.previous
+    if previous is None or seen.new_steps or not seen.changed:
+        return ()
+    return seen.changed if text_of(previous.get("status")) == status else ()
 
 
 def _was(ctx: RenderContext, status: str | None) -> str | None:

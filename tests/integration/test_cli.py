@@ -673,3 +673,36 @@ routes:
     assert len(again) == 4 and all(f"made by {batch} already" in line for line in again)
     assert "-> out via" not in second  # nothing new: the repeats' ids are stored already
     assert "10 deliveries (and 4 made again, which the outbox would store once)" in out.stderr
+
+
+def test_a_change_with_no_new_step_and_the_same_status_says_what_changed(
+        tmp_path: Path) -> None:
+    """A new trackingUrl (or an order's new total) would otherwise read exactly like the
+    message before it."""
+    config = tmp_path / "routes.yaml"
+    config.write_text("""
+integrations: [{key_id: k, secret: s}]
+storage: memory://
+sinks: {out: {type: console}}
+routes:
+  - {name: all, to: out}
+""")
+    step = {"timestamp": "2025-11-03T10:00:00Z", "status": "IN_TRANSIT",
+            "description": "In transit"}
+    tracking = {"uuid": "t1", "trackingNumber": "GLS1", "status": "IN_TRANSIT",
+                "trackingUrl": "https://example.com/a", "steps": [step]}
+    order = {"uuid": "o1", "reference": "ORD-1", "status": "PAID", "total": 10}
+    files = []
+    for n, (t, o) in enumerate([(tracking, order),
+                                ({**tracking, "trackingUrl": "https://example.com/b"},
+                                 {**order, "total": 12})]):
+        path = tmp_path / f"b{n}.json"
+        path.write_text(json.dumps({"tracking": [t], "order": [o]}))
+        files.append(str(path))
+    out = bridge("dry-run", *files, "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split("== ")[1:]
+    assert "changed:" not in first
+    assert "[all] order ORD-1: PAID (changed: total)" in second
+    assert ("[all] GLS1: IN_TRANSIT - In transit (changed: trackingUrl) "
+            "https://example.com/b") in second

@@ -126,3 +126,12 @@ def test_default_messages_say_what_an_update_brings() -> None:
     first = RenderContext(after, "tracking", "2025-11-04T12:00:01Z", "{}")
     assert "new steps" not in DEFAULT_TEXT["tracking"].render(first.vars("r", "d1"))
     assert {"Was", "New steps"}.isdisjoint(dict(summarize(first, "r").facts()))
+    assert "Changed" not in facts  # the status changed: "Was" says it
+
+    # A new trackingUrl alone: no step, the same status; the chat message says what changed.
+    _, state = observe(state, Item("tracking", "u1", after))
+    moved = {**after, "trackingUrl": "https://example.com/new"}
+    seen, _ = observe(state, Item("tracking", "u1", moved))
+    ctx = RenderContext(moved, "tracking", "2025-11-04T12:00:02Z", "{}", seen)
+    facts = dict(summarize(ctx, "r").facts())
+    assert facts["Changed"] == "trackingUrl" and "Was" not in facts
