@@ -298,8 +298,8 @@ class Sequencer:
             for item in batch.items:
                 seen = hold = None
                 if book is not None:
-                    seen = book.observe(item)
-                    if self._coalescing:
+                    seen = book.observe(item, replay=row.rerouted)
+                    if self._coalescing and not row.rerouted:  # a replay opens no window
                         hold = book.holder(item, self.clock())
                 plans.append(plan_item(self.router, item, batch, seen, row.rerouted, hold))
                 slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER

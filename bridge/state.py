@@ -15,6 +15,7 @@ never turns a DELIVERED shipment back to OUT_FOR_DELIVERY. Pure: no storage, no 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -409,12 +410,22 @@ class StateBook:
             else:
                 self.known.pop(key, None)
 
-    def observe(self, item: Item) -> Observation:
+    def observe(self, item: Item, replay: bool = False) -> Observation:
+        """`replay`: the item's batch was sequenced before and sent back by hand (`bridge
+        batches reroute`): what it brought is in the state already. It is compared, and
+        nothing is merged: an old snapshot replayed must not turn the shipment back, nor
+        count as its content's next occurrence (its deliveries keep the ids they had)."""
         key = (item.kind, item.uuid)
         kept = self.known.pop(key, None)  # put back last: `trim` keeps the recent ones
         state = (EntityState.from_json(item.kind, item.uuid, kept) if isinstance(kept, str)
                  else kept)
         seen, merged = observe(state, item, self.version_of)
+        if replay:
+            if kept is not None:
+                self.known[key] = kept
+            known = state.contents if state is not None else {}
+            return dataclasses.replace(
+                seen, occurrence=known.get(digest(seen.item_json or ""), 1))
         if not seen.repeat:
             self._before.setdefault(key, kept)
             self.known[key] = self._changed[key] = merged

@@ -298,6 +298,24 @@ async def test_a_shipment_back_to_what_it_was_is_notified_again(harness: Harness
     assert set(summaries[3][0]["deliveries"]) <= set(summaries[2][0]["deliveries"])
 
 
+async def test_a_rerouted_batch_stores_nothing_twice_and_moves_no_state(
+        harness: Harness) -> None:
+    """IN_TRANSIT, then EXCEPTION (same steps), then the first batch rerouted by hand: it is
+    routed as it comes, but what it stored the first time is not stored again, and the
+    shipment stays EXCEPTION (a reroute replays, it does not happen again)."""
+    first = snapshot("t1", [0, 1, 2])
+    ids = await harness.post([first], [{**first, "status": "EXCEPTION"}])
+    await harness.sequence()
+    before = await harness.store.counts()
+    assert await harness.store.reroute([ids[0]], None) == 1
+    await harness.sequence()
+    assert await harness.store.counts() == before  # nothing new stored
+    state = await harness.state("t1")
+    assert state is not None and state.fields["status"] == "EXCEPTION"
+    info = await harness.store.batch(ids[0])
+    assert info is not None and info.status.value == "sequenced"
+
+
 async def test_a_snapshot_without_steps_never_turns_a_shipment_back(harness: Harness) -> None:
     delivered = snapshot("t1", [0, 1, 2, 3, 4])
     early = {"uuid": "t1", "trackingNumber": "GLS1", "status": "CREATED", "delivered": False,
