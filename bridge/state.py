@@ -54,9 +54,12 @@ class EntityState:
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The step keys of `steps`, worked out once and then kept with the state in memory.
     keys: frozenset[StepKey] | None = field(default=None, compare=False, repr=False)
-    # The contents of its last changes (`digest` of the canonical JSON), each with how many
-    # times a change brought it: a shipment back to what it was (PAID, ON_HOLD, PAID) is a
-    # change again, and its deliveries need ids other than the first time's (`occurrence`).
+    # How many changes (first sight included) it has had, and the contents of the last ones
+    # (`digest` of the canonical JSON) with the number of the change that last brought each:
+    # a shipment back to what it was (PAID, ON_HOLD, PAID) is a change again, and its
+    # deliveries need ids other than the first time's (`occurrence`); a repeat takes the id
+    # of the change it repeats.
+    changes: int = 0
     contents: dict[str, int] = field(default_factory=dict)
 
     def step_keys(self) -> frozenset[StepKey]:
@@ -71,6 +74,7 @@ class EntityState:
             doc["windows"] = self.windows
         if self.contents:
             doc["contents"] = self.contents
+            doc["changes"] = self.changes
         return jsontext.dumps_exact(doc).decode()
 
     @classmethod
@@ -78,7 +82,8 @@ class EntityState:
         doc = jsontext.loads(text.encode())
         return cls(kind=kind, uuid=uuid, fields=doc["fields"], steps=doc["steps"],
                    newest=doc["newest"], version=doc["version"],
-                   windows=doc.get("windows", {}), contents=doc.get("contents", {}))
+                   windows=doc.get("windows", {}), contents=doc.get("contents", {}),
+                   changes=doc.get("changes", 0))
 
     def summary(self) -> dict[str, Any]:
         """`previous` in templates: what was known before this snapshot."""
@@ -96,8 +101,9 @@ class Observation:
     new_steps: tuple[dict[str, Any], ...]  # steps not seen before, by timestamp
     changed: tuple[str, ...]  # top-level fields that differ from the state (all, first seen)
     previous: dict[str, Any] | None  # EntityState.summary() before, None on first sight
-    # How many times a change has brought this very content (1: the first), for delivery
-    # ids: the same content as a change again is news again, as a repeat it is not.
+    # For delivery ids: the number of the change that brought this content (1: the first
+    # sight, whose ids are unsalted). The same content as a change again is news again, as a
+    # repeat it is not (the number of the change it repeats).
     occurrence: int = 1
     item_json: str | None = None  # the item's canonical JSON, worked out once
 
@@ -115,7 +121,9 @@ def first_sight(data: dict[str, Any], kind: Kind) -> Observation:
     fields = tuple(k for k in data if k != "steps") if kind == "tracking" else tuple(data)
     return Observation(True, False, False, tuple(steps), fields, None)
 
-KEPT_CONTENTS = 8  # contents remembered per shipment: a return further back is not seen
+# Contents remembered per shipment, for repeats to find the change they repeat (one that is
+# too far back gets its first-sight id: a `dedupe: false` route may send it once more).
+KEPT_CONTENTS = 16
 
 
 def _occurrence(state: EntityState | None, merged: EntityState, item: Item, change: bool,
@@ -125,12 +133,17 @@ def _occurrence(state: EntityState | None, merged: EntityState, item: Item, chan
     item_json = canonical_json(item.data)
     key = digest(item_json)
     if state is None:
-        merged.contents = {key: 1}
+        merged.contents, merged.changes = {key: 1}, 1
         return 1, item_json
-    known = state.contents if state is not None else {}
+    known = state.contents
     if not change:
         return known.get(key, 1), item_json
-    n = known.get(key, 0) + 1
+    # The shipment's next change number: never reused while its state is kept, so a content
+    # back again, however long ago it was seen (or forgotten from `contents`), never gets
+    # an id stored before. A state stored before changes were counted starts at 1, whose
+    # deliveries had unsalted ids.
+    n = max(state.changes, 1) + 1
+    merged.changes = n
     contents = dict(known)
     contents.pop(key, None)
     contents[key] = n
@@ -264,7 +277,7 @@ def _observe_tracking(state: EntityState | None, item: Item) -> tuple[Observatio
                    else (base, seen))
     merged = EntityState("tracking", item.uuid, state.fields if stale else fields, steps,
                          newest, windows=dict(state.windows), keys=keys,
-                         contents=state.contents)
+                         contents=state.contents, changes=state.changes)
     repeat = not new_steps and not changed
     n, item_json = _occurrence(state, merged, item, not repeat and not stale)
     return Observation(False, repeat, stale and not repeat, tuple(new_steps), changed,
@@ -310,7 +323,7 @@ def _observe_order(state: EntityState | None, item: Item, version_of: VersionOf 
         merged = state
     else:
         merged.windows = dict(state.windows)
-        merged.contents = state.contents
+        merged.contents, merged.changes = state.contents, state.changes
         if version is None and state.version is not None:
             # A snapshot without a version cannot be dated: the version known stays, or an
             # older one coming next would pass for news.

@@ -86,9 +86,10 @@ def _id_prefix(sink: str, route: str, kind: str) -> hashlib._Hash:
 def delivery_id_of(item_bytes: bytes, sink: str, route: str, kind: str,
                    occurrence: int = 1) -> str:
     """`delivery_id` for an item already encoded (once per item, not once per delivery).
-    `occurrence`: how many times a change brought this content (shipment state): the
-    second time a shipment is back to what it was, its deliveries are new ones, where the
-    same content as a repeat keeps the id of the change that brought it."""
+    `occurrence`: the number of the shipment's change that brought this content (shipment
+    state; 1, unsalted, for its first sight and where no state is kept): a shipment back to
+    what it was makes new deliveries, where the same content as a repeat keeps the id of
+    the change that brought it."""
     h = _id_prefix(sink, route, kind).copy()
     h.update(item_bytes)
     if occurrence > 1:

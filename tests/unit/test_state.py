@@ -139,8 +139,9 @@ def test_content_back_again_counts_as_a_new_occurrence_a_repeat_does_not() -> No
     for status in ("PAID", "ON_HOLD", "PAID", "PAID", "ON_HOLD", "PAID"):
         obs, state = observe(state, order(status))
         seen.append((obs.verdict, obs.occurrence))
-    assert seen == [("first_seen", 1), ("change", 1), ("change", 2), ("repeat", 2),
-                    ("change", 2), ("change", 3)]
+    # Each change has a number of its own; a repeat takes its change's.
+    assert seen == [("first_seen", 1), ("change", 2), ("change", 3), ("repeat", 3),
+                    ("change", 4), ("change", 5)]
     assert state is not None
     again = EntityState.from_json("order", "o1", state.to_json())
     assert again.contents == state.contents and len(state.contents) == 2
@@ -152,7 +153,12 @@ def test_only_the_last_contents_are_kept() -> None:
         _, state = observe(state, Item("order", "o1", {"uuid": "o1", "n": n}))
     assert state is not None and len(state.contents) == KEPT_CONTENTS
     obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "n": 0}))
-    assert obs.occurrence == 1  # too far back to be known: counted as new content
+    # Back to a content too far back to be known: still a change with a number of its own.
+    assert obs.verdict == "change" and obs.occurrence == KEPT_CONTENTS + 4
+    # A repeat of it takes the number of that change.
+    _, later = observe(state, Item("order", "o1", {"uuid": "o1", "n": 1}))
+    again, _ = observe(later, Item("order", "o1", {"uuid": "o1", "n": 1}))
+    assert again.repeat and again.occurrence == KEPT_CONTENTS + 4
 
 
 @st.composite
@@ -298,7 +304,8 @@ def test_a_state_stored_before_contents_were_kept_still_loads() -> None:
     old = EntityState.from_json("order", "o1", json.dumps(doc))
     assert old.contents == {}
     obs, merged = observe(old, Item("order", "o1", {"uuid": "o1", "status": "ON_HOLD"}))
-    assert obs.verdict == "change" and obs.occurrence == 1 and len(merged.contents) == 1
+    # Change number 2: ids salted, none of those stored before the upgrade (unsalted).
+    assert obs.verdict == "change" and obs.occurrence == 2 and len(merged.contents) == 1
 
 
 def test_true_and_1_are_not_the_same_value() -> None:
@@ -310,3 +317,15 @@ def test_true_and_1_are_not_the_same_value() -> None:
     assert obs.changed == ("n",)
     obs, _ = observe(state, Item("order", "o1", {"n": 1, "paid": True, "uuid": "o1"}))
     assert obs.repeat
+
+
+def test_every_change_has_a_number_of_its_own_however_often_content_returns() -> None:
+    """A B A C0..C19 A X A: each change's number is new, so no change of it can get an id
+    stored for an earlier one (contents further back than KEPT_CONTENTS included)."""
+    statuses = ["A", "B", "A", *[f"C{i}" for i in range(KEPT_CONTENTS + 4)], "A", "X", "A"]
+    state, numbers = None, []
+    for status in statuses:
+        obs, state = observe(state, Item("order", "o1", {"uuid": "o1", "status": status}))
+        assert not obs.repeat
+        numbers.append(obs.occurrence)
+    assert numbers == list(range(1, len(statuses) + 1))
