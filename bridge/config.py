@@ -393,7 +393,11 @@ def storage_problem(url: str) -> str | None:
             shown = repr(url) if scheme in ("sqlite", "memory") else f"a {scheme}: URL"
             return f"{shown}, without // after '{scheme}:'"
     if scheme not in STORAGE_SCHEMES:
-        return f"scheme {scheme or url!r}"
+        # Only the scheme: what follows may be `user:password@` (from a variable, even).
+        if not slashes:
+            return "no scheme (nothing before ://)" if "@" in url or ":" in url else (
+                f"{url!r}, which is no URL")
+        return f"scheme {scheme!r}" if scheme else "an empty scheme (nothing before ://)"
     if scheme == "sqlite":
         path = rest[1:] if rest.startswith("/") else rest  # as from_url reads it
         if not path:

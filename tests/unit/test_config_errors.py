@@ -166,6 +166,21 @@ def test_a_value_from_a_variable_is_refused_naming_the_variable(tmp_path: Path) 
     assert info.value.problems[0].startswith(f"{path}:1: storage: expected"), info.value
 
 
+@pytest.mark.parametrize("env", [
+    {"PG_SCHEME": "", "PG_PASSWORD": "hunter2secret99"},  # a scheme variable left empty
+    {"PG_SCHEME": "postgresql:", "PG_PASSWORD": "hunter2secret99"},  # one colon too many
+])
+def test_a_storage_url_s_password_is_never_repeated_in_an_error(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text('storage: "${PG_SCHEME}://bridge:${PG_PASSWORD}@db.example.com/b"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env)
+    text = "\n".join(info.value.problems)
+    assert "storage (from $PG_SCHEME, $PG_PASSWORD): expected a storage URL" in text
+    assert "hunter2secret99" not in text and "bridge:" not in text
+
+
 def test_retry_policies_that_make_sense_load(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text("defaults:\n  retry: {initial_delay: 1m, max_delay: 1m, max_age: 1s}\n"
