@@ -18,6 +18,7 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from bridge.templates import Template, compile_template
@@ -125,13 +126,35 @@ def format_rate(rate: float | None) -> str:
 Rate = Annotated[float | None, BeforeValidator(parse_rate), PlainSerializer(format_rate)]
 
 
+DEFAULT_INITIAL_DELAY = 1.0
+DEFAULT_MAX_DELAY = 600.0
+
+
 class RetryPolicy(StrictModel):
     max_attempts: int = Field(10, ge=1, description="attempts before a delivery is dead")
     # 0 is allowed: retried at once, every time (the breaker keeps its probes apart).
-    initial_delay: Duration = 1.0
+    initial_delay: Duration = DEFAULT_INITIAL_DELAY
     # Checked even when left out (validate_default), against an initial_delay written longer.
-    max_delay: Duration = Field(600.0, validate_default=True)
+    max_delay: Duration = Field(DEFAULT_MAX_DELAY, validate_default=True)
     max_age: PositiveDuration = 86400.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_follows_the_written(cls, data: Any) -> Any:
+        """One delay written, the other left to its default: the default gives way
+        (`initial_delay: 15m` alone waits 15m each time; `max_delay: 0` alone retries at
+        once), where only two written ones that contradict each other are refused."""
+        if not isinstance(data, dict) or ("initial_delay" in data) == ("max_delay" in data):
+            return data
+        try:
+            written = parse_duration(data.get("initial_delay", data.get("max_delay")))
+        except (ValueError, TypeError):
+            return data  # its own check says what is wrong
+        if "initial_delay" in data and written > DEFAULT_MAX_DELAY:
+            return {**data, "max_delay": data["initial_delay"]}
+        if "max_delay" in data and written < DEFAULT_INITIAL_DELAY:
+            return {**data, "initial_delay": data["max_delay"]}
+        return data
 
     @field_validator("max_delay")
     @classmethod

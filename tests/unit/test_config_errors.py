@@ -181,6 +181,19 @@ def test_a_storage_url_s_password_is_never_repeated_in_an_error(
     assert "hunter2secret99" not in text and "bridge:" not in text
 
 
+def test_one_delay_written_moves_the_other_s_default(tmp_path: Path) -> None:
+    """Only two delays written that contradict each other are refused: `initial_delay: 1h`
+    alone waits an hour each time, `max_delay: 0` alone retries at once."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("defaults:\n  retry: {initial_delay: 1h}\n"
+                    "sinks:\n  out: {type: console, retry: {max_delay: 0}}\n"
+                    "  calm: {type: console, retry: {initial_delay: 5s}}\n")
+    cfg = load_config(path, env={}).config
+    assert (cfg.defaults.retry.initial_delay, cfg.defaults.retry.max_delay) == (3600, 3600)
+    assert (cfg.retry_for("out").initial_delay, cfg.retry_for("out").max_delay) == (0, 0)
+    assert (cfg.retry_for("calm").initial_delay, cfg.retry_for("calm").max_delay) == (5, 600)
+
+
 def test_retry_policies_that_make_sense_load(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text("defaults:\n  retry: {initial_delay: 1m, max_delay: 1m, max_age: 1s}\n"
