@@ -40,6 +40,7 @@ DESCRIPTION_LIMIT = 3000
 _NOTIFY_TYPE = {"good": "success", "bad": "warning", "active": "info", "neutral": "info"}
 _MIN_PIECE = 6  # a shorter "secret" is more often a word (`ops`, `chat`) than a token
 _TAIL_MASK = re.compile(r".\.\.\..", re.S)  # how Apprise hides a token: first...last
+_END_MASK = re.compile(r"\.\.\.([^.]{2,})", re.S)  # or by its end only (a Twilio SID: ...5678)
 _HOST = (r"(localhost|[a-z0-9-]+(\.[a-z0-9-]+)*\.([a-z]{2,63}|xn--[a-z0-9-]+)"
          r"|\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\])")
 _HOST_NAME = re.compile(_HOST + r"(:\d{1,5})?", re.IGNORECASE)
@@ -178,11 +179,12 @@ def url_secrets(url: str, private_form: str | None) -> list[str]:
 
 def _hidden(mine: _Pieces, private: _Pieces) -> list[str]:
     """Pieces of the URL its privacy form does not repeat but masks: `a...z` (first and last
-    character shown) or `****`. The form may be another spelling of the same URL (discord's
+    character shown), `...5678` (the end only) or `****`. The form may be another spelling of the same URL (discord's
     https:// link becomes discord://id/token), so pieces are matched by value, not place."""
     shown = private.shown()
     seen = {p.casefold() for p in shown} | {p.lstrip("#@+").casefold() for p in shown}
     tails = {(p[0], p[-1]) for p in shown if _TAIL_MASK.fullmatch(p)}
+    ends = [m.group(1) for p in shown if (m := _END_MASK.fullmatch(p))]
     # A `****` stands for the password or a value under a credential's name (both taken
     # already); any other for a key shown only as stars.
     stars = shown.count("****") - (mine.password is not None) - sum(
@@ -193,7 +195,8 @@ def _hidden(mine: _Pieces, private: _Pieces) -> list[str]:
         plain = unquote(piece)
         if len(plain) < _MIN_PIECE or plain.lstrip("#@+").casefold() in seen:
             continue
-        if (plain[0], plain[-1]) in tails or (stars > 0 and not _public(plain)):
+        if ((plain[0], plain[-1]) in tails or (stars > 0 and not _public(plain))
+                or any(plain.endswith(end) and plain != end for end in ends)):
             out.append(piece)
             # A bot token `id:secret` in the host's place: its secret half leaks alone too.
             if piece == mine.hostport and len(port) >= _MIN_PIECE and not port.isdigit():

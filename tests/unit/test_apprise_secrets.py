@@ -70,6 +70,12 @@ def test_what_apprise_hides_in_the_user_host_or_path() -> None:
         "o.gn5kj6nfhv736I7jC3cj3QLRiyhgl98b"}  # a dot does not make a token a host name
 
 
+def test_an_id_apprise_shows_by_its_end_only() -> None:
+    """Twilio's Account SID: Apprise shows `...5678`."""
+    sid, token = "ACabcdef0123456789abcdef012345678", "authtokenabcdef0123456789"
+    assert secrets_of(f"twilio://{sid}:{token}@15551234567/15557654321") == {sid, token}
+
+
 def test_a_key_apprise_shows_only_as_stars() -> None:
     key = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     assert secrets_of(f"ses://user@example.com/AKIAIOSFODNN7EXAMPLE/{key}/us-east-1/"
