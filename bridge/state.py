@@ -230,12 +230,14 @@ def _newest(keyed: dict[StepKey, dict[str, Any]], plain: bool) -> str | None:
 
 def _changed(before: dict[str, Any] | None, after: dict[str, Any]) -> tuple[str, ...]:
     """Names of the top-level fields whose JSON values differ: Python's `True == 1` (and
-    `1 == 1.0`) would call `"delivered": 1` after `true` the same."""
+    `1 == 1.0`, at any depth) would call `"delivered": 1` after `true` the same."""
     if before is None:
         return tuple(after)
     get = before.get
-    if before == after:  # a repeat, most often: one comparison in C, then the types
-        return tuple(k for k, v in after.items() if type(get(k)) is not type(v))
+    if before == after:  # a repeat, most often: one comparison in C, then as JSON
+        if canonical_json(before) == canonical_json(after):
+            return ()
+        return tuple(k for k, v in after.items() if canonical_json(get(k)) != canonical_json(v))
     names = [k for k, v in after.items()
              if get(k, _MISSING) != v or type(get(k)) is not type(v)]
     return tuple(names + [k for k in before if k not in after])

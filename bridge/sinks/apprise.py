@@ -179,8 +179,9 @@ def url_secrets(url: str, private_form: str | None) -> list[str]:
 
 def _hidden(mine: _Pieces, private: _Pieces) -> list[str]:
     """Pieces of the URL its privacy form does not repeat but masks: `a...z` (first and last
-    character shown), `...5678` (the end only) or `****`. The form may be another spelling of the same URL (discord's
-    https:// link becomes discord://id/token), so pieces are matched by value, not place."""
+    character shown), `...5678` (the end only) or `****`. The form may be another spelling
+    of the same URL (discord's https:// link becomes discord://id/token), so pieces are
+    matched by value, not place."""
     shown = private.shown()
     seen = {p.casefold() for p in shown} | {p.lstrip("#@+").casefold() for p in shown}
     tails = {(p[0], p[-1]) for p in shown if _TAIL_MASK.fullmatch(p)}

@@ -329,3 +329,11 @@ def test_every_change_has_a_number_of_its_own_however_often_content_returns() ->
         assert not obs.repeat
         numbers.append(obs.occurrence)
     assert numbers == list(range(1, len(statuses) + 1))
+
+
+def test_a_type_changed_deep_inside_a_field_is_a_change_too() -> None:
+    _, state = observe(None, Item("order", "o1", {"uuid": "o1", "dims": {"w": 1}, "t": [1]}))
+    obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "dims": {"w": True}, "t": [1]}))
+    assert obs.verdict == "change" and obs.changed == ("dims",)
+    obs, _ = observe(state, Item("order", "o1", {"uuid": "o1", "dims": {"w": 1}, "t": [1.0]}))
+    assert obs.changed == ("t",)
