@@ -248,10 +248,15 @@ class Sequencer:
             weight += len(outcome.deliveries) if isinstance(outcome, Sequenced) else 1
             if weight >= SETTLE_ROWS:
                 if pending is not None and not await pending:
+                    self._forget_states()  # see below
                     return
                 pending = asyncio.create_task(self._settle(rows, outcomes))
                 outcomes, rows, weight = [], [], 0
         if pending is not None and not await pending:
+            # The failed settle forgot the states while later batches were being routed:
+            # those observed against an empty memory, and what they left in it is wrong.
+            # Forgotten again, the states are read from storage at the next take.
+            self._forget_states()
             return
         if outcomes:
             await self._settle(rows, outcomes)

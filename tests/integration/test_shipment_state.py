@@ -22,13 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge import sequencer as sequencer_module
 from bridge.config import BridgeConfig
 from bridge.metrics import Metrics
 from bridge.models import InboxBatch
 from bridge.outbox import Store, from_url
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_sinks
-from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
+from bridge.sequencer import SETTLE_ROWS, TAKE, Sequencer, StateKeeping, state_book
 from bridge.state import EntityState
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -328,6 +329,51 @@ async def test_a_snapshot_without_steps_never_turns_a_shipment_back(harness: Har
     assert [s[0]["verdict"] for s in summaries] == ["first_seen", "stale", "repeat"]
     state = await harness.state("t1")
     assert state is not None and state.fields["status"] == "DELIVERED"
+
+
+async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
+        harness: Harness) -> None:
+    """One take of several settles: the first fails while the batches after it are being
+    routed (against a memory it had just forgotten). The take is abandoned, and taken again,
+    t1's new step is a change and notified."""
+    first = await harness.post([snapshot("t1", [0, 1])])
+    await harness.sequence()
+    def filler(b: int) -> list[dict[str, Any]]:  # over SETTLE_ROWS deliveries (2 an item)
+        return [snapshot(f"f{b}-{i}", [0]) for i in range(SETTLE_ROWS // 2 + 1)]
+
+    # The second batch is routed while the first one's settle fails: t1, at its end, is
+    # observed after the failure forgot every state.
+    ids = await harness.post(filler(0), [*filler(1), snapshot("t1", [0, 1, 2])])
+    settle = harness.store.settle
+    calls = 0
+
+    async def fails_first(outcomes: Any, now: float) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("disk full (injected)")
+        return await settle(outcomes, now)
+
+    yield_after = sequencer_module.YIELD_AFTER
+    sequencer_module.YIELD_AFTER = 0.0  # the routing gives way after every item
+
+    harness.store.settle = fails_first  # type: ignore[method-assign]
+    try:
+        taken = await harness.store.waiting(TAKE)
+        await harness.sequencer.sequence(taken)  # the first settle fails: all stay waiting
+        harness.store.settle = settle  # type: ignore[method-assign]
+        await harness.sequence()
+    finally:
+        harness.store.settle = settle  # type: ignore[method-assign]
+        sequencer_module.YIELD_AFTER = yield_after
+    info = await harness.store.batch(ids[-1])
+    assert info is not None and info.summary is not None
+    [t1] = [i for i in json.loads(info.summary) if i["uuid"] == "t1"]
+    assert t1["verdict"] == "change"  # against t1's stored state, not a forgotten memory
+    texts = [(await harness.store.get(d)).payload["text"]  # type: ignore[union-attr]
+             for d in t1["deliveries"]]
+    assert f"IN_TRANSIT|{step(2)['timestamp']}|PICKED_UP|False" in texts
+    assert len(await harness.notified(first, "chat")) == 1
 
 
 async def test_a_snapshot_with_one_step_more_notifies_that_step(harness: Harness) -> None:
