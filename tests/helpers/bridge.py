@@ -73,7 +73,10 @@ class Bridge:
         items = json.loads(info.summary) if info.summary else []
         return {"deliveries": info.deliveries, "duplicates": info.duplicates,
                 "status": info.status.value,
-                "verdicts": [i.get("verdict") for i in items]}
+                "verdicts": [i.get("verdict") for i in items],
+                # The ids the sequencer made: from a shipment's second change on they hash
+                # the change's number too, which the item alone does not tell.
+                "delivery_ids": [d for i in items for d in i.get("deliveries", [])]}
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,
