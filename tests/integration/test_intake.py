@@ -135,8 +135,10 @@ async def test_the_sequencer_gives_way_to_requests(make_bridge: BridgeFactory) -
         stop.set()
         await task
     assert settled["verdicts"] == ["first_seen"] * 200
-    assert settled | {"verdicts": None} == {"deliveries": 200, "duplicates": 0,
-                                            "status": "sequenced", "verdicts": None}
+    assert len(set(settled["delivery_ids"])) == 200
+    assert settled | {"verdicts": None, "delivery_ids": None} == {
+        "deliveries": 200, "duplicates": 0, "status": "sequenced", "verdicts": None,
+        "delivery_ids": None}
     # Not a speed check: however long routing took, the loop turned about every 5 ms.
     assert ticks >= min(200, took / 0.05), (ticks, took)
 
