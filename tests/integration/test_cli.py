@@ -649,19 +649,22 @@ def test_dry_run_says_it_starts_from_empty_shipment_state(config: Path) -> None:
         "shipment state: off (state.enabled: false); every item is routed as first seen")
 
 
+def console_config(folder: Path, routes: str) -> Path:
+    """A routes.yaml in `folder`: one console sink `out`, memory storage, `routes` (YAML list
+    items)."""
+    config = folder / "routes.yaml"
+    config.write_text("integrations: [{key_id: k, secret: s}]\nstorage: memory://\n"
+                      "sinks: {out: {type: console}}\nroutes:" + routes + "\n")
+    return config
+
+
 def test_dry_run_shows_a_delivery_made_again_and_a_coalesced_one_as_serve_would_treat_them(
         tmp_path: Path) -> None:
     """The same batch twice: a `dedupe: false` route makes the same deliveries again, which
     the outbox would store once; a coalescing route's deliveries say they are held."""
-    config = tmp_path / "routes.yaml"
-    config.write_text("""
-integrations: [{key_id: k, secret: s}]
-storage: memory://
-sinks: {out: {type: console}}
-routes:
+    config = console_config(tmp_path, """
   - {name: everything, kind: tracking, to: out, dedupe: false}
-  - {name: calm, kind: tracking, to: out, coalesce: 10s}
-""")
+  - {name: calm, kind: tracking, to: out, coalesce: 10s}""")
     batch = str(SHARED / "batch.json")
     out = bridge("dry-run", batch, batch, "--config", str(config))
     assert out.returncode == 0, out.stderr
@@ -679,14 +682,8 @@ def test_a_change_with_no_new_step_and_the_same_status_says_what_changed(
         tmp_path: Path) -> None:
     """A new trackingUrl (or an order's new total) would otherwise read exactly like the
     message before it."""
-    config = tmp_path / "routes.yaml"
-    config.write_text("""
-integrations: [{key_id: k, secret: s}]
-storage: memory://
-sinks: {out: {type: console}}
-routes:
-  - {name: all, to: out}
-""")
+    config = console_config(tmp_path, """
+  - {name: all, to: out}""")
     step = {"timestamp": "2025-11-03T10:00:00Z", "status": "IN_TRANSIT",
             "description": "In transit"}
     tracking = {"uuid": "t1", "trackingNumber": "GLS1", "status": "IN_TRANSIT",

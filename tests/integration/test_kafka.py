@@ -152,6 +152,17 @@ def ids_of(body: dict[str, Any]) -> set[str]:
             for kind in ("tracking", "order") for item in body.get(kind, [])}
 
 
+async def first_failure(bridge: Bridge, did: str, what: str) -> tuple[Delivery, str]:
+    """The delivery `did` and the reason it stored, once an attempt failed."""
+    async def failed() -> bool:
+        row = await bridge.rt.store.get(did)
+        return row is not None and row.last_error is not None
+    await eventually(failed, timeout=30, what=what)
+    row = await bridge.rt.store.get(did)
+    assert row is not None and row.last_error is not None
+    return row, row.last_error
+
+
 async def counts(bridge: Bridge) -> dict[str, int]:
     return await bridge.rt.store.counts()
 
@@ -470,13 +481,8 @@ async def test_broker_down_at_first_use_then_up_is_delivered(
     await bridge.post(body)
     [did] = ids_of(body)
 
-    async def failed() -> bool:
-        row = await bridge.rt.store.get(did)
-        return row is not None and row.last_error is not None
-    await eventually(failed, timeout=30, what="a failed attempt to start a producer")
-    row = await bridge.rt.store.get(did)
-    assert row is not None and row.last_error is not None
-    assert "broker unreachable" in row.last_error and "bootstrap" in row.last_error
+    row, reason = await first_failure(bridge, did, "a failed attempt to start a producer")
+    assert "broker unreachable" in reason and "bootstrap" in reason
     # The broker was never heard from: nothing counted (a send in flight holds one attempt
     # until its failure gives it back).
     assert row.attempts == 0 or (row.attempts == 1 and row.lease_until is not None)
@@ -499,14 +505,9 @@ async def test_broker_refusing_producer_ids_says_what_to_set(
     await bridge.post(body)
     [did] = ids_of(body)
 
-    async def failed() -> bool:
-        row = await bridge.rt.store.get(did)
-        return row is not None and row.last_error is not None
-    await eventually(failed, timeout=30, what="a failed attempt")
-    row = await bridge.rt.store.get(did)
-    assert row is not None and row.status is Status.PENDING  # retried, not lost
-    assert row.last_error is not None and "InitProducerId" in row.last_error
-    assert "enable_idempotence: false" in row.last_error
+    row, reason = await first_failure(bridge, did, "a failed attempt")
+    assert row.status is Status.PENDING  # retried, not lost
+    assert "InitProducerId" in reason and "enable_idempotence: false" in reason
     assert await metric(bridge, "bridge_sink_failing") == 1
 
 
@@ -528,13 +529,8 @@ async def test_sasl_password_appears_in_no_error_and_no_log(
     await bridge.post(body)
     [did] = ids_of(body)
 
-    async def failed() -> bool:
-        row = await bridge.rt.store.get(did)
-        return row is not None and row.last_error is not None
-    await eventually(failed, timeout=30, what="a failed attempt, its reason stored")
-    row = await bridge.rt.store.get(did)
-    assert row is not None and row.last_error is not None and "bootstrap" in row.last_error
-    assert PASSWORD not in row.last_error
+    row, reason = await first_failure(bridge, did, "a failed attempt, its reason stored")
+    assert "bootstrap" in reason and PASSWORD not in reason
 
     sink = bridge.rt.sinks["kafka"]
     [error] = await sink.send_many([row])
