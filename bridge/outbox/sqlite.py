@@ -86,12 +86,15 @@ def _insert_sql(rows: int) -> str:
 
 def state_statements(states: dict[tuple[str, str], str], now: float
                      ) -> list[tuple[str, list[Any]]]:
-    """The upserts of a settle's shipment states, INSERT_ROWS rows per statement."""
+    """The statements that write a settle's shipment states, INSERT_ROWS rows each: every
+    part updated, then inserted (queries.sql, update_states)."""
     rows = [(kind, uuid, state, now) for (kind, uuid), state in states.items()]
     out = []
     for start in range(0, len(rows), INSERT_ROWS):
         part = rows[start:start + INSERT_ROWS]
-        out.append((_rows_sql("put_states", len(part)), [v for row in part for v in row]))
+        params = [v for row in part for v in row]
+        out.append((_rows_sql("update_states", len(part)), params))
+        out.append((_rows_sql("insert_states", len(part)), params))
     return out
 
 

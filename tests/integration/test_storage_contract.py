@@ -876,6 +876,20 @@ async def test_shipment_states_are_written_with_their_batch_only(reopen: StoreFa
     assert await box2.states([t1, o1]) == {t1: '{"v": 2}'}
 
 
+async def test_a_settle_updates_known_states_and_adds_new_ones(box: Store) -> None:
+    # More than one statement's worth (SQLite writes them in parts, each updated and then
+    # inserted), known and new states mixed within every part, one uuid under both kinds.
+    known = {("tracking", f"t{i}"): f'{{"n": {i}}}' for i in range(0, 200, 2)}
+    await box.append(batch(1))
+    await box.append(batch(2))
+    assert await box.settle([Sequenced(batch(1).id, [], "[]", known)], 100.0) == [0]
+    later = {("tracking", f"t{i}"): f'{{"n": {i}, "later": true}}' for i in range(200)}
+    later[("order", "t0")] = '{"kind": "order"}'
+    assert await box.settle([Sequenced(batch(2).id, [], "[]", later)], 200.0) == [0]
+    assert await box.states(list(later)) == later
+    assert await box.forget_states(150.0) == 0  # every one written at 200
+
+
 async def test_many_shipment_states_are_read_at_once(box: Store) -> None:
     # A take's worth of keys: more than one statement's (SQLite reads them in parts),
     # asked twice over, half of them never stored, one uuid under both kinds.
