@@ -300,6 +300,7 @@ class PostgresStore(Store):
         if conn is None or conn.is_closed():
             raise StorageError("this replica does not hold the sequencer's lock")
         results: list[int | None] = []
+        states: dict[tuple[str, str], str] = {}  # of the batches marked, the last wins
         try:
             async with conn.transaction():
                 for outcome in outcomes:
@@ -317,12 +318,16 @@ class PostgresStore(Store):
                     new = int(row["new"])
                     await conn.execute(Q["count_sequenced"], new, len(outcome.deliveries) - new,
                                        outcome.batch_id)
-                    if outcome.states:  # a dict: each key once, as one statement needs
-                        keys = list(outcome.states)
-                        await conn.execute(Q["put_states"], [k for k, _ in keys],
-                                           [u for _, u in keys], list(outcome.states.values()),
-                                           now)
+                    states.update(outcome.states)
                     results.append(new)
+                # Once for the whole settle, as on SQLite: one round trip, not one per batch
+                # (~0.1 ms of the bridge's and the server's CPU each), and a shipment in
+                # several of its batches written once. A dict: each key once, as one
+                # statement needs.
+                if states:
+                    keys = list(states)
+                    await conn.execute(Q["put_states"], [k for k, _ in keys],
+                                       [u for _, u in keys], list(states.values()), now)
                 if any(results):
                     await conn.execute(Q["notify_deliveries"])
         except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,

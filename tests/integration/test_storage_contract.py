@@ -879,14 +879,17 @@ async def test_shipment_states_are_written_with_their_batch_only(reopen: StoreFa
 async def test_a_settle_updates_known_states_and_adds_new_ones(box: Store) -> None:
     # More than one statement's worth (SQLite writes them in parts, each updated and then
     # inserted), known and new states mixed within every part, one uuid under both kinds.
+    # Of two batches in one settle that change one shipment, the later one's state stays.
     known = {("tracking", f"t{i}"): f'{{"n": {i}}}' for i in range(0, 200, 2)}
-    await box.append(batch(1))
-    await box.append(batch(2))
+    for n in (1, 2, 3):
+        await box.append(batch(n))
     assert await box.settle([Sequenced(batch(1).id, [], "[]", known)], 100.0) == [0]
     later = {("tracking", f"t{i}"): f'{{"n": {i}, "later": true}}' for i in range(200)}
     later[("order", "t0")] = '{"kind": "order"}'
-    assert await box.settle([Sequenced(batch(2).id, [], "[]", later)], 200.0) == [0]
-    assert await box.states(list(later)) == later
+    last = {("tracking", "t7"): '{"n": 7, "last": true}'}
+    assert await box.settle([Sequenced(batch(2).id, [], "[]", later),
+                             Sequenced(batch(3).id, [], "[]", last)], 200.0) == [0, 0]
+    assert await box.states(list(later)) == later | last
     assert await box.forget_states(150.0) == 0  # every one written at 200
 
 
