@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 from urllib.parse import unquote, unquote_plus, urlsplit
@@ -56,6 +57,32 @@ def url_credentials(url: str) -> list[str]:
         if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):
             out += [value, unquote_plus(value)]
     return out
+
+
+# A path segment that reads as a generated token, not a word: 16 or more of the characters
+# that tokens are written with (base64url, hex, UUIDs), at least one a digit and one a
+# letter. Make's `hook.eu1.make.com/<token>`, n8n's `/webhook/<uuid>`, Mattermost's
+# `/hooks/<id>`, Discord's token; `/api/v2/isendu-events` keeps its words.
+_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z_-]*\d)(?=[\d_-]*[A-Za-z])[A-Za-z0-9_-]{16,}")
+
+
+def url_path_tokens(url: str) -> list[str]:
+    """The parts of a webhook URL that are its credential, beyond its query: a capability
+    URL (whoever knows it may post) carries its secret in the path or the host. Tokens
+    shaped like tokens, and the short ones of services known for them: Zapier's
+    `/hooks/catch/<account>/<hook>/` (the hook, 6-7 characters), IFTTT's `/with/key/<key>`
+    and Pipedream's `<endpoint>.m.pipedream.net`. Each as written and decoded."""
+    parts = urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    out = [s for s in segments if _TOKEN_SEGMENT.fullmatch(unquote(s))]
+    host = (parts.hostname or "").lower()
+    if host == "hooks.zapier.com" and len(segments) >= 4 and segments[:2] == ["hooks", "catch"]:
+        out.append(segments[3])
+    if host == "maker.ifttt.com":
+        out += [b for a, b in itertools.pairwise(segments) if a == "key"]
+    if host.endswith(".m.pipedream.net"):
+        out.append(host.split(".", 1)[0])
+    return list(dict.fromkeys(v for s in out for v in (s, unquote(s))))
 
 
 def is_plain(value: str) -> bool:

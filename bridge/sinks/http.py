@@ -14,7 +14,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.models import Delivery
-from bridge.redact import is_plain, names_a_credential, url_credentials
+from bridge.redact import is_plain, names_a_credential, url_credentials, url_path_tokens
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
 from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
@@ -111,9 +111,10 @@ class HttpSink(Sink):
     def secrets(self) -> list[str]:
         """The signing secret, and what carries a credential by its name: a header such as
         `Authorization` or `X-Api-Key` (its value, and the token after `Bearer `), a
-        password in the URL, and URL query values such as `?access_token=` or Azure's
-        `?code=` (as written and decoded). A receiver's error page that echoes them must
-        not carry them into logs or dead-letter reasons."""
+        password in the URL, URL query values such as `?access_token=` or Azure's
+        `?code=` (as written and decoded), and a token in the URL's path or host (Zapier's
+        `/hooks/catch/...`, Make's, n8n's: redact.url_path_tokens). A receiver's error
+        page that echoes them must not carry them into logs or dead-letter reasons."""
         out = [self.config.signing_secret.get_secret_value()] if self.config.signing_secret else []
         for name, value in self._static_headers.items():
             if names_a_credential(name):
@@ -122,7 +123,7 @@ class HttpSink(Sink):
                 token = value.strip().partition(" ")[2].strip()
                 if token and " " not in token:
                     out.append(token)
-        out += url_credentials(self._url)
+        out += url_credentials(self._url) + url_path_tokens(self._url)
         # A literal value under a credential's name is one even if all digits, but never a
         # word like `true` or a lone scheme (`Bearer ${TOKEN:-}` leaves "Bearer").
         return [v for v in out if v and (v.isdigit() or not is_plain(v))]

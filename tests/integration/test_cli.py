@@ -85,6 +85,23 @@ def test_check_shows_variables_as_written_and_masks_literal_credentials(tmp_path
         assert secret not in out.stdout + out.stderr
 
 
+def test_check_masks_the_token_of_a_capability_url_written_literally(tmp_path: Path) -> None:
+    """A Zapier or Make hook URL is its own credential: `check` (whose output lands in CI
+    logs and bug reports) shows where it goes, not the token."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "sinks:\n"
+        "  zap: {type: http, url: 'https://hooks.zapier.com/hooks/catch/1234567/abcdef9/'}\n"
+        "  make: {type: http, url: 'https://hook.eu1.make.com/abcdefghijklmno1234567890pqrstu'}\n"
+        "routes:\n  - {name: r, to: [zap, make]}\n")
+    out = bridge("check", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "url=https://hooks.zapier.com/hooks/catch/1234567/********/" in out.stdout
+    assert "url=https://hook.eu1.make.com/********" in out.stdout
+    for secret in ("abcdef9", "abcdefghijklmno1234567890pqrstu"):
+        assert secret not in out.stdout + out.stderr
+
+
 def test_check_shows_what_each_route_sets_beyond_where_it_goes() -> None:
     out = bridge("check", "--config", str(ROOT / "tests" / "data" / "check-route-settings.yaml"))
     assert out.returncode == 0, out.stderr

@@ -257,6 +257,47 @@ async def test_credentials_a_receiver_echoes_never_reach_logs_or_reasons(
     assert_no_leak(secrets, [], *lines)
 
 
+CAPABILITY_CONFIG = """
+server: {listen: "${BRIDGE_LISTEN:-127.0.0.1:8080}"}
+defaults:
+  retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 1}
+sinks:
+  hook:
+    type: http
+    url: ${URL}/webhook/3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b
+routes:
+  - name: tracking-to-hook
+    kind: tracking
+    to: hook
+"""
+
+
+async def test_a_token_in_the_urls_path_never_reaches_logs_or_reasons(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A capability URL (n8n, Make, Zapier: whoever knows it may post) carries its secret in
+    the path, written literally in routes.yaml. n8n's 404 for a workflow switched off
+    names it; the dead-letter reason and the logs do not."""
+    rec, url = receiver
+    token = "3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b"
+    rec.answer(Answer(404, json.dumps({
+        "code": 404, "message": f'The requested webhook "POST {token}" is not registered.',
+        "hint": "The workflow must be active for a production URL to run successfully."})))
+    caplog.set_level(logging.DEBUG)
+    bridge = await make_bridge(CAPABILITY_CONFIG, {"URL": url})
+    await bridge.post({"tracking": [TRACKING]})
+    await rec.wait_for(1)
+    assert rec.requests[0].path == f"/webhook/{token}"  # sent as written
+    [row] = await dead(bridge)
+    assert row.last_error is not None
+    assert 'The requested webhook \\"POST ********\\" is not registered' in row.last_error
+    ours = [r for r in caplog.records if r.name.startswith("bridge")]
+    assert ours
+    assert_no_leak([token], ours, row.last_error,
+                   *[JsonFormatter().format(r) for r in ours])
+
+
 QUICK_RETRY = CONFIG.replace("max_delay: 200ms", "max_delay: 1s, max_age: 1h")
 
 
@@ -293,7 +334,6 @@ async def test_retry_after_zero_is_not_a_retry_storm(
 
 ECHO_CONFIG = """
 server: {listen: "${BRIDGE_LISTEN:-127.0.0.1:8080}"}
-storage: sqlite:///bridge.db
 defaults:
   retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 3}
 sinks:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.redact import MASK, Redactor, names_a_credential
+from bridge.redact import MASK, Redactor, names_a_credential, url_path_tokens
 from bridge.sinks.http import HttpSink, HttpSinkConfig
 
 
@@ -62,6 +62,34 @@ def test_http_sink_secrets_by_header_and_query_names_as_written_and_decoded() ->
             "ab+cd%2Fef%3D%3Dxyz", "ab cd/ef==xyz", "p%40ss-word", "p@ss-word"} <= secrets
     assert not secrets & {"of news", "Bearer of news", "shipping", "json", "shop-main",
                           "true", "hmac-sha256"}
+
+
+@pytest.mark.parametrize(("url", "tokens"), [
+    ("https://hooks.zapier.com/hooks/catch/1234567/abcdef9/", ["abcdef9"]),
+    ("https://hook.eu1.make.com/abcdefghijklmno1234567890pqrstu",
+     ["abcdefghijklmno1234567890pqrstu"]),
+    ("https://n8n.shop.example/webhook/3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b",
+     ["3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b"]),
+    ("https://maker.ifttt.com/trigger/parcel/with/key/dAbC12xYz", ["dAbC12xYz"]),
+    ("https://EO1a2b3c4d5e6f7.m.pipedream.net/", ["eo1a2b3c4d5e6f7"]),
+    ("https://chat.example/hooks/x9%2Dk3m7p1q8r2s5t0v", ["x9%2Dk3m7p1q8r2s5t0v",
+                                                         "x9-k3m7p1q8r2s5t0v"]),
+    # Words, versions, dates and numbers are no tokens, however long.
+    ("https://api.example.com/api/v2/isendu-events", []),
+    ("https://erp.example.com/shop/parcel-notifications/2026-12-07", []),
+    ("https://discord.com/api/webhooks/123456789012345678/", []),
+    ("https://erp.example.com/in", []),
+])
+def test_tokens_in_a_urls_path_or_host(url: str, tokens: list[str]) -> None:
+    assert url_path_tokens(url) == tokens
+
+
+def test_http_sink_masks_a_capability_urls_token_and_keeps_the_rest() -> None:
+    url = "https://hooks.zapier.com/hooks/catch/1234567/abcdef9/"
+    sink = HttpSink("zap", HttpSinkConfig.model_validate({"type": "http", "url": url}))
+    r = Redactor()
+    r.add(*sink.secrets())
+    assert r(f"url={url}") == f"url=https://hooks.zapier.com/hooks/catch/1234567/{MASK}/"
 
 
 def test_an_empty_bearer_leaves_no_word_to_mask() -> None:
