@@ -497,7 +497,8 @@ def start_bridge(kids: Children, name: str, config_text: str, log_level: str,
 
 def outbox_counts(bridge_base: str) -> dict[str, int]:
     """Deliveries per status, from the bridge's own /metrics."""
-    return depths(bridge_base)["outbox"]
+    counts: dict[str, int] = depths(bridge_base)["outbox"]
+    return counts
 
 
 def depths(bridge_base: str) -> dict[str, Any]:

@@ -364,7 +364,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_batch = [1000 * r["cpu_s"] / r["batches"] for r in runs]
     wall = [1000 * r["wall_s"] / r["batches"] for r in runs]
     def median(key: str, scale: float = 1000.0) -> float:
-        return statistics.median(scale * r[key] / r["batches"] for r in runs)
+        return float(statistics.median(scale * r[key] / r["batches"] for r in runs))
 
     return {"cpu_ms_per_batch": statistics.median(per_batch), "cpu_min": min(per_batch),
             "server_ms_per_batch": median("server_cpu_s"),

@@ -29,9 +29,10 @@ from typing import Any
 from common import BatchFactory, bridge_config
 
 from bridge.config import load_config
+from bridge.models import Batch
 from bridge.outbox.memory import MemoryStore
 from bridge.outbox.sqlite import SqliteStore, insert_statements
-from bridge.parse import Batch, parse_request
+from bridge.parse import parse_request
 from bridge.runtime import build_runtime
 
 

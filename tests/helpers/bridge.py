@@ -20,7 +20,8 @@ SHARED = Path(__file__).resolve().parents[1] / "data" / "isendu"  # copies of sh
 
 
 def sample_batch() -> dict[str, Any]:
-    return json.loads((SHARED / "batch.json").read_text())
+    batch: dict[str, Any] = json.loads((SHARED / "batch.json").read_text())
+    return batch
 
 
 def sample_batches() -> list[dict[str, Any]]:

@@ -143,4 +143,4 @@ def mockup(service: str, kind: Kind) -> str:
 if __name__ == "__main__":
     for service in DRAW:
         for kind in ("order", "tracking"):
-            print(f"--- {service} {kind}\n```text\n{mockup(service, kind)}\n```\n")  # type: ignore[arg-type]
+            print(f"--- {service} {kind}\n```text\n{mockup(service, kind)}\n```\n")
