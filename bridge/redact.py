@@ -59,25 +59,38 @@ def url_credentials(url: str) -> list[str]:
     return out
 
 
-# A path segment that reads as a generated token, not a word: 16 or more of the characters
-# that tokens are written with (base64url, hex, UUIDs), at least one a digit and one a
-# letter. Make's `hook.eu1.make.com/<token>`, n8n's `/webhook/<uuid>`, Mattermost's
-# `/hooks/<id>`, Discord's token; `/api/v2/isendu-events` keeps its words.
-_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z_-]*\d)(?=[\d_-]*[A-Za-z])[A-Za-z0-9_-]{16,}")
+# A path segment that reads as a generated token, not a name: 16 or more of the characters
+# tokens are written with (base64url, hex, UUIDs), a digit and a letter among them, and at
+# least one of its `-`/`_`-separated parts not a word (letters, then at most 4 digits) nor a
+# number of at most 4 digits. Make's `hook.eu1.make.com/<token>`, n8n's `/webhook/<uuid>`,
+# Mattermost's `/hooks/<id>`, Discord's token are tokens; `isendu-events-v2`,
+# `shipment_updates_2026` and `tracking-webhook-prod1` are names (the redactor would mask
+# a sink or route called the same in every log line).
+_TOKEN_CHARS = re.compile(r"(?=[A-Za-z_-]*\d)(?=[\d_-]*[A-Za-z])[A-Za-z0-9_-]{16,}")
+_NAME_PART = re.compile(r"[A-Za-z]+\d{0,4}|\d{1,4}")
+
+
+def _is_token(segment: str) -> bool:
+    return bool(_TOKEN_CHARS.fullmatch(segment)) and not all(
+        _NAME_PART.fullmatch(part) for part in re.split(r"[-_]+", segment) if part)
 
 
 def url_path_tokens(url: str) -> list[str]:
     """The parts of a webhook URL that are its credential, beyond its query: a capability
-    URL (whoever knows it may post) carries its secret in the path or the host. Tokens
-    shaped like tokens, and the short ones of services known for them: Zapier's
-    `/hooks/catch/<account>/<hook>/` (the hook, 6-7 characters), IFTTT's `/with/key/<key>`
-    and Pipedream's `<endpoint>.m.pipedream.net`. Each as written and decoded."""
+    URL (whoever knows it may post) carries its secret in the path or the host. Segments
+    shaped like tokens, and those of services known for theirs, whatever their shape:
+    Slack's `/services/<team>/<bot>/<token>`, Zapier's `/hooks/catch/<account>/<hook>/`
+    (the hook, 6-8 characters), IFTTT's `/with/key/<key>` and Pipedream's
+    `<endpoint>.m.pipedream.net`. Each as written and decoded. A name chosen by hand (an
+    n8n path such as `/webhook/isendu-parcels`) cannot be told from any other path."""
     parts = urlsplit(url)
     segments = [s for s in parts.path.split("/") if s]
-    out = [s for s in segments if _TOKEN_SEGMENT.fullmatch(unquote(s))]
+    out = [s for s in segments if _is_token(unquote(s))]
     host = (parts.hostname or "").lower()
-    if host == "hooks.zapier.com" and len(segments) >= 4 and segments[:2] == ["hooks", "catch"]:
+    if host == "hooks.slack.com" and len(segments) >= 4 and segments[0] == "services":
         out.append(segments[3])
+    if host == "hooks.zapier.com" and len(segments) >= 4 and segments[0] == "hooks":
+        out.append(segments[3])  # /hooks/catch/... and /hooks/catch/.../silent/
     if host == "maker.ifttt.com":
         out += [b for a, b in itertools.pairwise(segments) if a == "key"]
     if host.endswith(".m.pipedream.net"):

@@ -68,7 +68,7 @@ def id_of_stored(stored: bytes | str) -> str:
 INSERT_ROWS = 64
 
 
-@functools.lru_cache(maxsize=3 * INSERT_ROWS)  # every size of its three queries
+@functools.lru_cache(maxsize=4 * INSERT_ROWS)  # every size of its four queries
 def _rows_sql(query: str, rows: int) -> str:
     """The named query, its one VALUES group repeated for `rows` rows."""
     head, values = Q[query].split("VALUES")

@@ -123,10 +123,12 @@ class HttpSink(Sink):
                 token = value.strip().partition(" ")[2].strip()
                 if token and " " not in token:
                     out.append(token)
-        out += url_credentials(self._url) + url_path_tokens(self._url)
+        out += url_credentials(self._url)
         # A literal value under a credential's name is one even if all digits, but never a
-        # word like `true` or a lone scheme (`Bearer ${TOKEN:-}` leaves "Bearer").
-        return [v for v in out if v and (v.isdigit() or not is_plain(v))]
+        # word like `true` or a lone scheme (`Bearer ${TOKEN:-}` leaves "Bearer"). A token
+        # from the URL's path is one whatever it reads like (a Zapier hook `123456h`).
+        return ([v for v in out if v and (v.isdigit() or not is_plain(v))]
+                + url_path_tokens(self._url))
 
     def build_headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "User-Agent": "isendu-bridge"}

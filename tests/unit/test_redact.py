@@ -74,8 +74,17 @@ def test_http_sink_secrets_by_header_and_query_names_as_written_and_decoded() ->
     ("https://EO1a2b3c4d5e6f7.m.pipedream.net/", ["eo1a2b3c4d5e6f7"]),
     ("https://chat.example/hooks/x9%2Dk3m7p1q8r2s5t0v", ["x9%2Dk3m7p1q8r2s5t0v",
                                                          "x9-k3m7p1q8r2s5t0v"]),
-    # Words, versions, dates and numbers are no tokens, however long.
+    # Slack's token may hold no digit; its place in the path says what it is.
+    ("https://hooks.slack.com/services/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",
+     ["kQzRtPwLmNbVcXaSdFgHjKlq"]),
+    ("https://hooks.zapier.com/hooks/catch/1234567/f8f22dgg/silent/", ["f8f22dgg"]),
+    # Words, versions, years, dates and numbers are no tokens, however long: a sink or a
+    # route of the same name would be masked in every log line.
     ("https://api.example.com/api/v2/isendu-events", []),
+    ("https://erp.example.com/api/isendu-events-v2", []),
+    ("https://erp.example.com/hooks/shipment_updates_2026", []),
+    ("https://erp.example.com/v1/tracking-webhook-prod1", []),
+    ("https://n8n.shop.example/webhook/isendu-parcel-updates", []),
     ("https://erp.example.com/shop/parcel-notifications/2026-12-07", []),
     ("https://discord.com/api/webhooks/123456789012345678/", []),
     ("https://erp.example.com/in", []),
@@ -84,8 +93,9 @@ def test_tokens_in_a_urls_path_or_host(url: str, tokens: list[str]) -> None:
     assert url_path_tokens(url) == tokens
 
 
-def test_http_sink_masks_a_capability_urls_token_and_keeps_the_rest() -> None:
-    url = "https://hooks.zapier.com/hooks/catch/1234567/abcdef9/"
+@pytest.mark.parametrize("hook", ["abcdef9", "123456h"])  # the second reads as a duration
+def test_http_sink_masks_a_capability_urls_token_and_keeps_the_rest(hook: str) -> None:
+    url = f"https://hooks.zapier.com/hooks/catch/1234567/{hook}/"
     sink = HttpSink("zap", HttpSinkConfig.model_validate({"type": "http", "url": url}))
     r = Redactor()
     r.add(*sink.secrets())
