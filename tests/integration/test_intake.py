@@ -334,6 +334,42 @@ async def test_health_readiness_and_metrics(make_bridge: BridgeFactory) -> None:
     assert "secret-value" not in text
 
 
+async def test_metrics_never_show_a_batch_neither_waiting_nor_by_its_deliveries(
+    make_bridge: BridgeFactory,
+) -> None:
+    """A batch settled while /metrics reads storage counts as waiting or by its deliveries:
+    a load test that waits for an empty inbox takes the outbox as all the load made."""
+    bridge = await _bridge(make_bridge)
+    await bridge.rt.sequencer.stop()
+    status, _ = await bridge.post(sample_batch(), settle=False)
+    assert status == 200
+    store, reads = bridge.rt.store, 0
+
+    def settling_after_the_first_read(read: Any) -> Any:
+        async def wrapped() -> Any:
+            nonlocal reads
+            result = await read()
+            reads += 1
+            if reads == 1:  # between /metrics' two reads of storage, the batch is settled
+                await bridge.rt.sequencer.sequence(await store.waiting(10))
+            return result
+        return wrapped
+
+    store.counts = settling_after_the_first_read(store.counts)  # type: ignore[method-assign]
+    store.inbox_depth = settling_after_the_first_read(store.inbox_depth)  # type: ignore[method-assign]
+    text = await (await bridge.client.get("/metrics")).text()
+    assert reads == 2
+    waiting = _sample(text, 'bridge_inbox_batches{status="waiting"}')
+    stored = sum(_sample(text, f'bridge_outbox_deliveries{{status="{s}"}}')
+                 for s in ("pending", "delivered", "dead"))
+    assert waiting == 1 or stored == len(sample_batch()["tracking"]), (waiting, stored)
+
+
+def _sample(metrics: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + " "))
+
+
 async def test_readyz_is_503_when_storage_cannot_be_written(make_bridge: BridgeFactory) -> None:
     bridge = await _bridge(make_bridge)
     db = bridge.rt.config.storage.removeprefix("sqlite:///")
