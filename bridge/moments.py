@@ -3,8 +3,10 @@
 isendu's docs say a step's `timestamp` is UTC, not how it is written. Compared as text,
 `2025-11-03T10:00:00+01:00` would sort after `2025-11-03T09:30:00Z` (it is half an hour
 before), and `10:00:00.5Z` before `10:00:00Z`. So a timestamp is compared by its moment: ISO
-8601 with any offset (none: UTC, as the docs say), or a number of seconds (milliseconds when
-it is that large) since 1970. Text that is neither is compared as it is, after every moment.
+8601 with any offset (none: UTC, as the docs say; a lower-case `z` too, as RFC 3339 allows;
+the basic forms such as `20251103T074013Z` and the date `20251103`), or a number of seconds
+(milliseconds when it is that large) since 1970. Text that is neither is compared as it
+is, after every moment.
 
 The common case is one fixed format (`2025-11-03T07:40:13Z` in isendu's samples). Written
 like that, text order is time order already, and nothing is parsed: the state's observation
@@ -13,6 +15,7 @@ runs this for every step of every snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +54,11 @@ def _parsed(text: str) -> str:
 
 
 def _as_datetime(text: str) -> datetime | None:
+    if len(text) == 8 and text.isdigit():
+        # `20251103`: ISO 8601's basic form of a date. As seconds since 1970 it would be a
+        # day in 1970, which no shipment's step is.
+        with contextlib.suppress(ValueError):
+            return datetime.strptime(text, "%Y%m%d").replace(tzinfo=UTC)
     try:
         number = float(text)
     except ValueError:
@@ -63,6 +71,8 @@ def _as_datetime(text: str) -> datetime | None:
             return datetime.fromtimestamp(seconds, UTC)
         except (OverflowError, OSError, ValueError):
             return None
+    if text[-1:] == "z":  # RFC 3339 allows a lower-case Z; fromisoformat does not
+        text = text[:-1] + "Z"
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

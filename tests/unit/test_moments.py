@@ -32,6 +32,16 @@ def test_no_offset_is_utc_and_numbers_are_seconds_or_milliseconds_since_1970() -
     assert moment(1762160400) == moment("1762160400") == moment(1762160400000) == at
 
 
+def test_rfc_3339s_lower_case_z_and_iso_8601s_basic_forms_name_moments() -> None:
+    at = "2025-11-03T07:40:13"
+    assert moment("2025-11-03T07:40:13z") == moment("2025-11-03t07:40:13Z") == at
+    assert moment("20251103T074013Z") == at
+    # Eight digits are a date (as seconds since 1970 they would be a day in August 1970).
+    assert moment("20251103") == "2025-11-03T00:00:00"
+    assert earlier("20251103", "2025-11-03T07:40:13z")
+    assert moment("1762155613") == at  # ten digits are still seconds
+
+
 def test_what_names_no_moment_sorts_after_every_moment_and_none_before() -> None:
     assert moment("soon") > moment("9999-12-31T23:59:59Z")
     assert moment(None) == moment("") == moment({"t": 1}) == moment(True) == ""
