@@ -358,7 +358,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _moment(text: str) -> datetime | None:
-    """An ISO 8601 time; without an offset, UTC (as step timestamps, bridge/moments.py)."""
+    """An ISO 8601 time; without an offset, UTC, and a lower-case z as Z (as step
+    timestamps, bridge/moments.py)."""
+    if text[-1:] == "z":
+        text = text[:-1] + "Z"
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -125,8 +125,10 @@ def test_an_order_without_a_version_or_without_an_offset_keeps_the_stale_check()
     assert obs.verdict == "change" and state.version == "2025-11-03T12:00:00Z"
     obs, _ = observe(state, order("NEW", "2025-11-03T08:00:00Z"), version_of)
     assert obs.stale  # older than the version known before the versionless one
-    # An ISO time without an offset is UTC, as step timestamps are.
+    # An ISO time without an offset is UTC, and a lower-case z is Z, as in step timestamps.
     obs, _ = observe(state, order("PAID", "2025-11-03T11:30:00"), version_of)
+    assert obs.stale
+    obs, _ = observe(state, order("PAID", "2025-11-03T11:45:00z"), version_of)
     assert obs.stale
 
 
