@@ -71,7 +71,14 @@ def _as_datetime(text: str) -> datetime | None:
             return datetime.fromtimestamp(seconds, UTC)
         except (OverflowError, OSError, ValueError):
             return None
-    if text[-1:] == "z":  # RFC 3339 allows a lower-case Z; fromisoformat does not
+    return iso_time(text)
+
+
+def iso_time(text: str) -> datetime | None:
+    """An ISO 8601 time in UTC: without an offset it is UTC (as isendu's docs say), and a
+    lower-case z is Z (RFC 3339 allows it; fromisoformat does not). None if it is none.
+    Step timestamps and order versions (state.py) are both read with it."""
+    if text[-1:] == "z":
         text = text[:-1] + "Z"
     try:
         when = datetime.fromisoformat(text)

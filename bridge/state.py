@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from bridge import jsontext
 from bridge.canonical import canonical_json, digest
 from bridge.models import Item, Kind
-from bridge.moments import earlier, is_plain, moment
+from bridge.moments import earlier, is_plain, iso_time, moment
 
 StepKey = tuple[str, str, str]  # timestamp, status, description: what identifies a step
 
@@ -347,7 +346,7 @@ def _older(version: Any, than: Any) -> bool:
     if _is_number(version) and _is_number(than):
         return bool(version < than)
     if isinstance(version, str) and isinstance(than, str):
-        a, b = _moment(version), _moment(than)
+        a, b = iso_time(version), iso_time(than)
         if a is not None and b is not None:
             return a < b
     return False
@@ -355,18 +354,6 @@ def _older(version: Any, than: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _moment(text: str) -> datetime | None:
-    """An ISO 8601 time; without an offset, UTC, and a lower-case z as Z (as step
-    timestamps, bridge/moments.py)."""
-    if text[-1:] == "z":
-        text = text[:-1] + "Z"
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def hold(state: EntityState, route: str, seconds: float, seen: Observation, now: float,
