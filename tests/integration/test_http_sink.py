@@ -257,19 +257,11 @@ async def test_credentials_a_receiver_echoes_never_reach_logs_or_reasons(
     assert_no_leak(secrets, [], *lines)
 
 
-CAPABILITY_CONFIG = """
-server: {listen: "${BRIDGE_LISTEN:-127.0.0.1:8080}"}
-defaults:
-  retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 1}
-sinks:
-  hook:
-    type: http
-    url: ${URL}/webhook/3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b
-routes:
-  - name: tracking-to-hook
-    kind: tracking
-    to: hook
-"""
+PATH_TOKEN = "3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b"  # an n8n webhook id
+CAPABILITY_CONFIG = (
+    "defaults: {retry: {initial_delay: 50ms, max_delay: 200ms, max_attempts: 1}}\n"
+    f"sinks: {{hook: {{type: http, url: '${{URL}}/webhook/{PATH_TOKEN}'}}}}\n"
+    "routes: [{name: tracking-to-hook, kind: tracking, to: hook}]\n")
 
 
 async def test_a_token_in_the_urls_path_never_reaches_logs_or_reasons(
@@ -280,7 +272,7 @@ async def test_a_token_in_the_urls_path_never_reaches_logs_or_reasons(
     the path, written literally in routes.yaml. n8n's 404 for a workflow switched off
     names it; the dead-letter reason and the logs do not."""
     rec, url = receiver
-    token = "3f2b8c1e-5d4a-4b6e-9f1a-2c3d4e5f6a7b"
+    token = PATH_TOKEN
     rec.answer(Answer(404, json.dumps({
         "code": 404, "message": f'The requested webhook "POST {token}" is not registered.',
         "hint": "The workflow must be active for a production URL to run successfully."})))
