@@ -82,9 +82,9 @@ def iso_time(text: str) -> datetime | None:
         text = text[:-1] + "Z"
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):  # an offset taking it past year 1 or 9999 in UTC
         return None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def earlier(a: str, b: str) -> bool:

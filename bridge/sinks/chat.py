@@ -208,8 +208,8 @@ def local_time(step: Mapping[str, Any]) -> str | None:
     if zone:
         try:
             return f"{when.astimezone(zoneinfo.ZoneInfo(zone)):%Y-%m-%d %H:%M} ({zone})"
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            pass
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError):
+            pass  # an unknown zone, or one taking the time past year 1 or 9999: UTC
     return f"{when:%Y-%m-%d %H:%M} UTC"
 
 
@@ -225,7 +225,10 @@ def _utc(value: Any) -> str | None:
     parsed = _parse(text) if text else None
     if parsed is None or parsed.tzinfo is None:
         return None
-    return parsed.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return parsed.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    except OverflowError:  # its offset takes it past year 1 or 9999 in UTC: no moment
+        return None
 
 
 _EXACT_IN_FLOAT = 2**53

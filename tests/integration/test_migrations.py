@@ -15,7 +15,7 @@ import pytest
 from bridge.errors import StorageError
 from bridge.models import InboxBatch, Sequenced, Status
 from bridge.outbox import Store, from_url
-from bridge.outbox.sql import migrations
+from bridge.outbox.sql import migrations, queries
 from bridge.outbox.sqlite import id_of_stored
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -138,6 +138,49 @@ async def test_postgres_database_of_the_previous_release_is_migrated() -> None:
         assert "deliveries_by_item" in indexes  # 0004: per-shipment order at a sink
 
 
+async def test_postgres_states_of_release_0_6_are_kept_and_updated_in_place() -> None:
+    """0007 on a database the release before it left: its shipment states, pending
+    deliveries and dead letters kept; the states then forgotten by the day and the second,
+    and written again on the same day as HOT updates (no new index entries)."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    q, day = queries("postgres"), 86400.0
+    async with postgres.fresh_database() as dsn:
+        await _old_postgres(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(q["create_migrations_table"])
+            for step in migrations("postgres")[:6]:  # as that release applied them
+                await conn.execute(step.sql)
+                await conn.execute(q["record_migration"], step.version, step.name, 100.0)
+            await conn.executemany(
+                "INSERT INTO shipment_state (kind, uuid, state, updated_at)"
+                " VALUES ($1, $2, $3, $4)",
+                [("tracking", "old", '{"n": 0}', 9 * day),
+                 ("tracking", "t1", '{"n": 1}', 10 * day),
+                 ("order", "o1", '{"n": 2}', 10 * day + 60)])
+            store = from_url(dsn)
+            await store.open()
+            try:
+                assert store.migrated == ["0007_shipment_state_day"]  # type: ignore[attr-defined]
+                await _check_upgraded(store)
+                assert await store.states([("tracking", "t1"), ("order", "o1")]) == {
+                    ("tracking", "t1"): '{"n": 1}', ("order", "o1"): '{"n": 2}'}
+                assert await store.forget_states(10 * day + 30) == 2  # old, and t1
+            finally:
+                await store.close()
+            async with conn.transaction():
+                for n in range(3):
+                    await conn.execute(q["put_states"], ["order"], ["o1"], [f'{{"n": {n}}}'],
+                                       10 * day + 120 + n)
+                updated, hot = await conn.fetchrow(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+                    " WHERE relname = 'shipment_state'")
+            assert (updated, hot) == (3, 3)
+        finally:
+            await conn.close()
+
+
 async def test_sqlite_and_postgres_have_the_same_steps() -> None:
     assert [(m.version, m.name) for m in migrations("sqlite")] == [
         (m.version, m.name) for m in migrations("postgres")]
@@ -203,7 +246,7 @@ async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retrie
     await store.open()
     try:
         assert store.migrated == [  # type: ignore[attr-defined]
-            "0005_shipment_state_layout", "0006_holding_deliveries"]
+            "0005_shipment_state_layout", "0006_holding_deliveries", "0007_shipment_state_day"]
         keys = [(k, u) for k, u, _, _ in states]
         assert await store.states(keys) == {(k, u): s for k, u, s, _ in states}
         assert await store.counts() == {"pending": 74, "delivered": 1, "dead": 1}

@@ -331,6 +331,20 @@ async def test_a_snapshot_without_steps_never_turns_a_shipment_back(harness: Har
     assert state is not None and state.fields["status"] == "DELIVERED"
 
 
+async def test_a_timestamp_out_of_range_in_utc_fails_neither_its_batch_nor_the_other_items(
+        harness: Harness) -> None:
+    odd = {"uuid": "t2", "status": "CREATED", "delivered": False,
+           "steps": [{"timestamp": "0001-01-01T00:00:00+01:00", "status": "CREATED",
+                      "description": "year 0 in UTC"}]}
+    [batch_id] = await harness.post([snapshot("t1", [0]), odd])
+    await harness.sequence()
+    info = await harness.store.batch(batch_id)
+    assert info is not None and info.status == "sequenced", info
+    chat = await harness.notified([batch_id], "chat")
+    assert [(status, steps) for status, steps, _, _ in chat] == [
+        ("CREATED", step(0)["timestamp"]), ("CREATED", "0001-01-01T00:00:00+01:00")]
+
+
 async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
         harness: Harness) -> None:
     """One take of several settles: the first fails while the batches after it are being

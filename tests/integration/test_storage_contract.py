@@ -893,6 +893,19 @@ async def test_a_settle_updates_known_states_and_adds_new_ones(box: Store) -> No
     assert await box.forget_states(150.0) == 0  # every one written at 200
 
 
+async def test_shipment_states_are_forgotten_to_the_second_across_days(box: Store) -> None:
+    # PostgreSQL finds them by the day they changed (0007), then compares the second.
+    day = 86400.0
+    written = {("tracking", "day9"): 10 * day - 1, ("tracking", "day10"): 10 * day + 5,
+               ("tracking", "day10-later"): 10 * day + 7, ("tracking", "day11"): 11 * day}
+    for n, (key, at) in enumerate(written.items(), start=1):
+        await box.append(batch(n))
+        assert await box.settle([Sequenced(batch(n).id, [], "[]", {key: "{}"})], at) == [0]
+    assert await box.forget_states(10 * day + 6) == 2  # day9, and day10 at 5 s past
+    assert set(await box.states(list(written))) == {("tracking", "day10-later"),
+                                                    ("tracking", "day11")}
+
+
 async def test_many_shipment_states_are_read_at_once(box: Store) -> None:
     # A take's worth of keys: more than one statement's (SQLite reads them in parts),
     # asked twice over, half of them never stored, one uuid under both kinds.

@@ -42,6 +42,13 @@ def test_rfc_3339s_lower_case_z_and_iso_8601s_basic_forms_name_moments() -> None
     assert moment("1762155613") == at  # ten digits are still seconds
 
 
+def test_an_offset_past_year_1_or_9999_in_utc_names_no_moment() -> None:
+    # Valid ISO 8601 whose UTC moment is out of datetime's range: text, not an error.
+    for ts in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00"):
+        assert moment(ts) == "~" + ts
+        assert earlier("2025-11-03T07:40:13Z", ts)
+
+
 def test_what_names_no_moment_sorts_after_every_moment_and_none_before() -> None:
     assert moment("soon") > moment("9999-12-31T23:59:59Z")
     assert moment(None) == moment("") == moment({"t": 1}) == moment(True) == ""
