@@ -199,7 +199,7 @@ def local_time(step: Mapping[str, Any]) -> str | None:
     raw = text_of(step.get("datetime"))
     if raw is not None:
         parsed = _parse(raw)
-        shown = parsed.strftime("%Y-%m-%d %H:%M") if parsed else raw
+        shown = _shown(parsed) if parsed else raw
         return f"{shown} ({zone})" if zone else shown
     utc = _utc(step.get("timestamp"))
     if utc is None:
@@ -207,10 +207,14 @@ def local_time(step: Mapping[str, Any]) -> str | None:
     when = dt.datetime.fromisoformat(utc)
     if zone:
         try:
-            return f"{when.astimezone(zoneinfo.ZoneInfo(zone)):%Y-%m-%d %H:%M} ({zone})"
+            return f"{_shown(when.astimezone(zoneinfo.ZoneInfo(zone)))} ({zone})"
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OverflowError):
             pass  # an unknown zone, or one taking the time past year 1 or 9999: UTC
-    return f"{when:%Y-%m-%d %H:%M} UTC"
+    return f"{_shown(when)} UTC"
+
+
+def _shown(when: dt.datetime) -> str:
+    return f"{when.year:04d}-{when:%m-%d %H:%M}"  # %Y writes the year 1 as "1"
 
 
 def _parse(value: str) -> dt.datetime | None:

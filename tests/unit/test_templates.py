@@ -135,3 +135,15 @@ def test_default_messages_say_what_an_update_brings() -> None:
     ctx = RenderContext(moved, "tracking", "2025-11-04T12:00:02Z", "{}", seen)
     facts = dict(summarize(ctx, "r").facts())
     assert facts["Changed"] == "trackingUrl" and "Was" not in facts
+
+
+def test_a_step_time_past_year_9999_in_its_zone_is_shown_in_utc() -> None:
+    """Times whose zone or offset takes them out of datetime's range: the chat sinks' default
+    message shows them in UTC or as written, where it raised OverflowError."""
+    from bridge.sinks.chat import local_time
+
+    assert local_time({"timestamp": "9999-12-31T23:30:00Z", "timezone": "Asia/Tokyo"}
+                      ) == "9999-12-31 23:30 UTC"
+    assert local_time({"timestamp": "0001-01-01T00:30:00Z", "timezone": "America/New_York"}
+                      ) == "0001-01-01 00:30 UTC"
+    assert local_time({"timestamp": "0001-01-01T00:00:00+01:00"}) is None  # no moment in UTC
