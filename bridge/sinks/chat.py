@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from bridge.config_types import SinkConfigBase
 from bridge.errors import TransientSinkError
 from bridge.models import Kind
-from bridge.sinks.base import RenderContext
+from bridge.sinks.base import RenderContext, read_answer
 
 Tone = Literal["good", "bad", "active", "neutral"]
 ELLIPSIS = "…"
@@ -322,7 +322,7 @@ async def request(
                                                    "User-Agent": "isendu-bridge"},
             timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
         ) as resp:
-            return resp.status, resp.headers, await resp.text(errors="replace")
+            return resp.status, resp.headers, await read_answer(resp)
     except TimeoutError:
         raise TransientSinkError(f"{what} did not answer within {timeout:g}s", "timeout") from None
     except aiohttp.ClientConnectionError as exc:

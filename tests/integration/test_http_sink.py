@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bridge.canonical import canonical_json
@@ -140,6 +142,41 @@ async def test_400_is_dead_at_once_with_the_reason(
     assert "HTTP 400" in row.last_error and "trackingNumber rejected" in row.last_error
     await _quiet(0.3)
     assert len(rec.requests) == 1
+
+
+async def test_a_huge_error_page_is_read_only_as_far_as_its_excerpt_needs(
+    make_bridge: BridgeFactory
+) -> None:
+    """A receiver answering 400 with a 200 MB page: the bridge reads its first KBs, keeps
+    the excerpt as the reason, and hangs up; the receiver cannot send the rest."""
+    page, sent, finished = 200 * 2**20, [0], asyncio.Event()
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(status=400, headers={"Content-Length": str(page)})
+        await resp.prepare(request)
+        chunk = b"refused: field trackingNumber " + b"x" * (2**16 - 30)
+        try:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                while sent[0] < page:
+                    await resp.write(chunk)
+                    sent[0] += len(chunk)
+        finally:
+            finished.set()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/hooks/isendu", refuse)
+    async with TestServer(app) as server:
+        bridge = await make_bridge(CONFIG, {"URL": str(server.make_url("")).rstrip("/"),
+                                            "SIGNING_SECRET": SECRET})
+        await bridge.post({"tracking": [TRACKING]})
+        [row] = await dead(bridge)
+        assert row.last_error is not None
+        assert row.last_error.startswith("receiver answered HTTP 400: refused: field trackingN")
+        assert row.last_error.endswith("...") and len(row.last_error) < 300
+        await asyncio.wait_for(finished.wait(), 10)  # hung up on: it could write no more
+        assert sent[0] < page / 4, f"{sent[0]} of {page} bytes were read"
 
 
 async def test_receiver_down_then_up_is_delivered(
