@@ -484,6 +484,13 @@ async def cmd_dlq_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def unrendered(d: Delivery) -> str:
+    """Why a dead delivery whose template failed is not replayed, and what to do instead."""
+    return (f"{d.id}: its template failed ({d.last_error}), so there is nothing to send; "
+            f"fix the template, restart `bridge serve`, then run "
+            f"`bridge batches reroute {d.batch_id}` to render it again")
+
+
 async def cmd_dlq_replay(args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.all):
         given = "both delivery ids and --all" if args.all else "neither"
@@ -499,7 +506,11 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
                 refused.append(f"{delivery_id}: no such delivery")
             elif row.status is not Status.DEAD:
                 refused.append(f"{delivery_id}: is {row.status.value}, not dead")
+            elif not row.payload:
+                refused.append(unrendered(row))
         count = await store.replay(None if args.all else args.ids, time.time())
+        if args.all:  # what --all left dead, and why
+            refused += [unrendered(d) for d in await store.list_dead(1000) if not d.payload]
     finally:
         await store.close()
     print(f"{count} {'delivery' if count == 1 else 'deliveries'} back to pending")

@@ -165,7 +165,9 @@ async def cmd_batches_reroute(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     print(f"{count} {'batch' if count == 1 else 'batches'} back to waiting; the sequencer routes "
-          "them again with the current rules (deliveries stored already are not stored twice)")
+          "them again with the rules it loaded at start (restart `bridge serve` after editing "
+          "the config); deliveries stored already are not stored twice, except those whose "
+          "template failed: they are rendered again")
     for line in refused:
         print(f"not rerouted: {line}", file=sys.stderr)
     return 1 if refused else 0
@@ -187,7 +189,7 @@ def add_batch_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="a batch id (see `bridge batches list`)")
     p.set_defaults(fn=cmd_batches_show)
     p = bsub.add_parser("reroute", parents=[common],
-                        help="route batches again with the current rules")
+                        help="route batches again (with the rules `bridge serve` loaded at start)")
     p.add_argument("ids", nargs="*", help="batch ids")
     p.add_argument("--since", help="every batch received since: ISO 8601 time, or 2h back")
     p.set_defaults(fn=cmd_batches_reroute)

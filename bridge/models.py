@@ -127,6 +127,9 @@ class Sequenced:
     deliveries: list[NewDelivery]
     summary: str
     states: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Sent back by `bridge batches reroute`: a delivery of it stored dead because its
+    # template failed (nothing rendered) takes this rendering and is pending again.
+    rerouted: bool = False
 
 
 @dataclass(slots=True)

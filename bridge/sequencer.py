@@ -334,7 +334,7 @@ class Sequencer:
             self.metrics.verdicts.labels(kind, verdict).inc(n)
             verdicts[verdict] = verdicts.get(verdict, 0) + n
         self._verdicts[row.id] = verdicts
-        return Sequenced(row.id, deliveries, summary_of(plans), states)
+        return Sequenced(row.id, deliveries, summary_of(plans), states, row.rerouted)
 
     async def _settle(self, rows: list[InboxBatch], outcomes: list[Outcome]) -> bool:
         now = self.clock()

@@ -156,9 +156,24 @@ class MemoryStore(Store):
         count = 0
         for delivery_id in list(targets):
             row = self._rows[delivery_id]
-            if row.status is Status.DEAD:
+            if row.status is Status.DEAD and row.payload:  # nothing rendered: nothing to send
                 row.status, row.attempts, row.next_attempt_at = Status.PENDING, 0, now
                 row.updated_at = row.enqueued_at = now
+                count += 1
+        return count
+
+    def _revive(self, deliveries: list[NewDelivery], now: float) -> int:
+        """A rerouted batch's deliveries stored dead because their template failed take
+        their new rendering (see queries.sql revive_unrendered)."""
+        count = 0
+        for d in deliveries:
+            row = self._rows.get(d.id)
+            if d.error is None and row is not None and row.status is Status.DEAD \
+                    and not row.payload:
+                row.payload, row.status, row.attempts = d.payload, Status.PENDING, 0
+                row.next_attempt_at, row.group_key = now + d.delay, d.group_key
+                row.updated_at = row.enqueued_at = now
+                row.last_error = row.lease_until = None
                 count += 1
         return count
 
@@ -221,6 +236,8 @@ class MemoryStore(Store):
                 results.append(None)
                 continue
             new = await self.enqueue(outcome.deliveries, now)
+            if outcome.rerouted:
+                new += self._revive(outcome.deliveries, now)
             for key, state in outcome.states.items():
                 self._states[key] = (state, now)
             info.status, info.error, info.summary = BatchStatus.SEQUENCED, None, outcome.summary

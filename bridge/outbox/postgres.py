@@ -190,6 +190,16 @@ class PostgresStore(Store):
                 col.append(value)
         return [*cols, now]
 
+    @staticmethod
+    def _revive_args(deliveries: list[NewDelivery], now: float) -> list[Any]:
+        """queries.sql revive_unrendered's arrays: a rerouted batch's deliveries that
+        rendered."""
+        rendered = [d for d in deliveries if d.error is None]
+        return [[d.id for d in rendered],
+                [json.dumps(d.payload, ensure_ascii=False, separators=(",", ":"))
+                 for d in rendered],
+                [now + d.delay for d in rendered], [d.group_key for d in rendered], now]
+
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
         if not deliveries:
             return 0
@@ -316,6 +326,9 @@ class PostgresStore(Store):
                         results.append(None)
                         continue
                     new = int(row["new"])
+                    if outcome.rerouted:
+                        new += _count(await conn.execute(
+                            Q["revive_unrendered"], *self._revive_args(outcome.deliveries, now)))
                     await conn.execute(Q["count_sequenced"], new, len(outcome.deliveries) - new,
                                        outcome.batch_id)
                     states.update(outcome.states)

@@ -32,6 +32,7 @@ from bridge.models import (
     InboxBatch,
     NewDelivery,
     Outcome,
+    Sequenced,
     Status,
 )
 from bridge.outbox.base import Store
@@ -150,6 +151,13 @@ def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[s
                        1 if d.delay > 0 and d.group_key is None else None)
         chunks.append((_insert_sql(len(part)), params))
     return chunks
+
+
+def revive_params(deliveries: list[NewDelivery], now: float) -> list[dict[str, Any]]:
+    """queries.sql revive_unrendered's parameters: a rerouted batch's deliveries that
+    rendered."""
+    return [{"id": stored_id(d.id), "payload": _pack(d.payload), "due": now + d.delay,
+             "now": now, "group_key": d.group_key} for d in deliveries if d.error is None]
 
 
 class _Op:
@@ -586,6 +594,8 @@ class SqliteStore(Store):
         at = self._storing_at(now)
         prepared = [(o, None if isinstance(o, Failed) else insert_statements(o.deliveries, at))
                     for o in outcomes]
+        revived = {o.batch_id: revive_params(o.deliveries, at) for o in outcomes
+                   if isinstance(o, Sequenced) and o.rerouted}
 
         def write(c: sqlite3.Connection) -> list[int | None]:
             out: list[int | None] = []
@@ -608,6 +618,8 @@ class SqliteStore(Store):
                 before = c.total_changes
                 for sql, params in chunks:
                     c.execute(sql, params)
+                if outcome.batch_id in revived:
+                    c.executemany(Q["revive_unrendered"], revived[outcome.batch_id])
                 new = c.total_changes - before
                 c.execute(Q["mark_sequenced"], {
                     "deliveries": new, "duplicates": len(outcome.deliveries) - new,

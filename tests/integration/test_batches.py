@@ -200,6 +200,53 @@ async def test_batches_list_show_and_reroute_after_a_rule_fix(tmp_path: Path) ->
     assert unknown.returncode == 1 and "no batch 'nope'" in unknown.stderr
 
 
+TEMPLATE_CONFIG = """
+storage: sqlite:///{db}
+server:
+  listen: ${{BRIDGE_LISTEN:-127.0.0.1:8080}}
+sinks:
+  ops: {{type: console, message: "{message}"}}
+routes:
+  - {{name: all, kind: tracking, to: ops}}
+"""
+BROKEN = "{{ 1 / (item.steps | length - item.steps | length) }}"  # ZeroDivisionError
+FIXED = "fixed {{ item.uuid }}"
+
+
+async def test_a_failed_template_is_rendered_again_by_a_reroute_not_by_a_replay(
+        tmp_path: Path) -> None:
+    db, config, log = tmp_path / "bridge.db", tmp_path / "routes.yaml", tmp_path / "bridge.log"
+    config.write_text(TEMPLATE_CONFIG.format(db=db, message=BROKEN))
+    batch = sample_batch()
+    await _serve_until_settled(config, log, json.dumps(batch).encode())
+    listed = run_bridge("dlq", "list", "--config", str(config))
+    dead = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith("dlv_")]
+    assert len(dead) == len(batch["tracking"]), listed.stdout
+    assert "template failed" in listed.stdout and "ZeroDivisionError" in listed.stdout
+    [batch_id] = [line.split()[0] for line in run_bridge(
+        "batches", "list", "--config", str(config)).stdout.splitlines()[1:]]
+
+    # Replayed, it would have nothing to send: refused, saying what to do instead.
+    one = run_bridge("dlq", "replay", dead[0], "--config", str(config))
+    assert one.returncode == 1 and "0 deliveries back to pending" in one.stdout
+    assert f"{dead[0]}: its template failed" in one.stderr
+    assert f"bridge batches reroute {batch_id}" in one.stderr
+    every = run_bridge("dlq", "replay", "--all", "--config", str(config))
+    assert "0 deliveries back to pending" in every.stdout
+    assert every.stderr.count("its template failed") == len(dead)
+
+    # The template fixed and the bridge restarted, the batch rerouted: each is sent once.
+    config.write_text(TEMPLATE_CONFIG.format(db=db, message=FIXED))
+    assert run_bridge("batches", "reroute", batch_id, "--config", str(config)).returncode == 0
+    await _serve_until_settled(config, log)
+    sent = [line for line in log.read_text().splitlines() if line.startswith("fixed ")]
+    assert sorted(sent) == sorted(f"fixed {t['uuid']}" for t in batch["tracking"])
+    assert "no dead deliveries" in run_bridge("dlq", "list", "--config", str(config)).stdout
+    [row] = [json.loads(x) for x in run_bridge(
+        "batches", "list", "--json", "--config", str(config)).stdout.splitlines()]
+    assert (row["deliveries"], row["duplicates"]) == (len(dead), 0)
+
+
 def test_migrate_applies_once_and_says_so(tmp_path: Path) -> None:
     config = tmp_path / "routes.yaml"
     config.write_text(CLI_CONFIG.format(db=tmp_path / "bridge.db", status="CREATED"))

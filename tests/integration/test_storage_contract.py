@@ -4,6 +4,7 @@ itself to BACKENDS and must pass."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -707,6 +708,36 @@ async def test_sqlite_is_wal_and_creates_its_folder(tmp_path: Path) -> None:
 def batch(n: int, at: float = 100.0, items: int = 1) -> InboxBatch:
     return InboxBatch(id=f"b{n:031d}", received_at=at, items=items,
                       body=b'{"order": [{"uuid": "o%d"}]}' % n)
+
+
+async def test_a_rerouted_batch_renders_again_only_what_its_template_failed(
+        box: Store) -> None:
+    # What the router stores when a template fails: dead, nothing rendered.
+    unrendered = dataclasses.replace(new(1), payload={}, error="template failed: ZeroDivision")
+    refused = new(2, error="HTTP 400: refused")  # rendered, and dead for another reason
+    await box.append(batch(1))
+    assert await box.settle([Sequenced(batch(1).id, [unrendered, refused], "[]")], 100.0) == [2]
+    assert await box.replay([unrendered.id], 110.0) == 0  # nothing to send: it stays dead
+    assert await box.replay(None, 110.0) == 1  # the other one
+    fixed = [dataclasses.replace(d, payload={"body": "fixed"}, error=None)
+             for d in (unrendered, refused)]
+    # The same item again in a batch that is not a reroute: stored already, nothing changes.
+    await box.append(batch(2))
+    assert await box.settle([Sequenced(batch(2).id, fixed, "[]")], 120.0) == [0]
+    assert (await box.get(unrendered.id)).status is Status.DEAD  # type: ignore[union-attr]
+
+    assert await box.reroute([batch(1).id], None) == 1
+    [taken] = await box.waiting(10)
+    assert taken.rerouted
+    assert await box.settle([Sequenced(batch(1).id, fixed, "[]", rerouted=True)], 200.0) == [1]
+    row = await box.get(unrendered.id)
+    assert row is not None
+    assert (row.status, row.payload, row.last_error, row.attempts) == (
+        Status.PENDING, {"body": "fixed"}, None, 0)
+    again = await box.get(refused.id)  # replayed before: pending with its own rendering
+    assert again is not None and again.payload == refused.payload
+    claimed = await box.claim("s", 10, 300.0, 30.0)
+    assert {d.id for d in claimed} == {unrendered.id, refused.id}
 
 
 async def test_inbox_keeps_acceptance_order_and_the_body(box: Store) -> None:

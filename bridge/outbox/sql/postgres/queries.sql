@@ -91,12 +91,22 @@ ORDER BY updated_at DESC, seq DESC LIMIT $1
 -- name: replay_all
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $1,
     enqueued_at = $1, lease_until = NULL, updated_at = $1
-WHERE status = 'dead' AND status <> 'pending'
+WHERE status = 'dead' AND status <> 'pending' AND payload <> '{}'
 
 -- name: replay_ids
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $1,
     enqueued_at = $1, lease_until = NULL, updated_at = $1
-WHERE status = 'dead' AND status <> 'pending' AND id = ANY($2::text[])
+WHERE status = 'dead' AND status <> 'pending' AND id = ANY($2::text[]) AND payload <> '{}'
+
+-- name: revive_unrendered
+-- A rerouted batch's delivery stored dead because its template failed (nothing rendered:
+-- its payload is '{}') takes its new rendering and is pending again, first for its shipment
+-- as a replayed dead letter is. The replays above leave such deliveries dead.
+UPDATE deliveries AS d SET payload = v.payload, status = 'pending', attempts = 0,
+    next_attempt_at = v.due, enqueued_at = $5, updated_at = $5, last_error = NULL,
+    lease_until = NULL, group_key = v.group_key
+FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[]) AS v(id, payload, due, group_key)
+WHERE d.id = v.id AND d.status = 'dead' AND d.payload = '{}'
 
 -- name: sweep_delivered
 DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' AND updated_at < $1

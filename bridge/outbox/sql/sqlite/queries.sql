@@ -105,13 +105,25 @@ ORDER BY updated_at DESC, seq DESC LIMIT ?
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
     enqueued_at = :now, lease_until = NULL, updated_at = :now,
     holds_item = CASE WHEN group_key IS NULL THEN 1 END
-WHERE status = 'dead' AND status <> 'pending'
+WHERE status = 'dead' AND status <> 'pending' AND payload NOT IN (char(1), '{}')
 
 -- name: replay_one
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
     enqueued_at = :now, lease_until = NULL, updated_at = :now,
     holds_item = CASE WHEN group_key IS NULL THEN 1 END
 WHERE status = 'dead' AND status <> 'pending' AND id = :id
+    AND payload NOT IN (char(1), '{}')
+
+-- name: revive_unrendered
+-- A rerouted batch's delivery stored dead because its template failed takes its new
+-- rendering and is pending again, first for its shipment as a replayed dead letter is.
+-- Nothing rendered: char(1) is the packed empty payload, '{}' an older release's. The
+-- replays above leave such deliveries dead: there is nothing to send.
+UPDATE deliveries SET payload = :payload, status = 'pending', attempts = 0,
+    next_attempt_at = :due, enqueued_at = :now, updated_at = :now, last_error = NULL,
+    lease_until = NULL, group_key = :group_key,
+    holds_item = CASE WHEN :group_key IS NULL THEN 1 END
+WHERE id = :id AND status = 'dead' AND payload IN (char(1), '{}')
 
 -- name: sweep_delivered
 DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' AND updated_at < ?
