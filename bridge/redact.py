@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import re
 import threading
@@ -52,6 +53,11 @@ def url_credentials(url: str) -> list[str]:
     function key), each as written and decoded: both forms can turn up in an error."""
     parts = urlsplit(url)
     out = [parts.password, unquote(parts.password)] if parts.password else []
+    if parts.password:
+        # aiohttp sends `user:password` from the URL as `Authorization: Basic <base64>`: a
+        # receiver echoing its request headers shows that form (aiohttp encodes latin-1).
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password)}"
+        out.append(base64.b64encode(pair.encode("latin-1", "replace")).decode())
     for pair in parts.query.split("&"):
         key, _, value = pair.partition("=")
         if value and (names_a_credential(unquote_plus(key)) or key.lower() == "code"):

@@ -179,6 +179,30 @@ async def test_a_huge_error_page_is_read_only_as_far_as_its_excerpt_needs(
         assert sent[0] < page / 4, f"{sent[0]} of {page} bytes were read"
 
 
+async def test_a_password_in_the_url_is_masked_in_its_basic_auth_form_too(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp sends the URL's user:password as `Authorization: Basic <base64>`; a receiver
+    whose 400 page echoes that header must not carry it into the reason or the log."""
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=400, text=f"refused auth={request.headers['Authorization']}")
+
+    app = web.Application()
+    app.router.add_post("/hooks/isendu", echo)
+    caplog.set_level(logging.DEBUG)
+    async with TestServer(app) as server:
+        url = str(server.make_url("")).replace("://", "://erpuser:urlPassw0rdX@").rstrip("/")
+        bridge = await make_bridge(CONFIG, {"URL": url, "SIGNING_SECRET": SECRET})
+        await bridge.post({"tracking": [TRACKING]})
+        [row] = await dead(bridge)
+    basic = base64.b64encode(b"erpuser:urlPassw0rdX").decode()
+    assert row.last_error == "receiver answered HTTP 400: refused auth=Basic ********"
+    ours = [r for r in caplog.records if r.name.startswith("bridge")]
+    assert ours
+    assert_no_leak([basic, "urlPassw0rdX"], ours, row.last_error)
+
+
 async def test_receiver_down_then_up_is_delivered(
     make_bridge: BridgeFactory, aiohttp_server: Any
 ) -> None:
