@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Literal
 
@@ -13,11 +14,15 @@ import aiohttp
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
+from bridge.errors import TemplateRenderError
 from bridge.models import Delivery
 from bridge.redact import is_plain, names_a_credential, url_credentials, url_path_tokens
 from bridge.sinks.base import RenderContext, Sink, post_and_classify
 from bridge.sinks.chat import burst_problem
 from bridge.templates import Template, envelope
+
+# What a header value cannot hold (RFC 9110 field values: no control character but tab).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpSinkConfig(SinkConfigBase):
@@ -79,9 +84,15 @@ class HttpSink(Sink):
             out = {"body": template.render(ctx.vars(route, delivery_id))}
         if self._templated_headers:
             variables = ctx.vars(route, delivery_id)
-            out["headers"] = json.dumps(
-                {k: t.render(variables) for k, t in self._templated_headers.items()}
-            )
+            headers = {k: t.render(variables) for k, t in self._templated_headers.items()}
+            for name, value in headers.items():
+                if bad := _CONTROL.search(value):
+                    # aiohttp refuses it at send time, on every retry: fail once, here.
+                    raise TemplateRenderError(
+                        f"template failed: header {name}: the value holds the control "
+                        f"character U+{ord(bad[0]):04X}, which a header cannot carry; expected "
+                        "one line of text (e.g. `| replace('\\n', ' ')` in the template)")
+            out["headers"] = json.dumps(headers)
         return out
 
     supports_digest = True

@@ -203,6 +203,25 @@ async def test_a_password_in_the_url_is_masked_in_its_basic_auth_form_too(
     assert_no_leak([basic, "urlPassw0rdX"], ours, row.last_error)
 
 
+async def test_a_line_break_rendered_into_a_header_is_dead_at_once_with_the_reason(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
+) -> None:
+    """isendu data that puts CR/LF into a templated header (`X-Shipment: {{ item.uuid }}`):
+    aiohttp would refuse it on every attempt; it is a template failure, dead at once, and
+    the other item of the batch is delivered."""
+    rec, url = receiver
+    bridge = await make_bridge(CONFIG, {"URL": url, "SIGNING_SECRET": SECRET})
+    await bridge.post({"tracking": [dict(TRACKING, uuid="hdr-1\r\nX-Evil: 1"), TRACKING]})
+    [got] = await rec.wait_for(1)
+    assert got.headers["X-Shipment"] == TRACKING["uuid"]
+    [row] = await dead(bridge)
+    assert row.attempts == 0 and row.item_uuid == "hdr-1\r\nX-Evil: 1"
+    assert row.last_error is not None and row.last_error.startswith(
+        "template failed: header X-Shipment: the value holds the control character U+000D")
+    await _quiet(0.3)
+    assert len(rec.requests) == 1
+
+
 async def test_receiver_down_then_up_is_delivered(
     make_bridge: BridgeFactory, aiohttp_server: Any
 ) -> None:
