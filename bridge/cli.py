@@ -87,10 +87,22 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     _warn_of_demo_secrets(loaded, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    got: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        got.append(sig)
+        stop.set()
+
+    # SIGHUP too (a closed terminal, or a `reload` out of habit): by default it would end
+    # the process at once, with sends cut off. It stops as SIGTERM does; nothing reloads.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    log.info("stopping: no new requests; finishing sends in flight (up to 10s)")
+    extra: dict[str, str] = {"signal": got[0].name}
+    if got[0] is signal.SIGHUP:
+        extra["note"] = ("SIGHUP stops the bridge; it does not reload its config: "
+                         "start it again to apply changes")
+    log.info("stopping: no new requests; finishing sends in flight (up to 10s)", extra=extra)
     await runner.cleanup()
     log.info("stopped")
     return 0

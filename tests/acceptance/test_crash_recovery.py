@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,12 @@ async def test_kill_9_mid_delivery_loses_nothing(tmp_path: Path, aiohttp_server:
     assert len(received) == accepted
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
-    tmp_path: Path, aiohttp_server: Any
+    tmp_path: Path, aiohttp_server: Any, sig: signal.Signals
 ) -> None:
+    """SIGHUP (a closed terminal; a `reload` out of habit) stops it the same way: by default
+    it would end the process at once."""
     receiver = Receiver(default=Answer(200, "ok", delay=1.0))
     server = await aiohttp_server(receiver.app())
     db = tmp_path / "bridge.db"
@@ -109,7 +113,7 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
         await _post_all(bridge.url, sample_batches()[:5])
         accepted = notified_items(sample_batches()[:5])
         await receiver.wait_for(2, timeout=30)  # two sends in flight (concurrency 2)
-        assert await bridge.terminate() == 0
+        assert await bridge.terminate(sig=sig) == 0
         log = (tmp_path / "bridge.log").read_text()
 
     counts = _db_counts(db)
@@ -126,6 +130,9 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
         assert sum(counts.values()) == accepted
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line.get("msg") == "stopped" for line in lines)
+    [stopping] = [line for line in lines if line.get("msg", "").startswith("stopping")]
+    assert stopping["signal"] == sig.name
+    assert ("does not reload its config" in stopping.get("note", "")) == (sig is signal.SIGHUP)
     # The startup heap was frozen out of the cyclic GC's rescans (see cmd_serve).
     serving = next(line for line in lines if line.get("msg") == "bridge serving")
     assert serving["gc_frozen_objects"] > 10_000

@@ -63,9 +63,10 @@ class BridgeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    async def terminate(self, timeout: float = 20.0) -> int:
+    async def terminate(self, timeout: float = 20.0, sig: signal.Signals = signal.SIGTERM
+                        ) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         return await asyncio.to_thread(self.proc.wait, timeout)
 
     async def __aenter__(self) -> BridgeProcess:
