@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from bridge.errors import FailureKind
 from bridge.models import KINDS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 CLOSE_REASONS = ("read_timeout", "keepalive_timeout", "max_connections")
-FAILURE_KINDS = ("auth_error", "rate_limited", "client_error", "server_error", "timeout",
-                 "connection_error", "template_error", "config_error", "broker_error")
+FAILURE_KINDS: tuple[str, ...] = get_args(FailureKind)  # dead_letters_total's reasons
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,8 @@ class Metrics:
             for outcome in ("delivered", "retried", "dead"):
                 self.deliveries.labels(name, outcome)
             self.retries.labels(name)
+            for reason in FAILURE_KINDS:
+                self.dead_letters.labels(name, reason)
             self.latency.labels(name)
             self.send_duration.labels(name)
             self.sink_failing.labels(name).set(0)

@@ -331,6 +331,9 @@ async def test_health_readiness_and_metrics(make_bridge: BridgeFactory) -> None:
     assert 'bridge_verification_requests_total{outcome="unknown_key"} 1.0' in text
     assert 'bridge_outbox_deliveries{status="pending"}' in text
     assert 'bridge_delivery_latency_seconds_bucket{le="0.005",sink="out"}' in text
+    # Zeros before the first one, not a gap (an alert on increase() sees the first).
+    assert 'bridge_dead_letters_total{reason="server_error",sink="out"} 0.0' in text
+    assert 'bridge_items_observed_total{kind="tracking",verdict="repeat"} 0.0' in text
     assert "secret-value" not in text
 
 
