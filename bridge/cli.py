@@ -371,7 +371,10 @@ def _print_dry_run(report: list[dict[str, Any]], where: str | None, as_json: boo
             else:
                 held = (" (held for its coalescing window: only the window's last change "
                         "goes out, with every step the window brought)"
-                        if d.get("coalesced") else "")
+                        if d.get("coalesced") else
+                        " (held for the route's digest: sent with the other items of its "
+                        "window as one message; this item's part of it)"
+                        if d.get("digest") else "")
                 print(f"  -> {d['sink']} via {d['route']}{held}:")
                 for key, value in d["payload"].items():
                     print(redact(f"     {key}: {value}"))
@@ -415,8 +418,8 @@ def dry_run(router: Router, batch: Batch, book: StateBook | None = None,
                     out["stored_by"] = made[d.id]
                 else:
                     made[d.id] = where
-            if d.group_key is not None and d.group_key.startswith(COALESCED):
-                out["coalesced"] = True
+            if d.group_key is not None:
+                out["coalesced" if d.group_key.startswith(COALESCED) else "digest"] = True
             row["deliveries"].append(out)
         rows.append(row)
     return rows

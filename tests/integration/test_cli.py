@@ -678,21 +678,24 @@ def console_config(folder: Path, routes: str) -> Path:
 def test_dry_run_shows_a_delivery_made_again_and_a_coalesced_one_as_serve_would_treat_them(
         tmp_path: Path) -> None:
     """The same batch twice: a `dedupe: false` route makes the same deliveries again, which
-    the outbox would store once; a coalescing route's deliveries say they are held."""
+    the outbox would store once; a coalescing route's and a digest's deliveries say they are
+    held."""
     config = console_config(tmp_path, """
   - {name: everything, kind: tracking, to: out, dedupe: false}
-  - {name: calm, kind: tracking, to: out, coalesce: 10s}""")
+  - {name: calm, kind: tracking, to: out, coalesce: 10s}
+  - {name: hourly, kind: order, to: out, group: {window: 1h}}""")
     batch = str(SHARED / "batch.json")
     out = bridge("dry-run", batch, batch, "--config", str(config))
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split(f"== {batch}\n")[1:]
     assert "made by" not in first
     assert first.count("-> out via calm (held for its coalescing window") == 5
+    assert first.count("-> out via hourly (held for the route's digest") == 1  # the order
     again = [line for line in second.splitlines() if line.startswith("  == out via everything")]
     # Four repeats (the fifth item is stale now, which both routes skip).
     assert len(again) == 4 and all(f"made by {batch} already" in line for line in again)
     assert "-> out via" not in second  # nothing new: the repeats' ids are stored already
-    assert "10 deliveries (and 4 made again, which the outbox would store once)" in out.stderr
+    assert "11 deliveries (and 4 made again, which the outbox would store once)" in out.stderr
 
 
 def test_a_change_with_no_new_step_and_the_same_status_says_what_changed(
