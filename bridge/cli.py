@@ -27,6 +27,7 @@ from bridge.cli_common import (
     load_for,
     open_store,
     origin,
+    positive_int,
     storage_in_use,
     storage_origin,
     written_with,
@@ -566,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
     p = dsub.add_parser("list", parents=[common], help="dead deliveries, newest first")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=positive_int, default=100)
     p.set_defaults(fn=cmd_dlq_list)
     p = dsub.add_parser("replay", parents=[common], help="send dead deliveries again")
     p.add_argument("ids", nargs="*", help="delivery ids (see `bridge dlq list`)")

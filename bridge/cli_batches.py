@@ -9,7 +9,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bridge.cli_common import SKIP_REASONS, iso, load_for, open_store
+from bridge.cli_common import SKIP_REASONS, iso, load_for, open_store, positive_int
 from bridge.config_types import parse_duration
 from bridge.models import COALESCED, BatchInfo, BatchStatus
 from bridge.outbox import Store
@@ -181,7 +181,7 @@ def add_batch_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     bsub = batches.add_subparsers(dest="batches_command", required=True)
     p = bsub.add_parser("list", parents=[common], help="batches, newest first")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=positive_int, default=50)
     p.set_defaults(fn=cmd_batches_list)
     p = bsub.add_parser("show", parents=[common],
                         help="one batch: each item's verdict, the routes that matched or "

@@ -70,3 +70,14 @@ async def open_store(loaded: LoadedConfig) -> Store:
 
 def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def positive_int(text: str) -> int:
+    """argparse type for `--limit N`: 0 would list nothing and say there is nothing."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
+    return n

@@ -201,6 +201,12 @@ async def test_dlq_list_and_replay(config: Path, tmp_path: Path) -> None:
                                           str(config)).stdout.splitlines()]
     assert [(r["id"], r["sink"], r["route"], r["item_uuid"]) for r in rows] == [
         ("dlv_b", "hook", "delivered", "u2"), ("dlv_a", "hook", "delivered", "u1")]
+    one = bridge("dlq", "list", "--limit", "1", "--config", str(config))
+    assert "dlv_b" in one.stdout and "dlv_a" not in one.stdout
+    for limit in ("0", "-1"):  # it would list nothing and say there is nothing
+        for command in (["dlq", "list"], ["batches", "list"]):
+            refused = bridge(*command, "--limit", limit, "--config", str(config))
+            assert refused.returncode == 2 and "expected 1 or more" in refused.stderr
 
     replayed = bridge("dlq", "replay", "dlv_a", "--config", str(config))
     assert replayed.returncode == 0 and "1 delivery back to pending" in replayed.stdout
