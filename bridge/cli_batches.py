@@ -21,7 +21,7 @@ from bridge.runtime import build_sinks, register_secrets
 async def cmd_migrate(args: argparse.Namespace) -> int:
     loaded = load_for(args)
     cfg = loaded.config
-    store = await open_store(loaded)  # opening applies what is pending
+    store = await open_store(loaded, create=True)  # opening applies what is pending
     try:
         applied = await store.migrate()
     finally:

@@ -4,13 +4,16 @@ people."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import time
 from pathlib import Path
 
 from bridge.config import LoadedConfig, config_path, load_config
+from bridge.errors import StorageUnavailable
 from bridge.outbox import Store, from_url
 from bridge.outbox.base import open_explained, storage_label
+from bridge.outbox.sqlite import SqliteStore
 from bridge.yamlsource import variables_in
 
 # Why a route made nothing of a matched item (the router's `skipped`), for people.
@@ -59,11 +62,19 @@ def storage_origin(loaded: LoadedConfig) -> str:
     return "; ".join(origin(loaded, ("storage",))) or "storage in the config"
 
 
-async def open_store(loaded: LoadedConfig) -> Store:
+async def open_store(loaded: LoadedConfig, create: bool = False) -> Store:
     """The configured store, migrated, without taking ownership (a serving process may be
-    running on it)."""
+    running on it). A SQLite file that is not there is refused unless `create`: a command
+    that reads (`dlq list`) would make an empty one at a mistyped path, and report it
+    empty."""
     storage = loaded.config.storage
     store = from_url(storage)
+    if (not create and isinstance(store, SqliteStore)
+            and not await asyncio.to_thread(os.path.exists, store.path)):
+        raise StorageUnavailable(
+            f"no SQLite database at {store.path} ({storage_origin(loaded)}): nothing was "
+            "ever stored there; expected the storage `bridge serve` uses (`bridge migrate` "
+            "makes a new one)")
     await open_explained(store, storage, origin=storage_origin(loaded))
     return store
 

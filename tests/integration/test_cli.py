@@ -384,7 +384,7 @@ def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
     blocked.write_text("")  # a file where the storage folder should be
     path.write_text(f"server: {{listen: 127.0.0.1:{port}}}\n"
                     f"storage: sqlite:///{blocked}/bridge.db\n")
-    for command in (["serve"], ["dlq", "list"]):
+    for command in (["serve"], ["migrate"]):
         out = bridge(*command, "--config", str(path))
         assert out.returncode == 1, command
         assert "Traceback" not in out.stderr
@@ -392,6 +392,17 @@ def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
         assert last.startswith(f"error: cannot open storage sqlite:///{blocked}/bridge.db "
                                "(storage in the config): "), last
         assert last.endswith("expected a writable SQLite path or a reachable PostgreSQL URL")
+    # A command that only reads makes nothing at a path where nothing is (a typo, say).
+    typo = tmp_path / "dtaa" / "bridge.db"
+    path.write_text(f"storage: sqlite:///{typo}\n")
+    for command in (["dlq", "list"], ["batches", "list"], ["dlq", "replay", "--all"]):
+        out = bridge(*command, "--config", str(path))
+        assert out.returncode == 1, command
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"error: no SQLite database at {typo} (storage in the config): nothing was ever "
+            "stored there; expected the storage `bridge serve` uses (`bridge migrate` makes a "
+            "new one)")
+    assert not typo.parent.exists()
 
 
 def test_a_bad_log_level_is_refused_with_the_choices(config: Path) -> None:
@@ -598,6 +609,7 @@ def _free_port() -> int:
 
 
 def test_log_level_works_after_the_command_too(config: Path) -> None:
+    assert bridge("migrate", "--config", str(config)).returncode == 0  # for `dlq list`
     for args in (["check", "--log-level", "debug"], ["dlq", "list", "--log-level", "ERROR"],
                  ["--log-level", "info", "check", "--log-level", "warning"]):
         out = bridge(*args, "--config", str(config))
