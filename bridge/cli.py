@@ -27,6 +27,7 @@ from bridge.cli_common import (
     load_for,
     open_store,
     origin,
+    plural,
     positive_int,
     storage_in_use,
     storage_origin,
@@ -327,8 +328,9 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
         deliveries += len(every)
         again += sum(1 for d in every if "stored_by" in d)
         _print_dry_run(report, where if many else None, args.json)
-    print(f"{len(bodies)} batches, " if many else "", end="", file=sys.stderr)
-    print(f"{items} items, {deliveries - again} deliveries"
+    print(f"{plural(len(bodies), 'batch', 'batches')}, " if many else "", end="",
+          file=sys.stderr)
+    print(f"{plural(items, 'item')}, {plural(deliveries - again, 'delivery', 'deliveries')}"
           + (f" (and {again} made again, which the outbox would store once)" if again else "")
           + "; nothing sent, nothing stored", file=sys.stderr)
     return 0
@@ -574,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="replay every dead delivery")
     p.set_defaults(fn=cmd_dlq_replay)
     add_batch_commands(sub, common)
+    # Named by their choices, not their dest: "required: {list,replay}", not "dlq_command".
+    for group in (sub, dsub, *(a for a in sub.choices["batches"]._actions
+                               if isinstance(a, argparse._SubParsersAction))):
+        group.metavar = "{" + ",".join(group.choices) + "}"
     return parser
 
 
@@ -583,10 +589,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # WARN and FATAL
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", None) or os.environ.get("BRIDGE_LOG_LEVEL", "INFO")
-    if level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):  # BRIDGE_LOG_LEVEL too
-        parser.error(f"--log-level {level.lower()!r}: expected one of "
-                     f"{', '.join(LOG_LEVELS)} (from --log-level or BRIDGE_LOG_LEVEL)")
+    given = getattr(args, "log_level", None)
+    level = given or os.environ.get("BRIDGE_LOG_LEVEL", "INFO")
+    if level.upper() not in (*LOG_LEVELS, "WARN", "FATAL"):
+        where = "--log-level" if given else "BRIDGE_LOG_LEVEL"
+        parser.error(f"{where} {level.lower()!r}: expected one of {', '.join(LOG_LEVELS)}")
     setup_logging(level.upper())
     fn: Command = args.fn
     try:

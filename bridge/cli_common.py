@@ -92,3 +92,8 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {n}")
     return n
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """`1 item`, `2 items`, `1 delivery`, `0 deliveries`."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -616,7 +616,15 @@ def test_log_level_works_after_the_command_too(config: Path) -> None:
         assert out.returncode == 0, (args, out.stderr)
     out = bridge("check", "--log-level", "verbose", "--config", str(config))
     assert out.returncode == 2
-    assert "expected one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+    assert "--log-level 'verbose': expected one of DEBUG, INFO, WARNING, ERROR" in out.stderr
+    out = bridge("check", "--config", str(config), env={"BRIDGE_LOG_LEVEL": "bogus"})
+    assert out.returncode == 2 and "BRIDGE_LOG_LEVEL 'bogus': expected one of" in out.stderr
+
+
+def test_a_command_without_its_subcommand_names_the_choices() -> None:
+    for command, choices in (["dlq", "{list,replay}"], ["batches", "{list,show,reroute}"]):
+        out = bridge(command)
+        assert out.returncode == 2 and f"required: {choices}" in out.stderr
 
 
 async def test_serve_takes_log_level_after_the_command(tmp_path: Path) -> None:
