@@ -91,7 +91,8 @@ def parse_request(body: bytes, received_at: str | None = None, batch_id: str | N
                 raise PayloadError(f"expected an object, got {_json_type(entry)}", where)
             item_uuid = entry.get("uuid")
             if not isinstance(item_uuid, str) or not item_uuid.strip():
-                got = "an empty string" if isinstance(item_uuid, str) else _json_type(item_uuid)
+                got = (_json_type(item_uuid) if not isinstance(item_uuid, str)
+                       else "only whitespace" if item_uuid else "an empty string")
                 problem = ("uuid missing" if "uuid" not in entry
                            else f"expected uuid to be a non-empty string, got {got}")
                 raise PayloadError(problem, f"{where}.uuid")

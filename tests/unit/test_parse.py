@@ -60,6 +60,8 @@ def test_a_null_list_is_a_missing_list_and_warned_about_like_an_unknown_key(
     (b'{"order": [{"status": "NEW"}]}', "$.order[0].uuid", "uuid missing"),
     (b'{"order": [{"uuid": ""}]}', "$.order[0].uuid",
      "expected uuid to be a non-empty string, got an empty string"),
+    (b'{"order": [{"uuid": "  "}]}', "$.order[0].uuid",
+     "expected uuid to be a non-empty string, got only whitespace"),
     (b'{"order": [{"uuid": 42}]}', "$.order[0].uuid",
      "expected uuid to be a non-empty string, got a number"),
     (b'{"keyId": 42}', "$.keyId", "non-empty string"),
