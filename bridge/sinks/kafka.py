@@ -36,7 +36,7 @@ from pydantic import (
 
 from bridge.config_types import (
     ByteSize,
-    Duration,
+    PositiveDuration,
     SinkConfigBase,
     TemplateField,
     format_duration,
@@ -144,9 +144,9 @@ class KafkaSinkConfig(SinkConfigBase):
     linger_ms: int = Field(0, ge=0, le=60_000)
     batch_bytes: ByteSize = 256 * 1024
     max_message_bytes: ByteSize = 1 << 20
-    request_timeout: Duration = Field(30.0, gt=0)
+    request_timeout: PositiveDuration = 30.0
     # Default: aiokafka's own limit for a record (one expiry, one retry), capped.
-    delivery_timeout: Duration | None = Field(None, gt=0)
+    delivery_timeout: PositiveDuration | None = None
     client_id: str = Field("isendu-bridge", min_length=1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

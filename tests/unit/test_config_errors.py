@@ -201,3 +201,30 @@ def test_retry_policies_that_make_sense_load(tmp_path: Path) -> None:
     cfg = load_config(path, env={}).config
     assert (cfg.defaults.retry.initial_delay, cfg.defaults.retry.max_delay) == (60, 60)
     assert cfg.retry_for("out").initial_delay == 0  # retried at once: the breaker's floor
+
+
+@pytest.mark.parametrize("written", ["0", '"0"', '"0B"', '"0KiB"', '" 0 MiB "', '"${BODY}"'])
+def test_a_size_of_zero_is_refused_however_it_is_spelt(tmp_path: Path, written: str) -> None:
+    """Every size must be above 0 (a body limit of 0 answers every request 413): the text
+    `"0KiB"`, or a variable holding 0, as much as the number."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"server: {{max_body_bytes: {written}}}\n"
+                    f"sinks: {{k: {{type: kafka, bootstrap_servers: 'b:9092', topic: t, "
+                    f"batch_bytes: {written}, max_message_bytes: {written}}}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"BODY": "0"})
+    text = "\n".join(info.value.problems)
+    for field in ("server.max_body_bytes", "sinks.k.batch_bytes", "sinks.k.max_message_bytes"):
+        assert f"{field}" in text and "expected a size above 0 bytes" in text, text
+    assert text.count("expected a size above 0 bytes") == 3, text
+
+
+@pytest.mark.parametrize("written", ['"0s"', "0", '"0ms"', '"${WAIT}"'])
+def test_kafka_timeouts_of_zero_say_what_is_expected(tmp_path: Path, written: str) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"sinks: {{k: {{type: kafka, bootstrap_servers: 'b:9092', topic: t, "
+                    f"request_timeout: {written}, delivery_timeout: {written}}}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"WAIT": "0s"})
+    text = "\n".join(info.value.problems)
+    assert text.count("expected a duration above 0, such as 30s, 10m or 24h; got 0s") == 2, text
