@@ -98,6 +98,18 @@ class Integration(StrictModel):
     def _key_id(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        # The verification answers {"response": <secret>}: an empty one is a variable set
+        # to nothing (`ISENDU_SECRET=`), not a secret. The value itself is never shown.
+        value = v.get_secret_value()
+        if not value.strip():
+            got = "an empty one" if not value else "only whitespace"
+            raise ValueError("expected the API secret isendu gives with this key id, a "
+                             f"non-empty string; got {got}")
+        return v
+
 
 class Defaults(StrictModel):
     retry: RetryPolicy = RetryPolicy()

@@ -228,3 +228,16 @@ def test_kafka_timeouts_of_zero_say_what_is_expected(tmp_path: Path, written: st
         load_config(path, env={"WAIT": "0s"})
     text = "\n".join(info.value.problems)
     assert text.count("expected a duration above 0, such as 30s, 10m or 24h; got 0s") == 2, text
+
+
+def test_an_empty_secret_from_a_variable_names_the_variable(tmp_path: Path) -> None:
+    """`ISENDU_SECRET= bridge serve`: the variable is set, to nothing."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("integrations:\n  - key_id: ${ISENDU_KEY_ID}\n"
+                    "    secret: ${ISENDU_SECRET:-demo-secret-change-me}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"ISENDU_KEY_ID": "k1", "ISENDU_SECRET": ""})
+    [problem] = info.value.problems
+    assert problem == (f"{path}:3: integrations[0].secret (from $ISENDU_SECRET): expected the "
+                       "API secret isendu gives with this key id, a non-empty string; got an "
+                       "empty one"), problem
