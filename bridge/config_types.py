@@ -200,6 +200,16 @@ class SinkConfigBase(StrictModel):
     # so a receiver that came back never waits longer than that for its backlog.
     probe_interval: Duration | None = None
 
+    @model_validator(mode="after")
+    def _burst_beside_off(self) -> SinkConfigBase:
+        # Here, for every sink type: `off` replaces a service's own pace too (Slack's 1/s),
+        # so a burst has no bucket to size. Whether a sink without `rate_limit` has a pace
+        # for `burst` to widen, each type says (chat.burst_problem).
+        if (self.burst is not None and "rate_limit" in self.model_fields_set
+                and self.rate_limit is None):
+            raise ValueError("burst has no effect with rate_limit: off; remove one of them")
+        return self
+
     @field_validator("probe_interval")
     @classmethod
     def _probe_interval(cls, v: float | None) -> float | None:
