@@ -17,10 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from bridge.templates import Template, compile_template
 
@@ -97,6 +99,17 @@ def _template(value: Any) -> Template:
 
 
 TemplateField = Annotated[Template, BeforeValidator(_template), PlainSerializer(str)]
+
+
+def refuse_each(problems: list[str]) -> None:
+    """Raise every problem a validator found as an error of its own, so each is its own
+    line of the config errors (pydantic takes a ValidationError raised in a validator as
+    that many errors, at the validator's place); a ValueError would carry only one."""
+    if problems:
+        raise ValidationError.from_exception_data("config", [
+            InitErrorDetails(type="value_error", loc=(), input=None,
+                             ctx={"error": ValueError(problem)})
+            for problem in problems])
 
 
 class StrictModel(BaseModel):

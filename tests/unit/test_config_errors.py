@@ -241,3 +241,31 @@ def test_an_empty_secret_from_a_variable_names_the_variable(tmp_path: Path) -> N
     assert problem == (f"{path}:3: integrations[0].secret (from $ISENDU_SECRET): expected the "
                        "API secret isendu gives with this key id, a non-empty string; got an "
                        "empty one"), problem
+
+
+def test_every_problem_of_a_kafka_sink_is_its_own_line_in_one_run(tmp_path: Path) -> None:
+    """A field refused (compression) does not hide the settings that contradict each
+    other, and those are not joined into one line."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("sinks:\n  kafka:\n    type: kafka\n    bootstrap_servers: kafka-1:9092\n"
+                    "    topic: t\n    acks: 1\n    compression: brotli\n"
+                    "    sasl_username: bridge\n    ca_file: /etc/hostname\n"
+                    "    delivery_timeout: 50s\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    expected = [
+        ":2: sinks.kafka: enable_idempotence needs acks: all (got acks: 1)",
+        ":7: sinks.kafka.compression: Input should be 'none', 'gzip', 'snappy', 'lz4' or "
+        "'zstd' (got 'brotli')",
+        ":2: sinks.kafka: sasl_username given, but security_protocol is PLAINTEXT; "
+        "expected SASL_PLAINTEXT or SASL_SSL",
+        ":2: sinks.kafka: ca_file is only used with TLS, but security_protocol is "
+        "PLAINTEXT; expected SSL or SASL_SSL",
+        ":9: sinks.kafka.ca_file: ca_file '/etc/hostname' is not a PEM CA bundle",
+        ":10: sinks.kafka.delivery_timeout: delivery_timeout 50s is too long: expected at "
+        "most 40s",
+    ]
+    problems = info.value.problems
+    assert len(problems) == len(expected), "\n".join(problems)
+    for problem in problems:  # one each: none is missing, none joined to another
+        assert sum(fragment in problem for fragment in expected) == 1, problem
