@@ -269,3 +269,52 @@ def test_every_problem_of_a_kafka_sink_is_its_own_line_in_one_run(tmp_path: Path
     assert len(problems) == len(expected), "\n".join(problems)
     for problem in problems:  # one each: none is missing, none joined to another
         assert sum(fragment in problem for fragment in expected) == 1, problem
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("server: [1, 2]\n", "server: expected a mapping of settings (key: value), got a list"),
+    ("integrations: {key_id: k}\n",
+     "integrations: expected a list of integrations (- key_id: ..., secret: ...), "
+     "got a mapping"),
+    ("routes: [just a string]\n",
+     "routes[0]: expected a route, a mapping with at least name and to, got 'just a string'"),
+    ("sinks: {out: console}\n",
+     "sinks.out: expected a sink's settings, a mapping such as {type: console}, got 'console'"),
+    ("sinks: {k: {type: kafka, bootstrap_servers: [], topic: t}}\n",
+     "sinks.k.bootstrap_servers: expected at least one broker address (host:port), got an "
+     "empty list"),
+    ("sinks: {h: {type: http, url: 'https://x.example/in', headers: [a]}}\n",
+     "sinks.h.headers: expected a mapping of header names to values, got a list"),
+    ("sinks: {o: {type: console, concurrency: lots}}\n",
+     "sinks.o.concurrency: expected a whole number, got 'lots'"),
+    ("sinks: {o: {type: console, concurrency: 0}}\n",
+     "sinks.o.concurrency: expected a number of at least 1, got 0"),
+    ("sinks: {o: {type: console, concurrency: 5000}}\n",
+     "sinks.o.concurrency: expected a number of at most 1024, got 5000"),
+    ("state: {enabled: maybe}\n", "state.enabled: expected true or false, got 'maybe'"),
+    ("state: {enabled: }\n", "state.enabled: expected true or false, got no value"),
+    ("routes: [{name: 5, to: out}]\nsinks: {out: {type: console}}\n",
+     "routes[0].name: expected a string, got 5"),
+    ("routes: [{name: r, to: out, when: {all: []}}]\nsinks: {out: {type: console}}\n",
+     "routes[0].when.all: expected at least one condition, got an empty list"),
+])
+def test_pydantic_s_own_complaints_say_what_was_given_and_what_is_expected(
+        tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert any(p.endswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_what_a_secret_field_was_given_is_named_by_its_kind_only(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("integrations: [{key_id: k, secret: 4242424242}]\n"
+                    "sinks: {h: {type: http, url: 'https://x.example/in', "
+                    "signing_secret: [9191919191]}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    text = "\n".join(info.value.problems)
+    assert "integrations[0].secret: expected a string, got a number" in text, text
+    assert "sinks.h.signing_secret: expected a string, got a list" in text, text
+    assert "4242424242" not in text and "9191919191" not in text
