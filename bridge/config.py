@@ -7,6 +7,7 @@ all problems at once, and the bridge refuses to start.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -82,11 +83,55 @@ class ServerConfig(StrictModel):
         return parse_listen(self.listen)
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")  # `_`: compose service names
+
+
 def parse_listen(value: str) -> tuple[str, int]:
-    m = re.match(r"^\[?([^\]]*?)\]?:(\d{1,5})$", value)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ValueError(f"expected host:port such as 0.0.0.0:8080 or [::]:8080, got {value!r}")
-    return m.group(1) or "0.0.0.0", int(m.group(2))
+    """`host:port` -> (host, port). The host is an IPv4 address, a host name or a bracketed
+    IPv6 address; none is every address. Refused here rather than by the first bind: an
+    address holding a second ':' (`127.0.0.1:${P}` with P=127.0.0.1:8081) is no host."""
+    host, colon, port = value.rpartition(":")
+    problem = None
+    if not colon:
+        problem = "no ':' between host and port"
+    elif not re.fullmatch(r"\d{1,5}", port):
+        problem = "no port after the ':'"
+    elif not 0 < int(port) < 65536:
+        problem = "the port must be 1 to 65535"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ipv6(host):
+            problem = f"{host!r} is not an IPv6 address"
+    elif ":" in host:
+        problem = (f"the host {host!r} holds a ':' (only an IPv6 address may, in brackets: "
+                   "[::1]:8080)")
+    elif host and not _is_host(host):
+        problem = f"{host!r} is not an IP address or host name"
+    if problem:
+        raise ValueError("expected host:port such as 0.0.0.0:8080, 127.0.0.1:8080 or "
+                         f"[::]:8080, got {value!r}: {problem}")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4 address, or a host name of letters, digits, '-' and '_'; digits and dots
+    alone must make an IPv4 address (999.1.1.1 resolves to nothing)."""
+    if re.fullmatch(r"[\d.]+", text):
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return False
+        return True
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
 
 
 class Integration(StrictModel):

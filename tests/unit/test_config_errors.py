@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config
+from bridge.config import load_config, parse_listen
 from bridge.errors import ConfigError
 from tests.helpers.cases import directives
 
@@ -318,3 +318,48 @@ def test_what_a_secret_field_was_given_is_named_by_its_kind_only(tmp_path: Path)
     assert "integrations[0].secret: expected a string, got a number" in text, text
     assert "sinks.h.signing_secret: expected a string, got a list" in text, text
     assert "4242424242" not in text and "9191919191" not in text
+
+
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("0.0.0.0:8080", "0.0.0.0", 8080), ("127.0.0.1:1", "127.0.0.1", 1),
+    ("[::]:8080", "::", 8080), ("[::1]:65535", "::1", 65535),
+    ("localhost:8080", "localhost", 8080), ("bridge.internal:8080", "bridge.internal", 8080),
+    ("isendu_bridge:80", "isendu_bridge", 80), (":8080", "0.0.0.0", 8080),
+])
+def test_listen_addresses_that_can_be_listened_on(listen: str, host: str, port: int) -> None:
+    assert parse_listen(listen) == (host, port)
+
+
+@pytest.mark.parametrize(("listen", "why"), [
+    ("127.0.0.1:127.0.0.1:8081", "the host '127.0.0.1:127.0.0.1' holds a ':' (only an IPv6 address "
+     "may, in brackets: [::1]:8080)"),
+    ("::1:8080", "the host '::1' holds a ':' (only an IPv6 address "
+     "may, in brackets: [::1]:8080)"),
+    ("[nothost]:8080", "'nothost' is not an IPv6 address"),
+    ("localhost:0", "the port must be 1 to 65535"),
+    ("localhost:65536", "the port must be 1 to 65535"),
+    ("localhost:", "no port after the ':'"),
+    ("localhost:http", "no port after the ':'"),
+    ("8080", "no ':' between host and port"),
+    ("ho st:80", "'ho st' is not an IP address or host name"),
+    ("-bad:80", "'-bad' is not an IP address or host name"),
+    ("999.1.1.1:80", "'999.1.1.1' is not an IP address or host name"),
+])
+def test_listen_addresses_refused_say_why(listen: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_listen(listen)
+    assert str(info.value) == ("expected host:port such as 0.0.0.0:8080, 127.0.0.1:8080 or "
+                               f"[::]:8080, got {listen!r}: {why}"), info.value
+
+
+def test_a_listen_address_made_with_a_variable_is_checked_as_it_resolved(
+        tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text('server: {listen: "127.0.0.1:${P:-18110}"}\n')
+    assert load_config(path, env={"P": "8081"}).config.server.host_port() == ("127.0.0.1", 8081)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"P": "127.0.0.1:8081"})
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}:1: server.listen (from $P): expected host:port"), problem
+    assert problem.endswith("got '127.0.0.1:127.0.0.1:8081': the host '127.0.0.1:127.0.0.1' "
+                            "holds a ':' (only an IPv6 address may, in brackets: [::1]:8080)")
