@@ -46,6 +46,7 @@ from bridge.runtime import build_runtime, build_sinks, register_secrets
 from bridge.sequencer import plan_item, state_book
 from bridge.sinks.base import Sink
 from bridge.state import StateBook
+from bridge.yamlsource import variable_spans
 
 log = logging.getLogger("bridge")
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -119,11 +120,20 @@ def _listen_origin(loaded: LoadedConfig) -> str:
 def _listen_remedy(loaded: LoadedConfig) -> str:
     """What to change, as the file has it: the variable it reads the address from, or the
     address it writes (or leaves out)."""
-    names = written_with(loaded, ("server", "listen"))
-    if names:
-        return (f"stop what holds the port, or set {names[0]}=host:port "
-                f"(e.g. {names[0]}=127.0.0.1:8081) to listen elsewhere")
     file = loaded.source.file
+    raw = loaded.source.raw.get(("server", "listen"))
+    spans = variable_spans(raw) if raw else []
+    if raw and spans:
+        name, start, end = spans[-1]
+        if len(spans) == 1 and (start, end) == (0, len(raw)):
+            return (f"stop what holds the port, or set {name}=host:port "
+                    f"(e.g. {name}=127.0.0.1:8081) to listen elsewhere")
+        if end == len(raw) and raw[:start].endswith(":"):  # `127.0.0.1:${PORT}`
+            return (f"stop what holds the port, or set {name}=<port> (e.g. {name}=8081) "
+                    "to listen elsewhere")
+        # `${HOST}:8080`: the port is written in the file.
+        return (f"stop what holds the port, or change the port of server.listen in {file} "
+                f"({raw} there) to a free one")
     if ("server", "listen") not in loaded.source.lines:
         return f"stop what holds the port, or set server.listen in {file} to a free host:port"
     return (f"stop what holds the port, or change server.listen in {file} "

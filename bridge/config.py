@@ -7,6 +7,7 @@ all problems at once, and the bridge refuses to start.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -82,11 +83,55 @@ class ServerConfig(StrictModel):
         return parse_listen(self.listen)
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")  # `_`: compose service names
+
+
 def parse_listen(value: str) -> tuple[str, int]:
-    m = re.match(r"^\[?([^\]]*?)\]?:(\d{1,5})$", value)
-    if not m or not 0 < int(m.group(2)) < 65536:
-        raise ValueError(f"expected host:port such as 0.0.0.0:8080 or [::]:8080, got {value!r}")
-    return m.group(1) or "0.0.0.0", int(m.group(2))
+    """`host:port` -> (host, port). The host is an IPv4 address, a host name or a bracketed
+    IPv6 address; none is every address. Refused here rather than by the first bind: an
+    address holding a second ':' (`127.0.0.1:${P}` with P=127.0.0.1:8081) is no host."""
+    host, colon, port = value.rpartition(":")
+    problem = None
+    if not colon:
+        problem = "no ':' between host and port"
+    elif not re.fullmatch(r"\d{1,5}", port):
+        problem = "no port after the ':'"
+    elif not 0 < int(port) < 65536:
+        problem = "the port must be 1 to 65535"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ipv6(host):
+            problem = f"{host!r} is not an IPv6 address"
+    elif ":" in host:
+        problem = (f"the host {host!r} holds a ':' (only an IPv6 address may, in brackets: "
+                   "[::1]:8080)")
+    elif host and not _is_host(host):
+        problem = f"{host!r} is not an IP address or host name"
+    if problem:
+        raise ValueError("expected host:port such as 0.0.0.0:8080, 127.0.0.1:8080 or "
+                         f"[::]:8080, got {value!r}: {problem}")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4 address, or a host name of letters, digits, '-' and '_'; digits and dots
+    alone must make an IPv4 address (999.1.1.1 resolves to nothing)."""
+    if re.fullmatch(r"[\d.]+", text):
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return False
+        return True
+    labels = text.removesuffix(".").split(".")
+    return len(text) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
 
 
 class Integration(StrictModel):
@@ -97,6 +142,18 @@ class Integration(StrictModel):
     @classmethod
     def _key_id(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        # The verification answers {"response": <secret>}: an empty one is a variable set
+        # to nothing (`ISENDU_SECRET=`), not a secret. The value itself is never shown.
+        value = v.get_secret_value()
+        if not value.strip():
+            got = "an empty one" if not value else "only whitespace"
+            raise ValueError("expected the API secret isendu gives with this key id, a "
+                             f"non-empty string; got {got}")
+        return v
 
 
 class Defaults(StrictModel):
@@ -637,13 +694,111 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
         return f"missing required key 'type'; expected one of: {', '.join(SINK_TYPES)}"
     given = err.get("input")
     builtin = not str(err["msg"]).startswith("Value error")
-    if builtin and given is not None and not isinstance(given, dict | list):
-        # Credentials hide in more than "secret" fields: webhook URLs carry them too.
-        secretish = any(w in format_path(path).lower()
-                        for w in ("secret", "password", "token", "url", "key"))
-        if not secretish and repr(given) not in msg:
-            msg += f" (got {given!r})"
+    if builtin and (said := _in_words(etype, err.get("ctx") or {}, path, given)):
+        return said
+    if (builtin and given is not None and not isinstance(given, dict | list)
+            and not _may_hold_a_secret(path) and repr(given) not in msg):
+        msg += f" (got {given!r})"
     return msg
+
+
+def _may_hold_a_secret(path: KeyPath) -> bool:
+    # Credentials hide in more than "secret" fields: webhook URLs carry them too.
+    return any(w in format_path(path).lower()
+               for w in ("secret", "password", "token", "url", "key"))
+
+
+def _in_words(etype: str, ctx: dict[str, Any], path: KeyPath, given: Any) -> str | None:
+    """pydantic's own complaints that say neither what was given nor what was meant
+    ("Input should be a valid dictionary"), said as `expected ..., got ...` (None: one
+    that says enough already, such as a list of allowed values)."""
+    got = _what_was_given(given, secret=_may_hold_a_secret(path))
+    if etype in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected {_mapping_meant(path)}, got {got}"
+    if etype == "list_type":
+        return f"expected {_list_meant(path)}, got {got}"
+    if etype == "too_short" and ctx.get("field_type") == "List":
+        least = ctx["min_length"]
+        wanted = f"one {_item_meant(path)}" if least == 1 else f"{least} items"
+        actual = ctx["actual_length"]
+        return f"expected at least {wanted}, got {actual or 'an empty list'}"
+    if etype == "string_too_short":
+        if ctx.get("min_length") == 1:
+            return "expected a non-empty string, got an empty one"
+        return f"expected at least {ctx.get('min_length')} characters, got {got}"
+    if etype == "string_too_long":
+        return f"expected at most {ctx.get('max_length')} characters, got {len(str(given))}"
+    if etype == "string_type":
+        return f"expected a string, got {got}"
+    if etype == "url_type":
+        return f"expected a URL such as https://example.com/hook, got {got}"
+    if etype in ("int_type", "int_parsing", "int_from_float"):
+        return f"expected a whole number, got {got}"
+    if etype in ("float_type", "float_parsing"):
+        return f"expected a number, got {got}"
+    if etype in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {got}"
+    bounds = {"greater_than_equal": ("ge", "of at least"), "less_than_equal": ("le", "of at most"),
+              "greater_than": ("gt", "above"), "less_than": ("lt", "below")}
+    if etype in bounds:
+        name, words = bounds[etype]
+        return f"expected a number {words} {ctx.get(name)}, got {got}"
+    return None
+
+
+def _what_was_given(value: Any, secret: bool) -> str:
+    """What was written, for `got ...`: the value, or only its kind where it may be a
+    credential."""
+    if value is None:
+        return "no value"  # `key:` with nothing after it
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    if isinstance(value, dict):
+        return "a mapping" if value else "an empty mapping"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if secret:
+        return "a number" if isinstance(value, int | float) else "a string"
+    return repr(value)
+
+
+def _mapping_meant(path: KeyPath) -> str:
+    if path == ("sinks",):
+        return "a mapping of sink names to sink settings (name: {type: ...})"
+    if len(path) == 2 and path[0] == "sinks":
+        return "a sink's settings, a mapping such as {type: console}"
+    if len(path) == 2 and path[0] == "routes":
+        return "a route, a mapping with at least name and to"
+    if len(path) == 2 and path[0] == "integrations":
+        return "an integration, a mapping of key_id and secret"
+    if path and path[-1] == "headers":
+        return "a mapping of header names to values"
+    return "a mapping of settings (key: value)"
+
+
+def _list_meant(path: KeyPath) -> str:
+    if path == ("integrations",):
+        return "a list of integrations (- key_id: ..., secret: ...)"
+    if path == ("routes",):
+        return "a list of routes (- name: ..., to: ...)"
+    if len(path) == 3 and path[0] == "routes" and path[2] == "to":
+        return "a sink name or a list of sink names"
+    return "a list (one `- item` a line, or [a, b])"
+
+
+def _item_meant(path: KeyPath) -> str:
+    key = path[-1] if path else None
+    if path[:1] == ("routes",) and key == "to":
+        return "sink name"
+    if key in ("all", "any"):
+        return "condition"
+    if key == "bootstrap_servers":
+        return "broker address (host:port)"
+    if key == "to":
+        return "recipient address"
+    if key == "urls":
+        return "URL"
+    return "item"
 
 
 def parse_config(source: Source, env: Mapping[str, str] | None = None) -> BridgeConfig:

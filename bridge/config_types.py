@@ -6,6 +6,7 @@ without importing the whole config (which imports the sink registry).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -16,10 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from bridge.templates import Template, compile_template
 
@@ -31,11 +34,13 @@ def parse_duration(value: Any) -> float:
     """`500ms`, `30s`, `10m`, `24h`, `7d` or a number of seconds -> seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 500ms, 30s, 10m, 24h or a number of seconds")
+    seconds: float | None = None
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    else:
+    # YAML's .nan and .inf are floats, and so is a string of 309 digits: no time to wait.
+    if seconds is None or not math.isfinite(seconds):
         raise ValueError(
             f"expected a duration like 500ms, 30s, 10m, 24h or a number of seconds, got {value!r}"
         )
@@ -50,12 +55,20 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 10**6, "MiB": 2**
 
 
 def parse_size(value: Any) -> int:
-    """`1048576`, `512KiB`, `1MiB`, `2MB` -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    raise ValueError(f"expected a size in bytes such as 1048576, 512KiB or 1MiB, got {value!r}")
+    """`1048576`, `512KiB`, `1MiB`, `2MB` -> bytes, above 0: every size the config has is a
+    limit, and a limit of 0 refuses everything (a max_body_bytes of 0 answers every request
+    413). The rule holds however 0 is spelt: `0`, `"0"`, `"0KiB"`, a variable holding 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    else:
+        raise ValueError(
+            f"expected a size in bytes such as 1048576, 512KiB or 1MiB, got {value!r}")
+    if size <= 0:
+        raise ValueError(
+            f"expected a size above 0 bytes, such as 1048576, 512KiB or 1MiB; got {value!r}")
+    return size
 
 
 def format_duration(seconds: float) -> str:
@@ -88,6 +101,17 @@ def _template(value: Any) -> Template:
 TemplateField = Annotated[Template, BeforeValidator(_template), PlainSerializer(str)]
 
 
+def refuse_each(problems: list[str]) -> None:
+    """Raise every problem a validator found as an error of its own, so each is its own
+    line of the config errors (pydantic takes a ValidationError raised in a validator as
+    that many errors, at the validator's place); a ValueError would carry only one."""
+    if problems:
+        raise ValidationError.from_exception_data("config", [
+            InitErrorDetails(type="value_error", loc=(), input=None,
+                             ctx={"error": ValueError(problem)})
+            for problem in problems])
+
+
 class StrictModel(BaseModel):
     """Unknown keys are errors: a typo in routes.yaml must not be silently ignored."""
 
@@ -109,7 +133,7 @@ def parse_rate(value: Any) -> float | None:
         return None
     if isinstance(value, str) and (m := _RATE.match(value)):
         count, per, unit = float(m.group(1)), float(m.group(2) or 1), _RATE_UNITS[m.group(3)]
-        if count > 0:
+        if count > 0 and per > 0:  # `5/0s` is no rate: it would divide by zero
             return count / (per * unit)
     raise ValueError(f"expected a rate such as 1/s, 20/min or 100/10s (or off), got {value!r}")
 
@@ -188,6 +212,16 @@ class SinkConfigBase(StrictModel):
     # from the retry policy's initial_delay, doubling up to its max_delay. At most an hour,
     # so a receiver that came back never waits longer than that for its backlog.
     probe_interval: Duration | None = None
+
+    @model_validator(mode="after")
+    def _burst_beside_off(self) -> SinkConfigBase:
+        # Here, for every sink type: `off` replaces a service's own pace too (Slack's 1/s),
+        # so a burst has no bucket to size. Whether a sink without `rate_limit` has a pace
+        # for `burst` to widen, each type says (chat.burst_problem).
+        if (self.burst is not None and "rate_limit" in self.model_fields_set
+                and self.rate_limit is None):
+            raise ValueError("burst has no effect with rate_limit: off; remove one of them")
+        return self
 
     @field_validator("probe_interval")
     @classmethod

@@ -28,6 +28,12 @@ def variables_in(text: str) -> list[str]:
     return [m.group(1) for m in _VAR.finditer(text) if m.group(1)]
 
 
+def variable_spans(text: str) -> list[tuple[str, int, int]]:
+    """Each `${VAR}` / `${VAR:-default}` of a value: its name, and where it starts and
+    ends in `text`, to tell what part of the value it gives."""
+    return [(m.group(1), m.start(), m.end()) for m in _VAR.finditer(text) if m.group(1)]
+
+
 def format_path(path: KeyPath) -> str:
     out = ""
     for part in path:

@@ -335,14 +335,11 @@ async def request(
 
 def burst_problem(config: SinkConfigBase, service: str) -> str | None:
     """`burst` sizes the token bucket of `rate_limit`; for a sink with no default pace it
-    would do nothing without one, so say so at load instead of ignoring it."""
-    if config.burst is None:
-        return None
-    if "rate_limit" not in config.model_fields_set:
+    would do nothing without one, so say so at load instead of ignoring it. (`burst` with
+    `rate_limit: off` is refused for every sink type, by SinkConfigBase.)"""
+    if config.burst is not None and "rate_limit" not in config.model_fields_set:
         return (f"burst needs rate_limit: {service} has no fixed pace of its own for the "
                 "bridge to apply it to; set e.g. rate_limit: 5/s next to burst")
-    if config.rate_limit is None:
-        return "burst has no effect with rate_limit: off; remove one of them"
     return None
 
 

@@ -36,10 +36,11 @@ from pydantic import (
 
 from bridge.config_types import (
     ByteSize,
-    Duration,
+    PositiveDuration,
     SinkConfigBase,
     TemplateField,
     format_duration,
+    refuse_each,
 )
 from bridge.errors import (
     PermanentSinkError,
@@ -132,6 +133,12 @@ def topic_name_problem(name: str) -> str | None:
 
 
 class KafkaSinkConfig(SinkConfigBase):
+    """Settings that must agree with each other are compared in field validators, not a
+    model validator: those run beside every other field's check, so a bad field does not
+    hide a contradiction, and each problem is its own error line. A comparison runs in the
+    validator of the last setting it reads (with validate_default, so that it runs when
+    that setting is left out too; its error then points at the sink)."""
+
     type: Literal["kafka"]
     bootstrap_servers: Annotated[list[str], BeforeValidator(_server_list)] = Field(min_length=1)
     topic: TemplateField
@@ -139,20 +146,22 @@ class KafkaSinkConfig(SinkConfigBase):
     value: TemplateField | None = None  # default: the JSON envelope of the http sink
     content_type: str = Field("application/json", min_length=1)
     acks: Annotated[Literal["all", "1", "0"], BeforeValidator(_acks)] = "all"
-    enable_idempotence: bool = True
+    enable_idempotence: bool = Field(True, validate_default=True)
     compression: Compression = "none"
     linger_ms: int = Field(0, ge=0, le=60_000)
     batch_bytes: ByteSize = 256 * 1024
     max_message_bytes: ByteSize = 1 << 20
-    request_timeout: Duration = Field(30.0, gt=0)
+    request_timeout: PositiveDuration = 30.0
     # Default: aiokafka's own limit for a record (one expiry, one retry), capped.
-    delivery_timeout: Duration | None = Field(None, gt=0)
+    delivery_timeout: PositiveDuration | None = Field(None, validate_default=True)
     client_id: str = Field("isendu-bridge", min_length=1)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ca_file: str | None = None  # PEM bundle to verify the brokers; default: the system's
+    # Last: its validator compares the sasl settings and ca_file with it.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", validate_default=True)
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -181,77 +190,107 @@ class KafkaSinkConfig(SinkConfigBase):
                 f"{codec} library (it comes with the cramjam package); available here: {usable}")
         return codec
 
+    @field_validator("enable_idempotence")
+    @classmethod
+    def _idempotence(cls, enabled: bool, info: ValidationInfo) -> bool:
+        acks = info.data.get("acks")  # absent: refused by its own check
+        if enabled and acks is not None and acks != "all":
+            raise ValueError(f"enable_idempotence needs acks: all (got acks: {acks}); "
+                             "set enable_idempotence: false to use acks 1 or 0")
+        return enabled
+
+    @field_validator("delivery_timeout")
+    @classmethod
+    def _delivery_timeout(cls, limit: float | None, info: ValidationInfo) -> float | None:
+        if limit is not None and limit > MAX_DELIVERY_TIMEOUT:
+            raise ValueError(f"delivery_timeout {format_duration(limit)} is too long: "
+                             f"expected at most {MAX_DELIVERY_TIMEOUT:g}s, because {LEASE_NOTE}")
+        request_timeout = info.data.get("request_timeout")  # absent: refused by its own
+        linger_ms = info.data.get("linger_ms")  # check, nothing to compare
+        if request_timeout is None or linger_ms is None:
+            return limit
+        attempt = attempt_timeout(limit, request_timeout, linger_ms)
+        if request_timeout + linger_ms / 1000 > attempt:
+            given = (f"delivery_timeout {format_duration(attempt)}" if limit is not None
+                     else f"delivery_timeout's default {format_duration(attempt)}, the most "
+                     "allowed")
+            raise ValueError(
+                f"request_timeout {format_duration(request_timeout)} + linger_ms "
+                f"{linger_ms} do not fit in one attempt ({given}): expected "
+                "request_timeout + linger_ms at most delivery_timeout, which is at most "
+                f"{MAX_DELIVERY_TIMEOUT:g}s because {LEASE_NOTE}")
+        return limit
+
     @field_validator("ca_file")
     @classmethod
-    def _ca_file(cls, path: str | None, info: ValidationInfo) -> str | None:
-        if path is None:
-            return None
-        if not Path(path).is_file():
-            raise ValueError(f"expected a readable PEM file, but {path!r} is not a file")
-        if info.data.get("security_protocol") in TLS_PROTOCOLS:  # else _tls_problem speaks
+    def _ca_file(cls, path: str | None) -> str | None:
+        # Loaded whatever the protocol (validated after it): with PLAINTEXT, a bundle
+        # OpenSSL cannot read is a problem of its own beside "only used with TLS".
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"expected a readable PEM file, but {path!r} is not a file")
             _load_ca_bundle(path)
         return path
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _protocol(cls, protocol: str, info: ValidationInfo) -> str:
+        # Each setting compared here comes before security_protocol: one missing from
+        # info.data was refused by its own check, so it was written all the same.
+        given = [name for name in (*SASL_SETTINGS, "ca_file")
+                 if name not in info.data or info.data[name] is not None]
+        mechanism = info.data.get("sasl_mechanism")
+        refuse_each([p for p in (_sasl_problem(protocol, given, mechanism),
+                                 _tls_problem(protocol, given)) if p])
+        return protocol
 
     @property
     def attempt_timeout(self) -> float:
         """The deadline of one attempt of a batch: `delivery_timeout`, or its default."""
-        if self.delivery_timeout is not None:
-            return self.delivery_timeout
-        return min(MAX_DELIVERY_TIMEOUT,
-                   2 * self.request_timeout + self.linger_ms / 1000 + 5.0)
+        return attempt_timeout(self.delivery_timeout, self.request_timeout, self.linger_ms)
 
     @model_validator(mode="after")
-    def _coherent(self) -> KafkaSinkConfig:
-        problems = [p for p in (self._idempotence_problem(), self._sasl_problem(),
-                                self._tls_problem(), self._timeout_problem(),
-                                burst_problem(self, "Kafka")) if p]
-        if problems:
-            raise ValueError("; ".join(problems))
+    def _burst(self) -> KafkaSinkConfig:
+        problem = burst_problem(self, "Kafka")
+        if problem:
+            raise ValueError(problem)
         return self
 
-    def _timeout_problem(self) -> str | None:
-        if self.delivery_timeout is not None and self.delivery_timeout > MAX_DELIVERY_TIMEOUT:
-            return (f"delivery_timeout {format_duration(self.delivery_timeout)} is too long: "
-                    f"expected at most {MAX_DELIVERY_TIMEOUT:g}s, because {LEASE_NOTE}")
-        needed = self.request_timeout + self.linger_ms / 1000
-        if needed > self.attempt_timeout:
-            limit = format_duration(self.attempt_timeout)
-            given = (f"delivery_timeout {limit}" if self.delivery_timeout is not None
-                     else f"delivery_timeout's default {limit}, the most allowed")
-            return (f"request_timeout {format_duration(self.request_timeout)} + linger_ms "
-                    f"{self.linger_ms} do not fit in one attempt ({given}): expected "
-                    "request_timeout + linger_ms at most delivery_timeout, which is at most "
-                    f"{MAX_DELIVERY_TIMEOUT:g}s because {LEASE_NOTE}")
-        return None
 
-    def _idempotence_problem(self) -> str | None:
-        if self.enable_idempotence and self.acks != "all":
-            return (f"enable_idempotence needs acks: all (got acks: {self.acks}); "
-                    "set enable_idempotence: false to use acks 1 or 0")
-        return None
+def attempt_timeout(delivery_timeout: float | None, request_timeout: float,
+                    linger_ms: int) -> float:
+    """`delivery_timeout`, or its default: aiokafka's own limit for a record, capped."""
+    if delivery_timeout is not None:
+        return delivery_timeout
+    return min(MAX_DELIVERY_TIMEOUT, 2 * request_timeout + linger_ms / 1000 + 5.0)
 
-    def _sasl_problem(self) -> str | None:
-        sasl_set = [k for k in ("sasl_mechanism", "sasl_username", "sasl_password")
-                    if getattr(self, k) is not None]
-        if self.security_protocol not in SASL_PROTOCOLS:
-            if sasl_set:
-                return (f"{', '.join(sasl_set)} given, but security_protocol is "
-                        f"{self.security_protocol}; expected SASL_PLAINTEXT or SASL_SSL")
-            return None
-        if self.sasl_mechanism is None:
-            return (f"security_protocol {self.security_protocol} needs sasl_mechanism: "
-                    "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
-        missing = [k for k in ("sasl_username", "sasl_password") if getattr(self, k) is None]
-        if missing:
-            return (f"sasl_mechanism {self.sasl_mechanism} needs {' and '.join(missing)} "
-                    "(e.g. sasl_password: ${KAFKA_PASSWORD}, taken from the environment)")
-        return None
 
-    def _tls_problem(self) -> str | None:
-        if self.ca_file is not None and self.security_protocol not in TLS_PROTOCOLS:
-            return (f"ca_file is only used with TLS, but security_protocol is "
-                    f"{self.security_protocol}; expected SSL or SASL_SSL")
+SASL_SETTINGS = ("sasl_mechanism", "sasl_username", "sasl_password")
+
+
+def _sasl_problem(protocol: str, given: list[str], mechanism: str | None) -> str | None:
+    sasl_given = [name for name in SASL_SETTINGS if name in given]
+    if protocol not in SASL_PROTOCOLS:
+        if sasl_given:
+            return (f"{', '.join(sasl_given)} given, but security_protocol is {protocol}; "
+                    "expected SASL_PLAINTEXT or SASL_SSL")
         return None
+    if "sasl_mechanism" not in given:
+        return (f"security_protocol {protocol} needs sasl_mechanism: PLAIN, SCRAM-SHA-256 "
+                "or SCRAM-SHA-512")
+    missing = [name for name in ("sasl_username", "sasl_password") if name not in given]
+    if missing:
+        named = f"sasl_mechanism {mechanism}" if mechanism else "sasl_mechanism"
+        return (f"{named} needs {' and '.join(missing)} "
+                "(e.g. sasl_password: ${KAFKA_PASSWORD}, taken from the environment)")
+    return None
+
+
+def _tls_problem(protocol: str, given: list[str]) -> str | None:
+    if "ca_file" in given and protocol not in TLS_PROTOCOLS:
+        return (f"ca_file is only used with TLS, but security_protocol is {protocol}; "
+                "expected SSL or SASL_SSL")
+    return None
 
 
 class KafkaSink(Sink):

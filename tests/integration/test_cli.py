@@ -405,6 +405,35 @@ def test_serve_on_a_taken_port_or_an_unopenable_storage_says_which_in_one_line(
     assert not typo.parent.exists()
 
 
+def test_a_port_in_use_names_the_variable_that_holds_only_the_port(tmp_path: Path) -> None:
+    """`127.0.0.1:${P:-18110}`: P holds the port alone, so the hint is P=<port>; P=host:port
+    would make the address 127.0.0.1:127.0.0.1:8081, which check refuses."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "routes.yaml"
+        path.write_text('server: {listen: "127.0.0.1:${P:-18110}"}\n'
+                        f"storage: sqlite:///{tmp_path}/bridge.db\n")
+        out = bridge("serve", "--config", str(path), env={"P": str(port)})
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"error: cannot listen on 127.0.0.1:{port} (server.listen, from $P): error while "
+            f"attempting to bind on address ('127.0.0.1', {port}): address already in use; "
+            "stop what holds the port, or set P=<port> (e.g. P=8081) to listen elsewhere")
+        # The variable gives the host: the port to change is the one in the file.
+        path.write_text(f'server: {{listen: "${{H:-127.0.0.1}}:{port}"}}\n'
+                        f"storage: sqlite:///{tmp_path}/bridge.db\n")
+        out = bridge("serve", "--config", str(path))
+        assert out.stderr.strip().splitlines()[-1].endswith(
+            f"stop what holds the port, or change the port of server.listen in {path} "
+            f"(${{H:-127.0.0.1}}:{port} there) to a free one"), out.stderr
+    path.write_text('server: {listen: "127.0.0.1:${P:-18110}"}\n')
+    out = bridge("check", "--config", str(path), env={"P": "127.0.0.1:8081"})
+    assert out.returncode == 1
+    assert "server.listen (from $P): expected host:port" in out.stderr, out.stderr
+
+
 def test_a_bad_log_level_is_refused_with_the_choices(config: Path) -> None:
     for args, env in ((["--log-level", "verbose"], None), ([], {"BRIDGE_LOG_LEVEL": "loud"})):
         out = bridge(*args, "check", "--config", str(config), env=env)

@@ -12,6 +12,7 @@ from bridge.config import load_config
 from bridge.dispatch.ratelimit import TokenBucket
 from bridge.errors import ConfigError
 from bridge.runtime import build_sinks
+from bridge.sinks import SINK_TYPES
 
 SLACK_HOOK = "https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
 TOKEN = "123456789:AAEexampleexampleexampleexample"
@@ -75,6 +76,36 @@ def test_burst_without_a_rate_to_apply_it_to_is_refused(tmp_path: Path, sink: st
     with pytest.raises(ConfigError, match=r"sinks\.s.*burst") as err:
         limits(tmp_path, f"  s: {sink}")
     assert DISCORD not in str(err.value)
+
+
+# The least each sink type needs to load, so that only `burst` and `rate_limit` are judged.
+MINIMAL = {
+    "apprise": "{type: apprise, urls: ['json://127.0.0.1:9/hook']}",
+    "console": "{type: console}",
+    "discord": f'{{type: discord, webhook_url: "{DISCORD}"}}',
+    "email": "{type: email, host: smtp.example.com, from: b@example.com, to: o@example.com}",
+    "http": '{type: http, url: "https://erp.example.com/in"}',
+    "kafka": "{type: kafka, bootstrap_servers: 'kafka-1:9092', topic: t}",
+    "slack": f'{{type: slack, webhook_url: "{SLACK_HOOK}"}}',
+    "teams": f'{{type: teams, webhook_url: "{TEAMS}"}}',
+    "telegram": f'{{type: telegram, token: "{TOKEN}", chat_id: 42}}',
+}
+
+
+def test_every_sink_type_is_judged_below() -> None:
+    assert set(MINIMAL) == set(SINK_TYPES)
+
+
+@pytest.mark.parametrize("sink_type", sorted(MINIMAL))
+def test_burst_beside_rate_limit_off_is_refused_for_every_sink_type(
+        tmp_path: Path, sink_type: str) -> None:
+    """A service's own pace (Slack, Teams, Telegram) is replaced by `off` too: a burst
+    would have nothing to act on there either."""
+    sink = MINIMAL[sink_type].replace("{type:", "{rate_limit: 'off', burst: 3, type:", 1)
+    with pytest.raises(ConfigError) as err:
+        limits(tmp_path, f"  s: {sink}")
+    assert "sinks.s: burst has no effect with rate_limit: off; remove one of them" in str(
+        err.value)
 
 
 class Clock:
