@@ -132,31 +132,16 @@ def _undecodable(request: web.Request, what: str) -> PayloadError:
 
 async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    # Counted in flight: while they are and the loop is saturated, later stages give way.
-    with rt.pressure:
-        return await _webhook(rt, request)
-
-
-async def _webhook(rt: Runtime, request: web.Request) -> web.Response:
     limit = rt.config.server.max_body_bytes
     try:
         check_headers(request, limit)
         length = request.content_length
         if length is not None and length <= SMALL_BODY_BYTES:
             body = await read_limited(request, limit)
-            received_at = time.time()
-            parsed = parse_request(body, received_iso(received_at))
-            if isinstance(parsed, Verification):
-                return verify(rt, parsed)
-            async with rt.intake_slots:
-                return await accept(rt, parsed, body, received_at)
+            return await answer(rt, body, rt.intake_slots)
         async with intake_slot(request, rt.intake_slots):
             body = await read_limited(request, limit)
-            received_at = time.time()
-            parsed = parse_request(body, received_iso(received_at))
-            if isinstance(parsed, Verification):
-                return verify(rt, parsed)
-            return await accept(rt, parsed, body, received_at)
+            return await answer(rt, body)
     except (PayloadError, BodyTooLarge, EncodingNotAccepted, ReadTimedOut) as exc:
         # Every refusal, wherever it was found (reading, parsing, routing), is one log line
         # and one count; the error middleware turns it into the 400, 408, 413 or 415.
@@ -167,6 +152,24 @@ async def _webhook(rt: Runtime, request: web.Request) -> web.Response:
         else:
             refused(rt.metrics, str(exc), 413 if isinstance(exc, BodyTooLarge) else 408)
         raise
+
+
+async def answer(rt: Runtime, body: bytes, slots: asyncio.Semaphore | None = None
+                 ) -> web.Response:
+    """Verify or accept a body that has arrived, taking one of `slots` first if given.
+
+    Counted in flight only from here: while requests are, in a burst or on a saturated loop,
+    later stages give way. A request still waiting for its body waits for its client, not
+    for the loop, and anyone can hold many such open at no cost (bridge/pressure.py)."""
+    with rt.pressure:
+        received_at = time.time()
+        parsed = parse_request(body, received_iso(received_at))
+        if isinstance(parsed, Verification):
+            return verify(rt, parsed)
+        if slots is None:
+            return await accept(rt, parsed, body, received_at)
+        async with slots:
+            return await accept(rt, parsed, body, received_at)
 
 
 def shorten(text: str, limit: int = 64) -> str:
