@@ -66,9 +66,12 @@ class Repeats(logging.Filter):
     """A driver retrying in a loop logs the same line on every turn: aiokafka, while a
     broker is away, several lines every retry_backoff_ms (100 ms). Of such a library's
     identical lines one passes per `window`; the next to pass says in `repeated` how many
-    were left out. The bridge's own lines all pass: they are written to be read."""
+    were left out. The bridge's own lines pass, but for POSTs to an unknown path
+    (`bridge.http.paths`): anyone can send those, even to a bridge whose webhook path holds
+    a secret, and one a minute is enough to show that isendu is posting to the wrong place."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window: float = 60.0,
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "bridge.http.paths"),
+                 window: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, remembered: int = 256) -> None:
         super().__init__()
         self.prefixes = prefixes

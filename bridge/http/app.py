@@ -23,10 +23,14 @@ from bridge.http.connections import (
 from bridge.models import KINDS, Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
+from bridge.redact import redact
 from bridge.runtime import Runtime
 from bridge.sequencer import received_iso
 
 log = logging.getLogger("bridge.http")
+# POSTs the router refuses, logged apart: with a secret webhook path they are the only
+# refusal a stranger can make, so bridge/logs.py lets one of them through a minute.
+path_log = logging.getLogger("bridge.http.paths")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -76,6 +80,8 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if request.method == "POST" and request.match_info.http_exception is not None:
+            refused_path(request, exc.status)
         body: dict[str, object] = {"error": exc.reason}
         if isinstance(exc, web.HTTPMethodNotAllowed):
             body["allowed"] = sorted(exc.allowed_methods)
@@ -84,6 +90,21 @@ async def json_errors(
     except Exception:
         log.exception("request failed", extra={"path_kind": request.match_info.route.name})
         return web.json_response({"error": "internal error; nothing was accepted"}, status=500)
+
+
+def refused_path(request: web.Request, status: int) -> None:
+    """A POST to a path that is not the webhook (a typo, a trailing slash, a 405 on /healthz):
+    isendu configured with it would lose every batch, so say where it should go. The path
+    is masked before it is cut (a cut token is no longer found to mask) and has no query
+    string, which may carry secrets."""
+    rt = request.app[RUNTIME]
+    rt.metrics.batches.labels("rejected").inc()  # as every refused POST is
+    path_log.warning("refused request", extra={
+        "status": status, "method": shorten(request.method, 16),
+        "path": shorten(redact(request.path)),
+        "webhook_path": rt.config.server.webhook_path,
+        "error": ("no such path" if status == 404 else "POST not allowed on this path")
+                 + "; isendu must post to server.webhook_path"})
 
 
 def check_headers(request: web.Request, limit: int) -> None:

@@ -378,3 +378,36 @@ async def test_stalled_uploads_do_not_slow_delivery_for_everyone(
         assert await bridge.terminate() == 0
     assert most > 1, "sending fell to one delivery at a time"
     assert took < 8, took  # 15.7 s when they held sending back; about 2 s without them
+
+
+async def test_a_post_to_another_path_is_one_refusal_naming_the_webhook_path(
+    tmp_path: Path,
+) -> None:
+    """A mistyped path, or the webhook path with a trailing slash, gets 404: one warning
+    (at most one a minute: strangers can send these without knowing a secret path) with
+    the method, the path without its query, and the configured path; every one counted.
+    The bridge's own GET endpoints are not refusals."""
+    token = "tok-" + "x7" * 10  # a segment of 16+ characters: a secret, masked in logs
+    async with serving(tmp_path, f"  webhook_path: /isendu/{token}") as bridge:
+        async with aiohttp.ClientSession() as session:
+            for path in (f"/isendu/{token}/?api_key=query-secret-value", "/isendu/webhok",
+                         "/healthz"):
+                async with session.post(bridge.url + path, json={"tracking": []}) as resp:
+                    assert resp.status == (405 if path == "/healthz" else 404), path
+                    assert token not in await resp.text()
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with session.get(bridge.url + path) as resp:
+                    assert resp.status == 200
+        assert await metric(bridge, "bridge_batches_received_total",
+                            'outcome="rejected"') == 3
+        assert await bridge.terminate() == 0
+    text = (tmp_path / "bridge.log").read_text()
+    assert "query-secret-value" not in text and token not in text
+    refused = [line for line in log_lines(tmp_path) if "refused" in line["msg"]]
+    assert len(refused) == 1, refused  # the others within the minute are left out
+    line = refused[0]
+    assert (line["msg"], line["level"], line["status"], line["method"]) == (
+        "refused request", "warning", 404, "POST")
+    assert line["path"] == "/isendu/********/"
+    assert line["webhook_path"] == "/isendu/********"
+    assert "server.webhook_path" in line["error"]
