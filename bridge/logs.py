@@ -68,9 +68,12 @@ class Repeats(logging.Filter):
     identical lines one passes per `window`; the next to pass says in `repeated` how many
     were left out. The bridge's own lines pass, but for POSTs to an unknown path
     (`bridge.http.paths`): anyone can send those, even to a bridge whose webhook path holds
-    a secret, and one a minute is enough to show that isendu is posting to the wrong place."""
+    a secret, and one a minute is enough to show that isendu is posting to the wrong place;
+    and for batches refused while storage takes no writes (`bridge.http.storage`), which
+    isendu sends again and again until it does."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "bridge.http.paths"),
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "bridge.http.paths",
+                                                    "bridge.http.storage"),
                  window: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, remembered: int = 256) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bridge.errors import PayloadError
+from bridge.errors import PayloadError, StorageUnwritable
 from bridge.http.connections import (
     ACCEPTED_ENCODINGS,
     ReadTimedOut,
@@ -31,6 +31,10 @@ log = logging.getLogger("bridge.http")
 # POSTs the router refuses, logged apart: with a secret webhook path they are the only
 # refusal a stranger can make, so bridge/logs.py lets one of them through a minute.
 path_log = logging.getLogger("bridge.http.paths")
+# Batches refused while storage takes no writes: one a minute is enough (bridge/logs.py).
+storage_log = logging.getLogger("bridge.http.storage")
+# Seconds isendu is asked to wait before sending a batch refused for storage again.
+STORAGE_RETRY_AFTER = 30
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -73,6 +77,13 @@ async def json_errors(
     except EncodingNotAccepted as exc:
         return web.json_response(exc.body, status=415,
                                  headers={"Accept-Encoding": "gzip, deflate"})
+    except StorageUnwritable as exc:
+        # Not this request's fault, nor a bug: no traceback. The storage said why already.
+        request.app[RUNTIME].metrics.batches.labels("rejected").inc()
+        storage_log.warning("batch not accepted: storage cannot be written",
+                            extra={"error": str(exc), "status": 503})
+        return web.json_response({"error": f"{exc}; nothing was accepted"}, status=503,
+                                 headers={"Retry-After": str(STORAGE_RETRY_AFTER)})
     except ReadTimedOut as exc:
         resp = web.json_response({"error": str(exc)}, status=408)
         resp.force_close()  # what is left of the body is not worth waiting for
@@ -248,9 +259,10 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(rt.store.ping(), timeout=2.0)
     except Exception as exc:
-        return web.json_response(
-            {"status": "not ready", "storage": f"not writable: {exc.__class__.__name__}"},
-            status=503)
+        # Only our own reasons are shown: others (a driver's) may name hosts and paths.
+        why = str(exc) if isinstance(exc, StorageUnwritable) else exc.__class__.__name__
+        return web.json_response({"status": "not ready", "storage": f"not writable: {why}"},
+                                 status=503)
     body: dict[str, object] = {"status": "ready"}
     # Still ready: a sink's receiver being away is no reason to stop taking batches, whose
     # deliveries wait in storage. Which sinks are held back is said here, for people.

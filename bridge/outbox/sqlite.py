@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import functools
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import StorageError, StorageInUse
+from bridge.errors import StorageError, StorageFileGone, StorageInUse
 from bridge.models import (
     BatchInfo,
     BatchStatus,
@@ -37,6 +38,8 @@ from bridge.models import (
 from bridge.outbox.base import Store
 from bridge.outbox.migrate import plan
 from bridge.outbox.sql import queries
+
+log = logging.getLogger("bridge.storage")
 
 T = TypeVar("T")
 MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
@@ -271,6 +274,8 @@ class SqliteStore(Store):
         self.commits = 0  # how many transactions served how many operations: group commit
         self.operations = 0
         self.migrated: list[str] = []
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._gone: StorageFileGone | None = None  # that file is no longer at self.path
         # When the last deliveries were stored. Stored ones are due in seq order, whatever
         # the clock does (an NTP step back): the claim's per-shipment order relies on it.
         self._stored_at = 0.0
@@ -286,10 +291,31 @@ class SqliteStore(Store):
         # FULL: a 200 to isendu must survive a power cut, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        st = os.stat(self.path)
+        self._file = (st.st_dev, st.st_ino)
         self.migrated = apply_migrations(conn, time.time())
         newest = conn.execute(Q["last_stored"]).fetchone()
         self._stored_at = newest[0] if newest else 0.0
         return conn
+
+    def _check_file(self) -> StorageFileGone | None:
+        """Whether the file open is still the one at self.path. A deleted or replaced file
+        stays open and writable, unlinked: a batch committed to it is answered 200 and lost
+        at the next start. Once gone, it stays gone (another file at the path is not ours)."""
+        if self._gone is None:
+            try:
+                st = os.stat(self.path)
+                now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            if now != self._file:
+                self._gone = StorageFileGone("the SQLite storage file was deleted or replaced "
+                                             "while the bridge had it open")
+                log.error("storage file deleted or replaced while open; no batch is "
+                          "accepted until the bridge is restarted, which opens the file at "
+                          "its path (what only the old file held is lost with it)",
+                          extra={"path": self.path})
+        return self._gone
 
     def _storing_at(self, now: float) -> float:
         self._stored_at = max(self._stored_at, now)
@@ -322,6 +348,16 @@ class SqliteStore(Store):
         conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        if self._gone is not None:
+            # No intake is stored in a file nobody will open again. The rest goes on in it:
+            # deliveries already accepted are still sent from it until the restart.
+            refused = [op for op in ops if op.urgent]
+            ops = [op for op in ops if not op.urgent]
+            for op in refused:
+                op.loop.call_soon_threadsafe(_settle_future, op.future, None, self._gone)
+            if not ops:
+                return
+        intakes = any(op.urgent for op in ops)
         # The first operation of several statements (a settle, most often) runs first and
         # without a savepoint: should it fail, the transaction is begun again, as nothing
         # else is in it yet. A savepoint copies every page its operation changes to the
@@ -364,12 +400,19 @@ class SqliteStore(Store):
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((None, exc))
+            # Checked last of all, once per group with intakes (one stat, the group's fsync
+            # costs far more): a file gone before this commit takes none of them.
+            if intakes and (gone := self._check_file()) is not None:
+                raise gone
             conn.execute("COMMIT")
             self.commits += 1
             self.operations += len(ops)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if exc is self._gone:  # found just now: the others again, without the intakes
+                self._run_group(conn, ops)
+                return
             results = [(None, exc) for _ in ops]
         # One wake-up per event loop for the whole group, not one per operation: each
         # call_soon_threadsafe writes to the loop's self-pipe and costs the loop a turn.
@@ -445,8 +488,14 @@ class SqliteStore(Store):
         self._unlock()
 
     async def ping(self) -> None:
-        # A real write (it changes nothing) proves the file is writable.
-        await self._call(lambda c: c.execute(Q["ping_create"]) and c.execute(Q["ping_delete"]))
+        def ping(c: sqlite3.Connection) -> None:
+            if (gone := self._check_file()) is not None:
+                raise gone
+            # A real write (it changes nothing) proves the file is writable.
+            c.execute(Q["ping_create"])
+            c.execute(Q["ping_delete"])
+
+        await self._call(ping)
 
     # ---- outbox ------------------------------------------------------------------------
 
