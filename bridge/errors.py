@@ -103,6 +103,10 @@ class StorageUnwritable(StorageError):
     intake's 503 and /readyz's reason): it names no path or host."""
 
 
+class StorageFull(StorageUnwritable):
+    """The disk, or the database's own size limit, is full: writes fail until room is made."""
+
+
 class StorageFileGone(StorageUnwritable):
     """The SQLite file the bridge has open is no longer the file at its path (deleted, or
     replaced): what is written now would be lost at the next start."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import StorageError, StorageFileGone, StorageInUse
+from bridge.errors import StorageError, StorageFileGone, StorageFull, StorageInUse
 from bridge.models import (
     BatchInfo,
     BatchStatus,
@@ -156,13 +156,14 @@ def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[s
 
 
 class _Op:
-    __slots__ = ("fn", "future", "loop", "one_statement", "urgent", "weight")
+    __slots__ = ("fn", "future", "grows", "loop", "one_statement", "urgent", "weight")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any],
                  loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-                 one_statement: bool, urgent: bool, weight: int) -> None:
+                 one_statement: bool, urgent: bool, weight: int, grows: bool) -> None:
         self.fn, self.loop, self.future = fn, loop, future
         self.one_statement, self.urgent, self.weight = one_statement, urgent, weight
+        self.grows = grows
 
 
 def _take_group(queued: list[_Op]) -> tuple[list[_Op], list[_Op]]:
@@ -276,6 +277,9 @@ class SqliteStore(Store):
         self.migrated: list[str] = []
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self._gone: StorageFileGone | None = None  # that file is no longer at self.path
+        # Set when a write failed for want of room; cleared by the commit of one that needed
+        # room (a batch, a settle, /readyz's probe). Updates in place may still succeed.
+        self._full: StorageFull | None = None
         # When the last deliveries were stored. Stored ones are due in seq order, whatever
         # the clock does (an NTP step back): the claim's per-shipment order relies on it.
         self._stored_at = 0.0
@@ -316,6 +320,17 @@ class SqliteStore(Store):
                           "its path (what only the old file held is lost with it)",
                           extra={"path": self.path})
         return self._gone
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What an operation's caller is told: a full disk (or max_page_count) as StorageFull,
+        which the intake answers 503 and /readyz reports until room is made."""
+        if (isinstance(exc, sqlite3.OperationalError)
+                and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
+            full = StorageFull(f"storage is full (SQLite: {exc})")
+            full.__cause__ = exc
+            self._full = full
+            return full
+        return exc
 
     def _storing_at(self, now: float) -> float:
         self._stored_at = max(self._stored_at, now)
@@ -375,7 +390,7 @@ class SqliteStore(Store):
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
-                    results.append((None, exc))
+                    results.append((None, self._failure(exc)))
             for op in ops[len(results):]:
                 if op.one_statement:
                     # A statement that fails undoes its own changes, so it needs no
@@ -390,7 +405,7 @@ class SqliteStore(Store):
                         # group fails as a whole, and nobody is told a half was stored.
                         if not conn.in_transaction or conn.total_changes != before:
                             raise
-                        results.append((None, exc))
+                        results.append((None, self._failure(exc)))
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -399,7 +414,7 @@ class SqliteStore(Store):
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((None, exc))
+                    results.append((None, self._failure(exc)))
             # Checked last of all, once per group with intakes (one stat, the group's fsync
             # costs far more): a file gone before this commit takes none of them.
             if intakes and (gone := self._check_file()) is not None:
@@ -407,13 +422,18 @@ class SqliteStore(Store):
             conn.execute("COMMIT")
             self.commits += 1
             self.operations += len(ops)
+            if self._full is not None and any(
+                    op.grows and error is None for op, (_, error) in zip(ops, results,
+                                                                       strict=True)):
+                self._full = None
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if exc is self._gone:  # found just now: the others again, without the intakes
                 self._run_group(conn, ops)
                 return
-            results = [(None, exc) for _ in ops]
+            failure = self._failure(exc)
+            results = [(None, failure) for _ in ops]
         # One wake-up per event loop for the whole group, not one per operation: each
         # call_soon_threadsafe writes to the loop's self-pipe and costs the loop a turn.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
@@ -424,15 +444,17 @@ class SqliteStore(Store):
             loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *,
-                    one_statement: bool = False, urgent: bool = False, weight: int = 1) -> T:
+                    one_statement: bool = False, urgent: bool = False, weight: int = 1,
+                    grows: bool = False) -> T:
         """Run `fn` on the writer thread in the next group's transaction. `one_statement`:
         `fn` runs exactly one statement and nothing else that can fail after it. `urgent`
-        (intake): ahead of everything else queued. `weight`: rows it writes, roughly."""
+        (intake): ahead of everything else queued. `weight`: rows it writes, roughly.
+        `grows`: it adds rows, so its commit shows there is room again after a full disk."""
         if self._thread is None:
             raise StorageError("storage is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future, one_statement, urgent, weight))
+        self._queue.put(_Op(fn, loop, future, one_statement, urgent, weight, grows))
         return await future
 
     # ---- the store ---------------------------------------------------------------------
@@ -495,7 +517,16 @@ class SqliteStore(Store):
             c.execute(Q["ping_create"])
             c.execute(Q["ping_delete"])
 
+        if self._full is not None:
+            # After a full disk, only a write that needs room proves there is some again;
+            # it is what ends the full state when no batch comes (a balancer sends none to
+            # a bridge that is not ready).
+            await self._call(lambda c: c.execute(Q["ping_create"]) and c.execute(
+                Q["ping_room"]), grows=True)
+            await self._call(lambda c: c.execute(Q["ping_delete"]), one_statement=True)
         await self._call(ping)
+        if (full := self._full) is not None:  # a write failed for room since
+            raise full
 
     # ---- outbox ------------------------------------------------------------------------
 
@@ -513,7 +544,7 @@ class SqliteStore(Store):
         # group's first operation of several statements leads) with the earlier storing
         # time and the later seq, which per-shipment order assumes never happens.
         return await self._call(write, one_statement=len(chunks) == 1,
-                                weight=len(deliveries))
+                                weight=len(deliveries), grows=True)
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:
@@ -622,7 +653,7 @@ class SqliteStore(Store):
     async def append(self, batch: InboxBatch) -> None:
         params = (batch.id, batch.received_at, batch.items, batch.body)
         await self._call(lambda c: c.execute(Q["append_batch"], params),
-                         one_statement=True, urgent=True)
+                         one_statement=True, urgent=True, grows=True)
 
     async def waiting(self, limit: int) -> list[InboxBatch]:
         return await self._call(lambda c: [
@@ -670,7 +701,7 @@ class SqliteStore(Store):
             return out
 
         weight = sum(len(o.deliveries) for o in outcomes if not isinstance(o, Failed))
-        return await self._call(write, weight=weight)
+        return await self._call(write, weight=weight, grows=True)
 
     async def batches(self, limit: int) -> list[BatchInfo]:
         return await self._call(

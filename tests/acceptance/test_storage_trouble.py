@@ -1,10 +1,12 @@
-"""A real `bridge serve` whose SQLite storage goes away under it: no batch is answered 200
-that the next start would not find, and /readyz says why."""
+"""A real `bridge serve` whose SQLite storage goes away or fills up under it: no batch is
+answered 200 that the next start would not find, the refusal is a 503 that says why, and so
+does /readyz."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,4 +83,69 @@ async def test_a_storage_file_gone_from_its_path_is_noticed_before_the_next_200(
     assert gone[0]["path"] == str(data / "bridge.db")
     refused = [line for line in lines if line["msg"].startswith("batch not accepted")]
     assert len(refused) == 1 and refused[0]["status"] == 503  # the second within the minute
+    assert not [line for line in lines if "exc" in line]
+
+
+# Mounts a tmpfs of 4 MiB on $1 in a mount namespace of the bridge's own (no root needed
+# where unprivileged user namespaces are allowed), fills most of it, then execs the bridge.
+IN_SMALL_TMPFS = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                  'mount -t tmpfs -o size=4m tmpfs "$1" && head -c 3400000 /dev/zero > '
+                  '"$1/ballast" && shift && exec "$@"', "sh")
+
+
+def can_mount_tmpfs(folder: Path) -> bool:
+    try:
+        subprocess.run([*IN_SMALL_TMPFS, str(folder), "true"], check=True,
+                       capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+async def test_a_full_disk_is_a_503_and_not_ready_until_there_is_room(tmp_path: Path) -> None:
+    """A real full disk (ENOSPC on a tmpfs): batches get 503 with Retry-After and the reason,
+    /readyz is not ready while writes fail for room and ready once there is some again, and
+    the log says why without a traceback. (It was a 500 "internal error" with a traceback,
+    and /readyz stayed ready.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    if not can_mount_tmpfs(data):
+        pytest.skip("cannot mount a tmpfs here (no unprivileged user namespaces)")
+    config = tmp_path / "routes.yaml"
+    config.write_text(CONFIG.format(db=data / "bridge.db"))
+    pad = "p" * 200_000
+    async with BridgeProcess(config, tmp_path / "bridge.log",
+                             wrap=(*IN_SMALL_TMPFS, str(data))) as bridge, \
+            aiohttp.ClientSession() as session:
+        await bridge.start(free_port())
+        assert bridge.proc is not None
+        answers = []
+        for i in range(20):
+            async with session.post(bridge.url + WEBHOOK, json={
+                    "tracking": [{"uuid": f"u{i}", "pad": pad}]}) as resp:
+                answers.append((resp.status, await resp.json(), resp.headers.get("Retry-After")))
+            if resp.status != 200:
+                break
+        status, answer, retry_after = answers[-1]
+        assert status == 503, answers
+        assert answer == {"error": "storage is full (SQLite: database or disk is full); "
+                                   "nothing was accepted"}
+        assert retry_after is not None and int(retry_after) > 0
+        async with session.get(bridge.url + "/readyz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {
+                "status": "not ready",
+                "storage": "not writable: storage is full (SQLite: database or disk is full)"}
+        # Room made, inside the bridge's own mount namespace.
+        (Path(f"/proc/{bridge.proc.pid}/root") / data.relative_to("/") / "ballast").unlink()
+        async with session.get(bridge.url + "/readyz") as resp:
+            assert resp.status == 200, await resp.text()
+        async with session.post(bridge.url + WEBHOOK, json={
+                "tracking": [{"uuid": "later", "pad": pad}]}) as resp:
+            assert resp.status == 200
+        assert await bridge.terminate() == 0
+    lines = log_lines(tmp_path)
+    refused = [line for line in lines if line["msg"].startswith("batch not accepted")]
+    assert len(refused) == 1 and refused[0]["level"] == "warning"
+    assert refused[0]["error"] == "storage is full (SQLite: database or disk is full)"
     assert not [line for line in lines if "exc" in line]
