@@ -96,3 +96,17 @@ class StorageInUse(StorageError):
 
 class StorageUnavailable(StorageError):
     """The storage could not be opened (a missing folder, an unreachable PostgreSQL...)."""
+
+
+class StorageUnwritable(StorageError):
+    """Storage is open but cannot take writes now. The message is for anyone (it is the
+    intake's 503 and /readyz's reason): it names no path or host."""
+
+
+class StorageFull(StorageUnwritable):
+    """The disk, or the database's own size limit, is full: writes fail until room is made."""
+
+
+class StorageFileGone(StorageUnwritable):
+    """The SQLite file the bridge has open is no longer the file at its path (deleted, or
+    replaced): what is written now would be lost at the next start."""

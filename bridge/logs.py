@@ -66,9 +66,15 @@ class Repeats(logging.Filter):
     """A driver retrying in a loop logs the same line on every turn: aiokafka, while a
     broker is away, several lines every retry_backoff_ms (100 ms). Of such a library's
     identical lines one passes per `window`; the next to pass says in `repeated` how many
-    were left out. The bridge's own lines all pass: they are written to be read."""
+    were left out. The bridge's own lines pass, but for POSTs to an unknown path
+    (`bridge.http.paths`): anyone can send those, even to a bridge whose webhook path holds
+    a secret, and one a minute is enough to show that isendu is posting to the wrong place;
+    and for batches refused while storage takes no writes (`bridge.http.storage`), which
+    isendu sends again and again until it does."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka",), window: float = 60.0,
+    def __init__(self, prefixes: tuple[str, ...] = ("aiokafka", "bridge.http.paths",
+                                                    "bridge.http.storage"),
+                 window: float = 60.0,
                  clock: Callable[[], float] = time.monotonic, remembered: int = 256) -> None:
         super().__init__()
         self.prefixes = prefixes

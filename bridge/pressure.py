@@ -7,6 +7,10 @@ request is in flight would throttle sending for good under a steady trickle of b
 (each request spends most of its time waiting for its commit, not on the loop): so the
 stages hold back only in a burst (many requests in flight at once), or while requests are in
 flight AND the loop is late, i.e. saturated.
+
+A request counts in flight once its body has arrived (bridge/http/app.py `answer`), not while
+its body is still coming: such a request needs nothing of the loop, and anyone who reaches
+the port could keep a burst's worth of them open, holding sending to one delivery at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ class Pressure:
     __slots__ = ("_on_idle", "_watcher", "behind", "in_flight", "late", "waiting_for_idle")
 
     def __init__(self) -> None:
-        self.in_flight = 0  # requests being served
+        self.in_flight = 0  # requests being served whose body has arrived
         self.late = 0.0  # how late the last tick ran
         # The sequencer took a full take from the inbox: more batches wait. Sending holds
         # back then too, so that what was accepted becomes deliveries before more is sent.

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 import orjson
 
 from bridge.config import StateConfig
-from bridge.errors import PayloadError
+from bridge.errors import PayloadError, StorageUnwritable
 from bridge.metrics import Metrics
 from bridge.models import Batch, Failed, InboxBatch, Item, NewDelivery, Outcome, Sequenced
 from bridge.outbox.base import Inbox, ShipmentStates
@@ -341,12 +341,14 @@ class Sequencer:
         verdicts = [self._verdicts.pop(r.id, {}) for r in rows]
         try:
             results = await self.inbox.settle(outcomes, now)
-        except Exception:
+        except Exception as exc:
             # Nothing of it was written: the batches stay waiting and are taken again, and
             # the states in memory, ahead of storage now, are read again.
             self._forget_states()
-            log.exception("settling batches failed; they stay waiting",
-                          extra={"batches": len(outcomes)})
+            # A full disk is no bug: its reason, without a traceback.
+            log.error("settling batches failed; they stay waiting",
+                      exc_info=not isinstance(exc, StorageUnwritable),
+                      extra={"batches": len(outcomes), "error": str(exc)})
             await self._sleep(RETRY_AFTER_FAILURE)
             return False
         new_total = 0

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bridge.errors import PayloadError
+from bridge.errors import PayloadError, StorageUnwritable
 from bridge.http.connections import (
     ACCEPTED_ENCODINGS,
     ReadTimedOut,
@@ -23,10 +23,18 @@ from bridge.http.connections import (
 from bridge.models import KINDS, Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
+from bridge.redact import redact
 from bridge.runtime import Runtime
 from bridge.sequencer import received_iso
 
 log = logging.getLogger("bridge.http")
+# POSTs the router refuses, logged apart: with a secret webhook path they are the only
+# refusal a stranger can make, so bridge/logs.py lets one of them through a minute.
+path_log = logging.getLogger("bridge.http.paths")
+# Batches refused while storage takes no writes: one a minute is enough (bridge/logs.py).
+storage_log = logging.getLogger("bridge.http.storage")
+# Seconds isendu is asked to wait before sending a batch refused for storage again.
+STORAGE_RETRY_AFTER = 30
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
@@ -69,6 +77,13 @@ async def json_errors(
     except EncodingNotAccepted as exc:
         return web.json_response(exc.body, status=415,
                                  headers={"Accept-Encoding": "gzip, deflate"})
+    except StorageUnwritable as exc:
+        # Not this request's fault, nor a bug: no traceback. The storage said why already.
+        request.app[RUNTIME].metrics.batches.labels("rejected").inc()
+        storage_log.warning("batch not accepted: storage cannot be written",
+                            extra={"error": str(exc), "status": 503})
+        return web.json_response({"error": f"{exc}; nothing was accepted"}, status=503,
+                                 headers={"Retry-After": str(STORAGE_RETRY_AFTER)})
     except ReadTimedOut as exc:
         resp = web.json_response({"error": str(exc)}, status=408)
         resp.force_close()  # what is left of the body is not worth waiting for
@@ -76,6 +91,8 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if request.method == "POST" and request.match_info.http_exception is not None:
+            refused_path(request, exc.status)
         body: dict[str, object] = {"error": exc.reason}
         if isinstance(exc, web.HTTPMethodNotAllowed):
             body["allowed"] = sorted(exc.allowed_methods)
@@ -84,6 +101,21 @@ async def json_errors(
     except Exception:
         log.exception("request failed", extra={"path_kind": request.match_info.route.name})
         return web.json_response({"error": "internal error; nothing was accepted"}, status=500)
+
+
+def refused_path(request: web.Request, status: int) -> None:
+    """A POST to a path that is not the webhook (a typo, a trailing slash, a 405 on /healthz):
+    isendu configured with it would lose every batch, so say where it should go. The path
+    is masked before it is cut (a cut token is no longer found to mask) and has no query
+    string, which may carry secrets."""
+    rt = request.app[RUNTIME]
+    rt.metrics.batches.labels("rejected").inc()  # as every refused POST is
+    path_log.warning("refused request", extra={
+        "status": status, "method": shorten(request.method, 16),
+        "path": shorten(redact(request.path)),
+        "webhook_path": rt.config.server.webhook_path,
+        "error": ("no such path" if status == 404 else "POST not allowed on this path")
+                 + "; isendu must post to server.webhook_path"})
 
 
 def check_headers(request: web.Request, limit: int) -> None:
@@ -132,31 +164,16 @@ def _undecodable(request: web.Request, what: str) -> PayloadError:
 
 async def webhook(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    # Counted in flight: while they are and the loop is saturated, later stages give way.
-    with rt.pressure:
-        return await _webhook(rt, request)
-
-
-async def _webhook(rt: Runtime, request: web.Request) -> web.Response:
     limit = rt.config.server.max_body_bytes
     try:
         check_headers(request, limit)
         length = request.content_length
         if length is not None and length <= SMALL_BODY_BYTES:
             body = await read_limited(request, limit)
-            received_at = time.time()
-            parsed = parse_request(body, received_iso(received_at))
-            if isinstance(parsed, Verification):
-                return verify(rt, parsed)
-            async with rt.intake_slots:
-                return await accept(rt, parsed, body, received_at)
+            return await answer(rt, body, rt.intake_slots)
         async with intake_slot(request, rt.intake_slots):
             body = await read_limited(request, limit)
-            received_at = time.time()
-            parsed = parse_request(body, received_iso(received_at))
-            if isinstance(parsed, Verification):
-                return verify(rt, parsed)
-            return await accept(rt, parsed, body, received_at)
+            return await answer(rt, body)
     except (PayloadError, BodyTooLarge, EncodingNotAccepted, ReadTimedOut) as exc:
         # Every refusal, wherever it was found (reading, parsing, routing), is one log line
         # and one count; the error middleware turns it into the 400, 408, 413 or 415.
@@ -167,6 +184,24 @@ async def _webhook(rt: Runtime, request: web.Request) -> web.Response:
         else:
             refused(rt.metrics, str(exc), 413 if isinstance(exc, BodyTooLarge) else 408)
         raise
+
+
+async def answer(rt: Runtime, body: bytes, slots: asyncio.Semaphore | None = None
+                 ) -> web.Response:
+    """Verify or accept a body that has arrived, taking one of `slots` first if given.
+
+    Counted in flight only from here: while requests are, in a burst or on a saturated loop,
+    later stages give way. A request still waiting for its body waits for its client, not
+    for the loop, and anyone can hold many such open at no cost (bridge/pressure.py)."""
+    with rt.pressure:
+        received_at = time.time()
+        parsed = parse_request(body, received_iso(received_at))
+        if isinstance(parsed, Verification):
+            return verify(rt, parsed)
+        if slots is None:
+            return await accept(rt, parsed, body, received_at)
+        async with slots:
+            return await accept(rt, parsed, body, received_at)
 
 
 def shorten(text: str, limit: int = 64) -> str:
@@ -224,9 +259,10 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(rt.store.ping(), timeout=2.0)
     except Exception as exc:
-        return web.json_response(
-            {"status": "not ready", "storage": f"not writable: {exc.__class__.__name__}"},
-            status=503)
+        # Only our own reasons are shown: others (a driver's) may name hosts and paths.
+        why = str(exc) if isinstance(exc, StorageUnwritable) else exc.__class__.__name__
+        return web.json_response({"status": "not ready", "storage": f"not writable: {why}"},
+                                 status=503)
     body: dict[str, object] = {"status": "ready"}
     # Still ready: a sink's receiver being away is no reason to stop taking batches, whose
     # deliveries wait in storage. Which sinks are held back is said here, for people.

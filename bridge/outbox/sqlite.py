@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import functools
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import StorageError, StorageInUse
+from bridge.errors import StorageError, StorageFileGone, StorageFull, StorageInUse
 from bridge.models import (
     BatchInfo,
     BatchStatus,
@@ -38,6 +39,8 @@ from bridge.models import (
 from bridge.outbox.base import Store
 from bridge.outbox.migrate import plan
 from bridge.outbox.sql import queries
+
+log = logging.getLogger("bridge.storage")
 
 T = TypeVar("T")
 MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
@@ -161,13 +164,14 @@ def revive_params(deliveries: list[NewDelivery], now: float) -> list[dict[str, A
 
 
 class _Op:
-    __slots__ = ("fn", "future", "loop", "one_statement", "urgent", "weight")
+    __slots__ = ("fn", "future", "grows", "loop", "one_statement", "urgent", "weight")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any],
                  loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any],
-                 one_statement: bool, urgent: bool, weight: int) -> None:
+                 one_statement: bool, urgent: bool, weight: int, grows: bool) -> None:
         self.fn, self.loop, self.future = fn, loop, future
         self.one_statement, self.urgent, self.weight = one_statement, urgent, weight
+        self.grows = grows
 
 
 def _take_group(queued: list[_Op]) -> tuple[list[_Op], list[_Op]]:
@@ -279,6 +283,11 @@ class SqliteStore(Store):
         self.commits = 0  # how many transactions served how many operations: group commit
         self.operations = 0
         self.migrated: list[str] = []
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
+        self._gone: StorageFileGone | None = None  # that file is no longer at self.path
+        # Set when a write failed for want of room; cleared by the commit of one that needed
+        # room (a batch, a settle, /readyz's probe). Updates in place may still succeed.
+        self._full: StorageFull | None = None
         # When the last deliveries were stored. Stored ones are due in seq order, whatever
         # the clock does (an NTP step back): the claim's per-shipment order relies on it.
         self._stored_at = 0.0
@@ -294,10 +303,42 @@ class SqliteStore(Store):
         # FULL: a 200 to isendu must survive a power cut, not only a process crash.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=5000")
+        st = os.stat(self.path)
+        self._file = (st.st_dev, st.st_ino)
         self.migrated = apply_migrations(conn, time.time())
         newest = conn.execute(Q["last_stored"]).fetchone()
         self._stored_at = newest[0] if newest else 0.0
         return conn
+
+    def _check_file(self) -> StorageFileGone | None:
+        """Whether the file open is still the one at self.path. A deleted or replaced file
+        stays open and writable, unlinked: a batch committed to it is answered 200 and lost
+        at the next start. Once gone, it stays gone (another file at the path is not ours)."""
+        if self._gone is None:
+            try:
+                st = os.stat(self.path)
+                now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            if now != self._file:
+                self._gone = StorageFileGone("the SQLite storage file was deleted or replaced "
+                                             "while the bridge had it open")
+                log.error("storage file deleted or replaced while open; no batch is "
+                          "accepted until the bridge is restarted, which opens the file at "
+                          "its path (what only the old file held is lost with it)",
+                          extra={"path": self.path})
+        return self._gone
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What an operation's caller is told: a full disk (or max_page_count) as StorageFull,
+        which the intake answers 503 and /readyz reports until room is made."""
+        if (isinstance(exc, sqlite3.OperationalError)
+                and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
+            full = StorageFull(f"storage is full (SQLite: {exc})")
+            full.__cause__ = exc
+            self._full = full
+            return full
+        return exc
 
     def _storing_at(self, now: float) -> float:
         self._stored_at = max(self._stored_at, now)
@@ -330,6 +371,16 @@ class SqliteStore(Store):
         conn.close()
 
     def _run_group(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        if self._gone is not None:
+            # No intake is stored in a file nobody will open again. The rest goes on in it:
+            # deliveries already accepted are still sent from it until the restart.
+            refused = [op for op in ops if op.urgent]
+            ops = [op for op in ops if not op.urgent]
+            for op in refused:
+                op.loop.call_soon_threadsafe(_settle_future, op.future, None, self._gone)
+            if not ops:
+                return
+        intakes = any(op.urgent for op in ops)
         # The first operation of several statements (a settle, most often) runs first and
         # without a savepoint: should it fail, the transaction is begun again, as nothing
         # else is in it yet. A savepoint copies every page its operation changes to the
@@ -347,7 +398,7 @@ class SqliteStore(Store):
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     conn.execute("BEGIN IMMEDIATE")
-                    results.append((None, exc))
+                    results.append((None, self._failure(exc)))
             for op in ops[len(results):]:
                 if op.one_statement:
                     # A statement that fails undoes its own changes, so it needs no
@@ -362,7 +413,7 @@ class SqliteStore(Store):
                         # group fails as a whole, and nobody is told a half was stored.
                         if not conn.in_transaction or conn.total_changes != before:
                             raise
-                        results.append((None, exc))
+                        results.append((None, self._failure(exc)))
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -371,14 +422,26 @@ class SqliteStore(Store):
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((None, exc))
+                    results.append((None, self._failure(exc)))
+            # Checked last of all, once per group with intakes (one stat, the group's fsync
+            # costs far more): a file gone before this commit takes none of them.
+            if intakes and (gone := self._check_file()) is not None:
+                raise gone
             conn.execute("COMMIT")
             self.commits += 1
             self.operations += len(ops)
+            if self._full is not None and any(
+                    op.grows and error is None for op, (_, error) in zip(ops, results,
+                                                                       strict=True)):
+                self._full = None
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(None, exc) for _ in ops]
+            if exc is self._gone:  # found just now: the others again, without the intakes
+                self._run_group(conn, ops)
+                return
+            failure = self._failure(exc)
+            results = [(None, failure) for _ in ops]
         # One wake-up per event loop for the whole group, not one per operation: each
         # call_soon_threadsafe writes to the loop's self-pipe and costs the loop a turn.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any,
@@ -389,15 +452,17 @@ class SqliteStore(Store):
             loop.call_soon_threadsafe(_settle_all, settled)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], *,
-                    one_statement: bool = False, urgent: bool = False, weight: int = 1) -> T:
+                    one_statement: bool = False, urgent: bool = False, weight: int = 1,
+                    grows: bool = False) -> T:
         """Run `fn` on the writer thread in the next group's transaction. `one_statement`:
         `fn` runs exactly one statement and nothing else that can fail after it. `urgent`
-        (intake): ahead of everything else queued. `weight`: rows it writes, roughly."""
+        (intake): ahead of everything else queued. `weight`: rows it writes, roughly.
+        `grows`: it adds rows, so its commit shows there is room again after a full disk."""
         if self._thread is None:
             raise StorageError("storage is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future, one_statement, urgent, weight))
+        self._queue.put(_Op(fn, loop, future, one_statement, urgent, weight, grows))
         return await future
 
     # ---- the store ---------------------------------------------------------------------
@@ -453,8 +518,23 @@ class SqliteStore(Store):
         self._unlock()
 
     async def ping(self) -> None:
-        # A real write (it changes nothing) proves the file is writable.
-        await self._call(lambda c: c.execute(Q["ping_create"]) and c.execute(Q["ping_delete"]))
+        def ping(c: sqlite3.Connection) -> None:
+            if (gone := self._check_file()) is not None:
+                raise gone
+            # A real write (it changes nothing) proves the file is writable.
+            c.execute(Q["ping_create"])
+            c.execute(Q["ping_delete"])
+
+        if self._full is not None:
+            # After a full disk, only a write that needs room proves there is some again;
+            # it is what ends the full state when no batch comes (a balancer sends none to
+            # a bridge that is not ready).
+            await self._call(lambda c: c.execute(Q["ping_create"]) and c.execute(
+                Q["ping_room"]), grows=True)
+            await self._call(lambda c: c.execute(Q["ping_delete"]), one_statement=True)
+        await self._call(ping)
+        if (full := self._full) is not None:  # a write failed for room since
+            raise full
 
     # ---- outbox ------------------------------------------------------------------------
 
@@ -472,7 +552,7 @@ class SqliteStore(Store):
         # group's first operation of several statements leads) with the earlier storing
         # time and the later seq, which per-shipment order assumes never happens.
         return await self._call(write, one_statement=len(chunks) == 1,
-                                weight=len(deliveries))
+                                weight=len(deliveries), grows=True)
 
     async def claim(self, sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
         def take(c: sqlite3.Connection) -> list[Delivery]:
@@ -581,7 +661,7 @@ class SqliteStore(Store):
     async def append(self, batch: InboxBatch) -> None:
         params = (batch.id, batch.received_at, batch.items, batch.body)
         await self._call(lambda c: c.execute(Q["append_batch"], params),
-                         one_statement=True, urgent=True)
+                         one_statement=True, urgent=True, grows=True)
 
     async def waiting(self, limit: int) -> list[InboxBatch]:
         return await self._call(lambda c: [
@@ -633,7 +713,7 @@ class SqliteStore(Store):
             return out
 
         weight = sum(len(o.deliveries) for o in outcomes if not isinstance(o, Failed))
-        return await self._call(write, weight=weight)
+        return await self._call(write, weight=weight, grows=True)
 
     async def batches(self, limit: int) -> list[BatchInfo]:
         return await self._call(

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.helpers.bridge import eventually
 from tests.helpers.process import BridgeProcess, free_port
@@ -312,3 +313,101 @@ async def test_a_client_hanging_up_mid_body_is_one_quiet_line(tmp_path: Path) ->
     assert all(line["level"] == "info" and "after 5 bytes" in line["error"]
                for line in abandoned)
     assert not [line for line in lines if line["level"] == "error" or "exc" in line]
+
+
+SINK_CONFIG = """
+storage: sqlite:///{db}
+server:
+  listen: ${{BRIDGE_LISTEN}}
+integrations:
+  - {{key_id: key-one, secret: first-secret-value}}
+sinks:
+  hook: {{type: http, url: "{url}/in", concurrency: 8}}
+routes:
+  - {{name: every-item, to: hook}}
+"""
+
+
+async def test_stalled_uploads_do_not_slow_delivery_for_everyone(
+    tmp_path: Path, aiohttp_server: Any,
+) -> None:
+    """Eight connections each send one byte of a 100-byte body and stall. They wait for the
+    client, not for the event loop: sending keeps its full concurrency. (Counted as requests
+    in flight, they made a burst, and sending dropped to one delivery at a time.)"""
+    sends = 0
+    most = 0
+
+    async def slow(request: web.Request) -> web.Response:
+        nonlocal sends, most
+        await request.read()
+        sends += 1
+        most = max(most, sends)
+        await asyncio.sleep(0.1)
+        sends -= 1
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/in", slow)
+    server = await aiohttp_server(receiver)
+    config = tmp_path / "routes.yaml"
+    config.write_text(SINK_CONFIG.format(db=tmp_path / "bridge.db",
+                                         url=f"http://127.0.0.1:{server.port}"))
+    async with BridgeProcess(config, tmp_path / "bridge.log") as bridge:
+        await bridge.start(free_port())
+        stalled = []
+        for _ in range(8):
+            _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(HEAD + b"Content-Length: 100\r\n\r\n{")
+            stalled.append(writer)
+        await verify(bridge)  # by then the eight handlers wait for their bodies
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            for i in range(30):
+                async with session.post(bridge.url + WEBHOOK, json={
+                        "tracking": [{"uuid": f"parcel-{i}", "status": "CREATED"}]}) as resp:
+                    assert resp.status == 200
+
+        async def all_sent() -> bool:
+            return await metric(bridge, "bridge_deliveries_total",
+                                'outcome="delivered",sink="hook"') == 30
+
+        await eventually(all_sent, timeout=60, what="30 deliveries sent")
+        took = time.monotonic() - started
+        for writer in stalled:
+            writer.close()
+        assert await bridge.terminate() == 0
+    assert most > 1, "sending fell to one delivery at a time"
+    assert took < 8, took  # 15.7 s when they held sending back; about 2 s without them
+
+
+async def test_a_post_to_another_path_is_one_refusal_naming_the_webhook_path(
+    tmp_path: Path,
+) -> None:
+    """A mistyped path, or the webhook path with a trailing slash, gets 404: one warning
+    (at most one a minute: strangers can send these without knowing a secret path) with
+    the method, the path without its query, and the configured path; every one counted.
+    The bridge's own GET endpoints are not refusals."""
+    token = "tok-" + "x7" * 10  # a segment of 16+ characters: a secret, masked in logs
+    async with serving(tmp_path, f"  webhook_path: /isendu/{token}") as bridge:
+        async with aiohttp.ClientSession() as session:
+            for path in (f"/isendu/{token}/?api_key=query-secret-value", "/isendu/webhok",
+                         "/healthz"):
+                async with session.post(bridge.url + path, json={"tracking": []}) as resp:
+                    assert resp.status == (405 if path == "/healthz" else 404), path
+                    assert token not in await resp.text()
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with session.get(bridge.url + path) as resp:
+                    assert resp.status == 200
+        assert await metric(bridge, "bridge_batches_received_total",
+                            'outcome="rejected"') == 3
+        assert await bridge.terminate() == 0
+    text = (tmp_path / "bridge.log").read_text()
+    assert "query-secret-value" not in text and token not in text
+    refused = [line for line in log_lines(tmp_path) if "refused" in line["msg"]]
+    assert len(refused) == 1, refused  # the others within the minute are left out
+    line = refused[0]
+    assert (line["msg"], line["level"], line["status"], line["method"]) == (
+        "refused request", "warning", 404, "POST")
+    assert line["path"] == "/isendu/********/"
+    assert line["webhook_path"] == "/isendu/********"
+    assert "server.webhook_path" in line["error"]

@@ -23,17 +23,22 @@ def free_port() -> int:
 
 
 class BridgeProcess:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 wrap: tuple[str, ...] = ()) -> None:
+        """`wrap`: a command that execs the bridge's (its arguments follow), e.g. one that
+        mounts a filesystem for it first; the process's pid must stay the bridge's."""
         self.config = config
         self.log = log
         self.env = env or {}
+        self.wrap = wrap
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, port: int, timeout: float = 20.0) -> None:
         self.port = port
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
-                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config)],
+                [*self.wrap, sys.executable, "-m", "bridge", "serve", "--config",
+                 str(self.config)],
                 cwd=self.config.parent, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env, "BRIDGE_LISTEN": f"127.0.0.1:{port}",
                      "PYTHONPATH": str(ROOT)},

@@ -14,7 +14,7 @@ import pytest
 
 from bridge.logs import JsonFormatter
 from tests.conftest import BridgeFactory
-from tests.helpers.bridge import Bridge, sample_batch
+from tests.helpers.bridge import WEBHOOK, Bridge, sample_batch
 
 CONFIG = """
 integrations:
@@ -394,3 +394,42 @@ async def test_webhook_path_with_a_token(make_bridge: BridgeFactory) -> None:
                                {**ENV, "TOK": token})
     assert (await bridge.post({"keyId": "key-one"}, path=f"/isendu/{token}"))[0] == 200
     assert (await bridge.post({"keyId": "key-one"}, path="/isendu/webhook"))[0] == 404
+
+
+async def test_a_full_storage_is_a_503_and_not_ready_until_room_is_made(
+    make_bridge: BridgeFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLite's own size limit gives SQLITE_FULL for real, as a full disk does: the batch
+    is answered 503 with Retry-After and why, /readyz says not ready until a write that needs
+    room succeeds again, and the log has the reason without a traceback. (It was a 500
+    "internal error" with a traceback, and /readyz stayed ready.)"""
+    bridge = await _bridge(make_bridge)
+    store = bridge.rt.store
+    assert (await bridge.post(sample_batch()))[0] == 200
+    caplog.set_level(logging.INFO)
+    # max_page_count holds for the connection that sets it, and the store has one, on its
+    # writer thread. Set below the file's size, it becomes the file's size: no page more.
+    await store._call(lambda c: c.execute("PRAGMA max_page_count = 1"))  # type: ignore[attr-defined]
+    big = {"tracking": [{"uuid": "large", "notes": "n" * 40_000}]}
+    for _ in range(2):
+        resp = await bridge.client.post(WEBHOOK, json=big)
+        assert resp.status == 503
+        assert await resp.json() == {"error": "storage is full (SQLite: database or disk is "
+                                              "full); nothing was accepted"}
+        assert int(resp.headers["Retry-After"]) > 0
+        ready = await bridge.client.get("/readyz")
+        assert ready.status == 503
+        assert await ready.json() == {
+            "status": "not ready",
+            "storage": "not writable: storage is full (SQLite: database or disk is full)"}
+    assert await bridge.post({"keyId": "key-one"}) == (200, {"response": "first-secret-value"})
+
+    await store._call(lambda c: c.execute("PRAGMA max_page_count = 1000000"))  # type: ignore[attr-defined]
+    ready = await bridge.client.get("/readyz")
+    assert (ready.status, (await ready.json())["status"]) == (200, "ready")
+    status, answer = await bridge.post(big)
+    assert status == 200 and answer["accepted"] == 1
+    refused = [r for r in caplog.records if r.getMessage().startswith("batch not accepted")]
+    assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused)
+    assert refused[0].__dict__["error"] == "storage is full (SQLite: database or disk is full)"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -42,3 +42,16 @@ def test_it_remembers_a_bounded_number_of_lines() -> None:
         assert repeats.filter(record("aiokafka", f"line {i}"))
     assert repeats.filter(record("aiokafka", "line 0"))  # long forgotten
     assert not repeats.filter(record("aiokafka", "line 99"))
+
+
+def test_posts_to_unknown_paths_pass_once_a_window() -> None:
+    """Anyone can send them without knowing a secret webhook path (bridge/http/app.py)."""
+    now = [0.0]
+    repeats = Repeats(clock=lambda: now[0])
+    assert repeats.filter(record("bridge.http.paths", "refused request"))
+    now[0] = 30.0
+    assert not repeats.filter(record("bridge.http.paths", "refused request"))
+    assert repeats.filter(record("bridge.http", "refused request"))  # other refusals pass
+    now[0] = 60.0
+    passed = record("bridge.http.paths", "refused request")
+    assert repeats.filter(passed) and passed.__dict__["repeated"] == 1

@@ -214,6 +214,12 @@ CREATE TABLE IF NOT EXISTS ping (x)
 -- name: ping_delete
 DELETE FROM ping
 
+-- name: ping_room
+-- While writes fail for want of room: a write that needs some (pages of the file, frames of
+-- the WAL at its commit), committed, then undone by ping_delete in a transaction of its own
+-- (pages freed in the transaction that wrote them are never written to the WAL).
+INSERT INTO ping (x) VALUES (zeroblob(262144))
+
 -- ---- shipment state ----------------------------------------------------------------------
 
 -- name: get_states
