@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import require_service
 from tests.helpers.process import BridgeProcess, free_port
 
 CONFIG = """
@@ -109,8 +110,8 @@ async def test_a_full_disk_is_a_503_and_not_ready_until_there_is_room(tmp_path: 
     and /readyz stayed ready.)"""
     data = tmp_path / "data"
     data.mkdir()
-    if not can_mount_tmpfs(data):
-        pytest.skip("cannot mount a tmpfs here (no unprivileged user namespaces)")
+    require_service(can_mount_tmpfs(data), "a small tmpfs in a user namespace (unshare -rm)",
+                    "allow unprivileged user namespaces (kernel.unprivileged_userns_clone=1)")
     config = tmp_path / "routes.yaml"
     config.write_text(CONFIG.format(db=data / "bridge.db"))
     pad = "p" * 200_000
