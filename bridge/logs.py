@@ -15,6 +15,7 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from bridge.errors import StorageUnwritable
 from bridge.redact import redact
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -101,6 +102,17 @@ class Repeats(logging.Filter):
             while len(self._seen) > self.remembered:
                 self._seen.popitem(last=False)
         return True
+
+
+def log_failure(logger: logging.Logger, message: str, exc: BaseException,
+                extra: dict[str, Any] | None = None) -> None:
+    """An error line for an operation that failed (called in its `except`): with the
+    traceback, unless storage cannot take writes now (a full disk, a lost file). That is no
+    bug, and its reason says all; a traceback a second would bury it."""
+    if isinstance(exc, StorageUnwritable):
+        logger.error(message, extra={**(extra or {}), "error": str(exc)})
+    else:
+        logger.error(message, exc_info=exc, extra=extra)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 import orjson
 
 from bridge.config import StateConfig
-from bridge.errors import PayloadError, StorageUnwritable
+from bridge.errors import PayloadError
+from bridge.logs import log_failure
 from bridge.metrics import Metrics
 from bridge.models import Batch, Failed, InboxBatch, Item, NewDelivery, Outcome, Sequenced
 from bridge.outbox.base import Inbox, ShipmentStates
@@ -197,8 +198,8 @@ class Sequencer:
                 was_behind, self.pressure.behind = self.pressure.behind, len(taken) == TAKE
                 if was_behind and not self.pressure.behind:
                     self.on_deliveries()  # caught up: sending goes back to full speed
-            except Exception:
-                log.exception("reading the inbox failed; trying again")
+            except Exception as exc:
+                log_failure(log, "reading the inbox failed; trying again", exc)
                 await self._sleep(RETRY_AFTER_FAILURE)
                 continue
             if taken:
@@ -284,8 +285,8 @@ class Sequencer:
             return True
         try:
             stored = await self.state.store.states(missing)
-        except Exception:
-            log.exception("reading shipment states failed; the batches stay waiting")
+        except Exception as exc:
+            log_failure(log, "reading shipment states failed; the batches stay waiting", exc)
             await self._sleep(RETRY_AFTER_FAILURE)
             return False
         self.state.book.load(stored, missing)
@@ -345,10 +346,8 @@ class Sequencer:
             # Nothing of it was written: the batches stay waiting and are taken again, and
             # the states in memory, ahead of storage now, are read again.
             self._forget_states()
-            # A full disk is no bug: its reason, without a traceback.
-            log.error("settling batches failed; they stay waiting",
-                      exc_info=not isinstance(exc, StorageUnwritable),
-                      extra={"batches": len(outcomes), "error": str(exc)})
+            log_failure(log, "settling batches failed; they stay waiting", exc,
+                        {"batches": len(outcomes)})
             await self._sleep(RETRY_AFTER_FAILURE)
             return False
         new_total = 0
@@ -384,8 +383,8 @@ class Sequencer:
         self._swept_at = now
         try:
             removed = await self.inbox.sweep_batches(now - self.retention)
-        except Exception:
-            log.exception("sweeping the inbox failed")
+        except Exception as exc:
+            log_failure(log, "sweeping the inbox failed", exc)
             return
         if removed:
             log.info("swept the inbox", extra={"batches": removed})
@@ -393,8 +392,8 @@ class Sequencer:
             return
         try:
             forgotten = await self.state.store.forget_states(now - self.state.retention)
-        except Exception:
-            log.exception("forgetting old shipment states failed")
+        except Exception as exc:
+            log_failure(log, "forgetting old shipment states failed", exc)
             return
         if forgotten:
             log.info("forgot shipment states unchanged for state.retention",

@@ -22,6 +22,7 @@ from bridge.dispatch.breaker import Breaker, CameBack, WentDown, judge, probe_sc
 from bridge.dispatch.ratelimit import TokenBucket
 from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
 from bridge.errors import SinkError, TransientSinkError, says_unreachable
+from bridge.logs import log_failure
 from bridge.metrics import Metrics
 from bridge.models import COALESCED, Delivery
 from bridge.outbox import Outbox, SinkMemory
@@ -260,15 +261,15 @@ class Dispatcher:
     async def _give_back(self, sink: Sink, claimed: list[Delivery]) -> None:
         try:
             await self.outbox.release(claimed, self.clock())
-        except Exception:  # their leases run out instead; they are claimed again then
-            log.exception("giving back claims failed", extra={"sink": sink.name})
+        except Exception as exc:  # their leases run out instead; they are claimed again then
+            log_failure(log, "giving back claims failed", exc, {"sink": sink.name})
 
     async def _claim(self, name: str, count: int) -> list[Delivery]:
         try:
             return await self.outbox.claim(name, count, self.clock(),
                                            self.outbox.lease_seconds)
-        except Exception:
-            log.exception("claiming deliveries failed", extra={"sink": name})
+        except Exception as exc:
+            log_failure(log, "claiming deliveries failed", exc, {"sink": name})
             await asyncio.sleep(IDLE_POLL)
             return []
 
@@ -289,8 +290,8 @@ class Dispatcher:
                     members += await self.outbox.claim_group(
                         sink.name, key, most - len(members), self.clock(),
                         self.outbox.lease_seconds)
-                except Exception:
-                    log.exception("claiming a digest group failed", extra={"sink": sink.name})
+                except Exception as exc:
+                    log_failure(log, "claiming a digest group failed", exc, {"sink": sink.name})
             chunks += [members[i:i + most] for i in range(0, len(members), most)]
         return chunks
 
@@ -528,9 +529,9 @@ class Dispatcher:
         done, self._completed = self._completed, []
         try:
             await self.outbox.complete([delivery_id for _, delivery_id in done], self.clock())
-        except Exception:
-            log.exception("marking deliveries delivered failed; will try again",
-                          extra={"deliveries": len(done)})
+        except Exception as exc:
+            log_failure(log, "marking deliveries delivered failed; will try again", exc,
+                        {"deliveries": len(done)})
             self._completed[:0] = done
             return False
         for name in {name for name, _ in done}:
@@ -547,6 +548,6 @@ class Dispatcher:
                 if removed or forgotten:
                     log.info("swept the outbox", extra={"delivered_rows": removed,
                                                         "sink_memory_entries": forgotten})
-            except Exception:
-                log.exception("sweeping the outbox failed")
+            except Exception as exc:
+                log_failure(log, "sweeping the outbox failed", exc)
             await asyncio.sleep(SWEEP_EVERY)

@@ -20,6 +20,7 @@ from bridge.http.connections import (
     refused,
     unaccepted_encoding,
 )
+from bridge.logs import log_failure
 from bridge.models import KINDS, Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
@@ -284,8 +285,8 @@ async def metrics(request: web.Request) -> web.Response:
         rt.metrics.sequencer_lag.set(0 if oldest is None else max(0.0, time.time() - oldest))
         for status, n in counts.items():
             rt.metrics.outbox.labels(status).set(n)
-    except Exception:
-        log.exception("reading storage depths failed")
+    except Exception as exc:
+        log_failure(log, "reading storage depths failed", exc)
     body = generate_latest(rt.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
