@@ -346,5 +346,6 @@ def burst_problem(config: SinkConfigBase, service: str) -> str | None:
 def http_url_problem(url: str, what: str) -> str | None:
     """Why a secret URL is unusable, without quoting it (it would land in `check` output)."""
     if not url.lower().startswith(("https://", "http://")) or len(url.split("/", 3)) < 4:
-        return f"{what} must be an https:// URL (the value is not shown: it holds a secret)"
+        return (f"{what}: expected the service's https:// URL with its path (http:// is taken "
+                "too, for a local receiver); the value is not shown: it holds a secret")
     return None
