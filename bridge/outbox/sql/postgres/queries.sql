@@ -233,13 +233,12 @@ SELECT s.kind, s.uuid, s.state FROM shipment_state AS s
 JOIN unnest($1::text[], $2::text[]) AS k(kind, uuid) ON s.kind = k.kind AND s.uuid = k.uuid
 
 -- name: put_states
--- updated_day, not updated_at, is indexed (0007): a state written again on the same day
--- changes no indexed value, so PostgreSQL writes it as a HOT update (no index entries).
-INSERT INTO shipment_state (kind, uuid, state, updated_at, updated_day)
-SELECT k.kind, k.uuid, k.state, $4::float8, floor($4::float8 / 86400)::integer
-FROM unnest($1::text[], $2::text[], $3::text[]) AS k(kind, uuid, state)
-ON CONFLICT (kind, uuid) DO UPDATE SET state = excluded.state,
-    updated_at = excluded.updated_at, updated_day = excluded.updated_day
+-- updated_day (generated from updated_at), not updated_at, is indexed (0007): a state written
+-- again on the same day changes no indexed value, so PostgreSQL writes it as a HOT update.
+INSERT INTO shipment_state (kind, uuid, state, updated_at)
+SELECT k.kind, k.uuid, k.state, $4::float8 FROM unnest($1::text[], $2::text[], $3::text[])
+    AS k(kind, uuid, state)
+ON CONFLICT (kind, uuid) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at
 
 -- name: forget_states
 -- By the day through the index, then to the second.
