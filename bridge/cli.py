@@ -98,7 +98,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
     # SIGHUP too (a closed terminal, or a `reload` out of habit): by default it would end
     # the process at once, with sends cut off. It stops as SIGTERM does; nothing reloads.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # Ignored when inherited ignored: `nohup bridge serve` must outlive its terminal.
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stopping.append(signal.SIGHUP)
+    for sig in stopping:
         loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     extra: dict[str, str] = {"signal": got[0].name}

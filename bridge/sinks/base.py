@@ -210,16 +210,22 @@ def classify_http(
     raise PermanentSinkError(detail, "client_error")
 
 
-# What is read of a receiver's answer. Answers the sinks parse (Slack's "ok", Telegram's and
-# Discord's JSON) are a few KB; an error page is kept as a 200-character excerpt. Read whole,
-# a 400 MB error page held the event loop for seconds (verification answers with it) and
-# took 1.2 GB of memory on every attempt.
-ANSWER_BYTES = 64 * 1024
+# What is read of a receiver's answer. An error page is kept as a 200-character excerpt:
+# read whole, a 400 MB one held the event loop for seconds (verification answers with it)
+# and took 1.2 GB of memory on every attempt. A success may be parsed, and Slack's
+# chat.postMessage answers with the whole message posted (a digest's 40,000 characters of
+# text and its blocks): cut short, it would not parse, and a message posted would be
+# retried and posted again. So a success is read much further.
+ERROR_ANSWER_BYTES = 64 * 1024
+ANSWER_BYTES = 8 * 1024 * 1024
 
 
-async def read_answer(resp: aiohttp.ClientResponse, limit: int = ANSWER_BYTES) -> str:
-    """The first `limit` bytes of `resp`'s body as text; the rest is never read (the
-    connection is closed instead of reused)."""
+async def read_answer(resp: aiohttp.ClientResponse, limit: int | None = None) -> str:
+    """The first bytes of `resp`'s body as text (`limit`, or by default 8 MiB of a 2xx answer
+    and 64 KiB of any other); the rest is never read (the connection is closed instead of
+    reused)."""
+    if limit is None:
+        limit = ANSWER_BYTES if 200 <= resp.status < 300 else ERROR_ANSWER_BYTES
     chunks: list[bytes] = []
     size = 0
     while size < limit:

@@ -138,6 +138,23 @@ async def test_sigterm_finishes_in_flight_sends_and_keeps_the_rest(
     assert serving["gc_frozen_objects"] > 10_000
 
 
+async def test_under_nohup_sighup_is_ignored(tmp_path: Path) -> None:
+    """`nohup bridge serve &` must outlive its terminal: a SIGHUP inherited as ignored stays
+    ignored (the bridge's own SIGHUP stop is for a plain start)."""
+    config = tmp_path / "routes.yaml"
+    config.write_text(CONFIG.format(db=tmp_path / "bridge.db", url="http://127.0.0.1:9"))
+    async with BridgeProcess(config, tmp_path / "bridge.log", wrap=("nohup",)) as bridge, \
+            aiohttp.ClientSession() as session:
+        await bridge.start(free_port())
+        assert bridge.proc is not None
+        bridge.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert bridge.proc.poll() is None, "SIGHUP stopped a bridge started with nohup"
+        async with session.get(bridge.url + "/healthz") as resp:
+            assert resp.status == 200
+        assert await bridge.terminate() == 0
+
+
 async def test_a_request_aiohttp_cannot_parse_is_one_quiet_refusal(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:

@@ -86,6 +86,7 @@ class FakeSlack(FakeService):
         self.messages: dict[str, dict[str, Any]] = {}  # ts -> the message as Slack keeps it
         self.delay = 0.0
         self.posted = 0
+        self.answer_bytes = 0  # of the last chat.postMessage answer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.delay:
@@ -154,9 +155,13 @@ class FakeSlack(FakeService):
         self.posted += 1
         ts = f"1700000000.{100 * self.posted:06d}"
         self.messages[ts] = {**data, "channel": channel}
-        return web.json_response({"ok": True, "channel": channel, "ts": ts, "message": {
+        # As Slack does: the message posted comes back whole, its blocks too.
+        answer = web.json_response({"ok": True, "channel": channel, "ts": ts, "message": {
             "type": "message", "subtype": "bot_message", "bot_id": "B0BRIDGE",
-            "text": data.get("text"), "ts": ts}})
+            "text": data.get("text"), "blocks": data.get("blocks"), "ts": ts}})
+        assert answer.body is not None
+        self.answer_bytes = len(bytes(answer.body))  # type: ignore[arg-type]
+        return answer
 
     def update(self, data: dict[str, Any]) -> web.Response:
         channel = self.channel_id(str(data.get("channel", "")), ids_only=True)
@@ -422,6 +427,21 @@ async def test_long_content_is_cut_never_refused(
     description = sent["blocks"][1]["text"]["text"]
     assert len(description) == 3000 and description == "x" * 2999 + "…"
     assert len(sent["text"]) <= 40_000 and "x" * 2999 + "…" in sent["text"]
+
+
+async def test_a_post_answered_with_a_long_message_is_posted_once(
+    make_bridge: BridgeFactory, slack: tuple[FakeSlack, str]
+) -> None:
+    """chat.postMessage answers with the message posted, escaped as JSON: for a long one
+    with accents, ~250 KB. Cut at 64 KiB it did not parse, and the post was retried."""
+    fake, url = slack
+    config = bot_config().replace(
+        "    to: chat\n", "    to: chat\n    message: \"{{ item.note }}\"\n")
+    bridge = await make_bridge(config, env(url))
+    await bridge.post({"tracking": [{**long_tracking(), "note": "é" * 30_000}]})
+    await delivered(bridge)
+    await asyncio.sleep(0.3)  # no retry follows
+    assert fake.posted == 1 and fake.answer_bytes > 64 * 1024, fake.answer_bytes
 
 
 async def test_message_template_replaces_text_and_blocks_with_escaped_values(
