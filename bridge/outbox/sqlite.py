@@ -318,7 +318,7 @@ class SqliteStore(Store):
             try:
                 st = os.stat(self.path)
                 now: tuple[int, int] | None = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
+            except OSError:  # gone, or its folder replaced or closed to us: not our file
                 now = None
             if now != self._file:
                 self._gone = StorageFileGone("the SQLite storage file was deleted or replaced "
