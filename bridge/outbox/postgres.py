@@ -183,7 +183,7 @@ class PostgresStore(Store):
         cols: list[list[Any]] = [[] for _ in range(11)]
         for d in deliveries:
             values = (d.id, d.sink, d.route, d.item_uuid, d.kind, d.batch_id,
-                      json.dumps(d.payload, ensure_ascii=False, separators=(",", ":")),
+                      _payload_text(d),
                       Status.DEAD.value if d.error else Status.PENDING.value,
                       now + d.delay, d.error, d.group_key)
             for col, value in zip(cols, values, strict=True):
@@ -196,8 +196,7 @@ class PostgresStore(Store):
         rendered."""
         rendered = [d for d in deliveries if d.error is None]
         return [[d.id for d in rendered],
-                [json.dumps(d.payload, ensure_ascii=False, separators=(",", ":"))
-                 for d in rendered],
+                [_payload_text(d) for d in rendered],
                 [now + d.delay for d in rendered], [d.group_key for d in rendered], now]
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
@@ -391,6 +390,10 @@ class PostgresStore(Store):
 
     async def forget_states(self, updated_before: float) -> int:
         return _count(await self.pool.execute(Q["forget_states"], updated_before))
+
+
+def _payload_text(d: NewDelivery) -> str:
+    return json.dumps(d.payload, ensure_ascii=False, separators=(",", ":"))
 
 
 def _safe(text: str, dsn: str) -> str:
