@@ -40,7 +40,7 @@ COALESCED = "coalesce:"
 
 @dataclass(slots=True)
 class NewDelivery:
-    """What routing produces and the outbox stores in the intake's transaction.
+    """What routing produces and the outbox stores in the sequencer's transaction.
 
     `payload` holds the sink's rendered fields (e.g. {"body": ...}); `error` set means
     rendering failed and the delivery is stored dead with that reason.

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import orjson
 
 from bridge.errors import StorageError
 from bridge.models import (
@@ -51,7 +52,7 @@ RELISTEN_AFTER = 2.0  # seconds before a lost listening connection is opened aga
 def _row(r: asyncpg.Record) -> Delivery:
     return Delivery(
         id=r["id"], sink=r["sink"], route=r["route"], item_uuid=r["item_uuid"], kind=r["kind"],
-        batch_id=r["batch_id"], payload=json.loads(r["payload"]), status=Status(r["status"]),
+        batch_id=r["batch_id"], payload=orjson.loads(r["payload"]), status=Status(r["status"]),
         attempts=r["attempts"], next_attempt_at=r["next_attempt_at"], last_error=r["last_error"],
         created_at=r["created_at"], enqueued_at=r["enqueued_at"], updated_at=r["updated_at"],
         group_key=r["group_key"], lease_until=r["lease_until"], seq=r.get("seq", 0),
@@ -393,7 +394,14 @@ class PostgresStore(Store):
 
 
 def _payload_text(d: NewDelivery) -> str:
-    return json.dumps(d.payload, ensure_ascii=False, separators=(",", ":"))
+    """A rendered payload (text by key) as JSON: orjson writes the same text as the stdlib
+    here (compact, UTF-8, the same escapes) at a fraction of its cost, which was a tenth of
+    the sequencer's CPU on PostgreSQL (one payload per delivery). The stdlib for anything
+    orjson refuses."""
+    try:
+        return orjson.dumps(d.payload).decode()
+    except TypeError:
+        return json.dumps(d.payload, ensure_ascii=False, separators=(",", ":"))
 
 
 def _safe(text: str, dsn: str) -> str:
