@@ -49,6 +49,13 @@ class TelegramSinkConfig(SinkConfigBase):
         # `${CHAT_ID}` substitutes a string; Telegram's numeric ids are sent as numbers.
         if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
             return int(v)
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            # One complaint, where `int | str` would make pydantic give one per type.
+            got = "a list" if isinstance(v, list) else "a mapping" if isinstance(v, dict) \
+                else "no value" if v is None else str(v).lower() if isinstance(v, bool) \
+                else repr(v)
+            raise ValueError("chat_id must be a chat id such as -1001234567890 or @channel, "
+                             f"got {got}")
         return v
 
     @field_validator("api_url")

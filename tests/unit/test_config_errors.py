@@ -363,3 +363,20 @@ def test_a_listen_address_made_with_a_variable_is_checked_as_it_resolved(
     assert problem.startswith(f"{path}:1: server.listen (from $P): expected host:port"), problem
     assert problem.endswith("got '127.0.0.1:127.0.0.1:8081': the host '127.0.0.1:127.0.0.1' "
                             "holds a ':' (only an IPv6 address may, in brackets: [::1]:8080)")
+
+
+@pytest.mark.parametrize(("written", "got"), [
+    ("1.5", "got 1.5"), ("true", "got true"), ("{id: 1}", "got a mapping"), ("", "got no value"),
+])
+def test_a_telegram_chat_id_of_another_type_is_one_error(tmp_path: Path, written: str,
+                                                         got: str) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("sinks:\n  tg:\n    type: telegram\n"
+                    '    token: "123456789:AAEabcdefghijklmnopqrstuvwxyz012345"\n'
+                    f"    chat_id: {written}\nroutes:\n  - {{name: t, to: tg}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    lines = [line for line in str(info.value).splitlines() if "chat_id" in line]
+    assert len(lines) == 1, str(info.value)
+    assert lines[0].endswith("chat_id must be a chat id such as -1001234567890 or @channel, "
+                             + got)
