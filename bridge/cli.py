@@ -518,9 +518,38 @@ async def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 def unrendered(d: Delivery) -> str:
     """Why a dead delivery whose template failed is not replayed, and what to do instead."""
-    return (f"{d.id}: its template failed ({d.last_error}), so there is nothing to send; "
-            f"fix the template, restart `bridge serve`, then run "
-            f"`bridge batches reroute {d.batch_id}` to render it again")
+    return f"{d.id}: its template failed ({d.last_error}), so there is nothing to send; " + (
+        _rerender(d.batch_id, "it"))
+
+
+def _rerender(batch_id: str | None, what: str) -> str:
+    if batch_id is None:  # stored by a release before the inbox: no batch to route again
+        return ("stored before batches were kept (by a release before the inbox), so no "
+                f"batch can render {what} again")
+    return (f"fix the template, restart `bridge serve`, then run "
+            f"`bridge batches reroute {batch_id}` to render {what} again")
+
+
+UNRENDERED_LISTED = 100_000  # dead letters read back for `dlq replay --all`'s report
+
+
+def unrendered_batches(dead: list[Delivery]) -> list[str]:
+    """`unrendered` for many: a template broken for a day leaves thousands of letters, and
+    one reroute per batch is what they need."""
+    by_batch: dict[str | None, list[Delivery]] = {}
+    for d in dead:
+        by_batch.setdefault(d.batch_id, []).append(d)
+    out = []
+    for batch_id, letters in by_batch.items():
+        n = len(letters)
+        reasons = list(dict.fromkeys(d.last_error for d in letters))
+        others = len(reasons) - 1
+        why = str(reasons[0]) + (
+            f"; {plural(others, 'other reason')} in `bridge dlq list`" if others else "")
+        out.append(f"batch {batch_id or '(none)'}: {plural(n, 'delivery', 'deliveries')} "
+                   f"whose template failed ({why}), so there is nothing to send; "
+                   + _rerender(batch_id, "it" if n == 1 else "them"))
+    return out
 
 
 async def cmd_dlq_replay(args: argparse.Namespace) -> int:
@@ -541,8 +570,9 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
             elif not row.payload:
                 refused.append(unrendered(row))
         count = await store.replay(None if args.all else args.ids, time.time())
-        if args.all:  # what --all left dead, and why
-            refused += [unrendered(d) for d in await store.list_dead(1000) if not d.payload]
+        if args.all:  # what --all left dead, and why: one line per batch, however many
+            refused += unrendered_batches(
+                [d for d in await store.list_dead(UNRENDERED_LISTED) if not d.payload])
     finally:
         await store.close()
     print(f"{count} {'delivery' if count == 1 else 'deliveries'} back to pending")
