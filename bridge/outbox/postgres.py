@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from bridge.errors import StorageError
+from bridge.errors import StorageError, StorageFull, StorageUnwritable
 from bridge.models import (
     BatchInfo,
     BatchStatus,
@@ -139,11 +140,16 @@ class PostgresStore(Store):
             await pool.close()
 
     async def ping(self) -> None:
-        async with self.pool.acquire() as conn:
-            if await conn.fetchval(Q["is_standby"]):
-                raise StorageError("PostgreSQL is a read-only standby")
-            async with conn.transaction():
-                await conn.execute(Q["ping"])
+        try:
+            async with self.pool.acquire() as conn:
+                if await conn.fetchval(Q["is_standby"]):
+                    raise StorageUnwritable("PostgreSQL is a read-only standby")
+                async with conn.transaction():
+                    await conn.execute(Q["ping"])
+        except Exception as exc:
+            if (unwritable := _unwritable(exc)) is None:
+                raise
+            raise unwritable from None  # asyncpg's own text may name the server's address
 
     # ---- notifications -----------------------------------------------------------------
 
@@ -273,8 +279,13 @@ class PostgresStore(Store):
     # ---- inbox -------------------------------------------------------------------------
 
     async def append(self, batch: InboxBatch) -> None:
-        await self.pool.execute(Q["append_batch"], batch.id, batch.received_at, batch.items,
-                                batch.body)
+        try:
+            await self.pool.execute(Q["append_batch"], batch.id, batch.received_at,
+                                    batch.items, batch.body)
+        except Exception as exc:
+            if (unwritable := _unwritable(exc)) is None:
+                raise
+            raise unwritable from None  # asyncpg's own text may name the server's address
 
     async def waiting(self, limit: int) -> list[InboxBatch]:
         rows = await self.pool.fetch(Q["waiting_batches"], limit)
@@ -391,6 +402,36 @@ class PostgresStore(Store):
 
     async def forget_states(self, updated_before: float) -> int:
         return _count(await self.pool.execute(Q["forget_states"], updated_before))
+
+
+# Why PostgreSQL cannot take a write now, by what asyncpg raised: said without the server's
+# own text, which can name hosts, ports and files (the reason is the intake's 503).
+_OUT_OF_REACH: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.exceptions.ConnectionDoesNotExistError, "the connection was lost"),
+    (asyncpg.exceptions.CannotConnectNowError, "the server is starting or stopping"),
+    (asyncpg.exceptions.AdminShutdownError, "the server is shutting down"),
+    (asyncpg.exceptions.CrashShutdownError, "the server is recovering from a crash"),
+    (asyncpg.exceptions.ReadOnlySQLTransactionError, "the server is read-only (a standby?)"),
+    (asyncpg.exceptions.TooManyConnectionsError, "too many connections"),
+    (asyncpg.PostgresConnectionError, "the connection failed"),
+    (TimeoutError, "no answer in time"),
+)
+
+
+def _unwritable(exc: Exception) -> StorageUnwritable | None:
+    """What the intake answers 503 (and /readyz reports) for a server out of reach or out
+    of room; None for anything else (a bug, a constraint), which stays as it was."""
+    if isinstance(exc, StorageUnwritable):
+        return exc
+    if isinstance(exc, asyncpg.exceptions.DiskFullError):
+        return StorageFull("storage is full (PostgreSQL: no space left on its disk)")
+    why = next((text for cls, text in _OUT_OF_REACH if isinstance(exc, cls)), None)
+    if why is None and isinstance(exc, OSError):
+        # Its own text names the address it tried: the errno's words do not.
+        why = os.strerror(exc.errno).lower() if exc.errno else "the connection failed"
+    if why is None and isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        why = "the connection was closed"
+    return None if why is None else StorageUnwritable(f"PostgreSQL cannot take writes now ({why})")
 
 
 def _payload_text(d: NewDelivery) -> str:
