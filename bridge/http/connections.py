@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -101,6 +101,20 @@ def parser_refusal(exc: HttpProcessingError) -> tuple[int, dict[str, object]]:
     if isinstance(exc, ContentEncodingError):  # br or zstd, whose decoder is not installed
         name = "br" if "(br)" in text else "zstd" if "(zstd)" in text else "of this request"
         return 415, unaccepted_encoding(name)
+    if isinstance(exc, LineTooLong):
+        # aiohttp's text quotes the start of the line, which can be the webhook path (its
+        # token) or a credential in a header: the answer says which part, not what it held.
+        line = exc.args[0] if exc.args else b""
+        limit = exc.args[1] if len(exc.args) > 1 else 8190
+        start = (bytes(line[:12]) if isinstance(line, bytes | bytearray)
+                 else str(line)[:12].encode())
+        if start.startswith((b"/", b"*")) or b"://" in start:  # a header name has neither
+            return 414, {"error": f"the request's URL is longer than {limit} bytes; expected "
+                                  "the webhook path"}
+        return 431, {"error": f"a request header line is longer than {limit} bytes; expected "
+                              "each header (name and value) shorter"}
+    if text == "Too many headers received":
+        return 431, {"error": "too many request headers; expected an ordinary request's few"}
     if "Content-Length" in text and "Transfer-Encoding" in text:
         return 400, {"error": "request has both Content-Length and Transfer-Encoding; "
                               "expected one of them (with both, where the body ends is "

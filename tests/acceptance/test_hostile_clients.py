@@ -262,6 +262,13 @@ async def test_over_max_connections_is_a_json_503_and_counted(tmp_path: Path) ->
      "request has both Content-Length and Transfer-Encoding; expected one of them (with both, "
      "where the body ends is ambiguous)"),
     (b"Content-Length: -1", 400, None),
+    # Not echoed: a header line can hold a credential (it was "malformed HTTP request: Got
+    # more than 8190 bytes when reading: b'X-Token: secret...'").
+    (b"X-Token: " + b"t" * 9000 + b"\r\nContent-Length: 2", 431,
+     "a request header line is longer than 8190 bytes; expected each header (name and value) "
+     "shorter"),
+    (b"".join(b"X-%d: v\r\n" % n for n in range(200)) + b"Content-Length: 2", 431,
+     "too many request headers; expected an ordinary request's few"),
 ])
 async def test_what_the_bridge_cannot_read_is_a_json_refusal(
     tmp_path: Path, head: bytes, status: int, error: str | None,
@@ -415,3 +422,25 @@ async def test_a_post_to_another_path_is_one_refusal_naming_the_webhook_path(
     assert line["path"] == "/isendu/********/"
     assert line["webhook_path"] == "/isendu/********"
     assert "server.webhook_path" in line["error"]
+
+
+async def test_a_url_too_long_is_a_414_that_does_not_echo_it(tmp_path: Path) -> None:
+    """The URL holds the webhook path, which can hold a token: the refusal names the part
+    that was too long and quotes none of it (it quoted its first 200 characters)."""
+    async with serving(tmp_path) as bridge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(b"POST " + WEBHOOK.encode() + b"/" + b"q" * 9000
+                     + b" HTTP/1.1\r\nHost: bridge\r\nContent-Length: 2\r\n\r\n{}")
+        top = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        body = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert int(top.split()[1]) == 414
+        assert json.loads(body) == {"error": "the request's URL is longer than 8190 bytes; "
+                                             "expected the webhook path"}
+        await verify(bridge)
+        assert await bridge.terminate() == 0
+    lines = log_lines(tmp_path)
+    refused = [line for line in lines if line["msg"] == "refused request"]
+    assert [line["status"] for line in refused] == [414]
+    assert not [line for line in lines if "qqqq" in json.dumps(line)
+                or WEBHOOK in json.dumps(line.get("error", ""))]
