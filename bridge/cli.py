@@ -571,8 +571,12 @@ async def cmd_dlq_replay(args: argparse.Namespace) -> int:
                 refused.append(unrendered(row))
         count = await store.replay(None if args.all else args.ids, time.time())
         if args.all:  # what --all left dead, and why: one line per batch, however many
-            refused += unrendered_batches(
-                [d for d in await store.list_dead(UNRENDERED_LISTED) if not d.payload])
+            left = await store.list_dead(UNRENDERED_LISTED)
+            refused += unrendered_batches([d for d in left if not d.payload])
+            if len(left) == UNRENDERED_LISTED:
+                refused.append(f"only the newest {UNRENDERED_LISTED:,} dead letters were "
+                               "read for this list: there are more; `bridge dlq list` shows "
+                               "them")
     finally:
         await store.close()
     print(f"{count} {'delivery' if count == 1 else 'deliveries'} back to pending")

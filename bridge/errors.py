@@ -100,7 +100,12 @@ class StorageUnavailable(StorageError):
 
 class StorageUnwritable(StorageError):
     """Storage is open but cannot take writes now. The message is for anyone (it is the
-    intake's 503 and /readyz's reason): it names no path or host."""
+    intake's 503 and /readyz's reason): it names no path or host. `uncertain`: the write
+    may have been done all the same (a connection lost while the server committed)."""
+
+    def __init__(self, message: str, uncertain: bool = False) -> None:
+        super().__init__(message)
+        self.uncertain = uncertain
 
 
 class StorageFull(StorageUnwritable):

@@ -83,7 +83,10 @@ async def json_errors(
         request.app[RUNTIME].metrics.batches.labels("rejected").inc()
         storage_log.warning("batch not accepted: storage cannot be written",
                             extra={"error": str(exc), "status": 503})
-        return web.json_response({"error": f"{exc}; nothing was accepted"}, status=503,
+        # A connection lost mid-statement cannot say whether the server committed it.
+        outcome = ("it may have been stored all the same: sending it again delivers nothing "
+                   "twice" if exc.uncertain else "nothing was accepted")
+        return web.json_response({"error": f"{exc}; {outcome}"}, status=503,
                                  headers={"Retry-After": str(STORAGE_RETRY_AFTER)})
     except ReadTimedOut as exc:
         resp = web.json_response({"error": str(exc)}, status=408)

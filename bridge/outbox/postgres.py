@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -413,25 +417,41 @@ _OUT_OF_REACH: tuple[tuple[type[BaseException], str], ...] = (
     (asyncpg.exceptions.CrashShutdownError, "the server is recovering from a crash"),
     (asyncpg.exceptions.ReadOnlySQLTransactionError, "the server is read-only (a standby?)"),
     (asyncpg.exceptions.TooManyConnectionsError, "too many connections"),
-    (asyncpg.PostgresConnectionError, "the connection failed"),
+    (asyncpg.exceptions.ConnectionFailureError, "the connection failed"),
+    (asyncpg.exceptions.ClientCannotConnectError, "the connection failed"),
+    (ssl.SSLError, "its TLS handshake failed (check the certificate and sslmode)"),
+    (socket.gaierror, "its host name cannot be resolved"),
     (TimeoutError, "no answer in time"),
 )
+# Connection errors an OSError may carry, said in the errno's words (its own text names the
+# address); any other OSError is "the connection failed".
+_NETWORK_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+                             errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                             errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
+# Lost while a statement was out: the server may have committed it before the answer.
+_MID_STATEMENT = (asyncpg.exceptions.ConnectionDoesNotExistError, ConnectionResetError,
+                  BrokenPipeError, TimeoutError)
 
 
 def _unwritable(exc: Exception) -> StorageUnwritable | None:
     """What the intake answers 503 (and /readyz reports) for a server out of reach or out
-    of room; None for anything else (a bug, a constraint), which stays as it was."""
+    of room; None for anything else (a bug, a constraint, a protocol violation), which stays
+    as it was."""
     if isinstance(exc, StorageUnwritable):
         return exc
     if isinstance(exc, asyncpg.exceptions.DiskFullError):
         return StorageFull("storage is full (PostgreSQL: no space left on its disk)")
     why = next((text for cls, text in _OUT_OF_REACH if isinstance(exc, cls)), None)
     if why is None and isinstance(exc, OSError):
-        # Its own text names the address it tried: the errno's words do not.
-        why = os.strerror(exc.errno).lower() if exc.errno else "the connection failed"
-    if why is None and isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        why = (os.strerror(exc.errno).lower() if exc.errno in _NETWORK_ERRNOS
+               else "the connection failed")
+    if why is None and isinstance(exc, asyncpg.InterfaceError) and re.search(
+            r"connection (is|was) closed", str(exc)):
         why = "the connection was closed"
-    return None if why is None else StorageUnwritable(f"PostgreSQL cannot take writes now ({why})")
+    if why is None:
+        return None
+    return StorageUnwritable(f"PostgreSQL cannot take writes now ({why})",
+                             uncertain=isinstance(exc, _MID_STATEMENT))
 
 
 def _payload_text(d: NewDelivery) -> str:

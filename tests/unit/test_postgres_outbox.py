@@ -5,6 +5,8 @@ every one reads back), and how it says the server cannot take a write."""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,7 +37,9 @@ def test_control_characters_quotes_and_line_separators_are_escaped_as_before() -
 
 
 def test_what_orjson_refuses_is_written_by_the_stdlib() -> None:
-    payload = {"body": "\ud800"}  # never rendered from parsed data, but never a crash here
+    # Only the encoding is tested: a lone surrogate is never rendered (the parser refuses
+    # it), and PostgreSQL would refuse the text (DataError), as it did before orjson.
+    payload = {"body": "\ud800"}
     assert json.loads(_payload_text(delivery(payload))) == payload
 
 
@@ -55,6 +59,19 @@ def test_out_of_reach_and_out_of_room_are_said_without_the_servers_text() -> Non
                      (TimeoutError(), "no answer in time")):
         said = _unwritable(exc)
         assert isinstance(said, StorageUnwritable) and why in str(said), (exc, said)
-    # A bug or a constraint is not the server being away: it stays what it was.
+    for exc, why in ((socket.gaierror(-2, "Name or service not known"), "host name cannot"),
+                     (ssl.SSLCertVerificationError(1, "certificate verify failed"), "TLS"),
+                     (OSError(1, "Operation not permitted"), "the connection failed")):
+        said = _unwritable(exc)
+        assert isinstance(said, StorageUnwritable) and why in str(said), (exc, said)
+        assert "not permitted" not in str(said) and "unknown error" not in str(said)
+    # Refused before the statement went out: certainly not stored. Lost while it was out:
+    # perhaps stored, and the intake's answer says so.
+    assert refused is not None and not refused.uncertain
+    lost = _unwritable(pg.ConnectionDoesNotExistError("connection was closed in the middle"))
+    assert lost is not None and lost.uncertain
+    # A bug, a constraint or a protocol violation is not the server being away: it stays.
     assert _unwritable(pg.UniqueViolationError("duplicate key")) is None
+    assert _unwritable(pg.ProtocolViolationError("unexpected message")) is None
+    assert _unwritable(pg.InterfaceError("pool is closed")) is None
     assert _unwritable(KeyError("x")) is None
