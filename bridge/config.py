@@ -36,6 +36,7 @@ from bridge.config_types import (
     StrictModel,
     TemplateField,
     format_duration,
+    what_was_given,
 )
 from bridge.errors import ConfigError
 from bridge.models import Kind
@@ -712,7 +713,7 @@ def _in_words(etype: str, ctx: dict[str, Any], path: KeyPath, given: Any) -> str
     """pydantic's own complaints that say neither what was given nor what was meant
     ("Input should be a valid dictionary"), said as `expected ..., got ...` (None: one
     that says enough already, such as a list of allowed values)."""
-    got = _what_was_given(given, secret=_may_hold_a_secret(path))
+    got = what_was_given(given, secret=_may_hold_a_secret(path))
     if etype in ("dict_type", "model_type", "model_attributes_type"):
         return f"expected {_mapping_meant(path)}, got {got}"
     if etype == "list_type":
@@ -744,22 +745,6 @@ def _in_words(etype: str, ctx: dict[str, Any], path: KeyPath, given: Any) -> str
         name, words = bounds[etype]
         return f"expected a number {words} {ctx.get(name)}, got {got}"
     return None
-
-
-def _what_was_given(value: Any, secret: bool) -> str:
-    """What was written, for `got ...`: the value, or only its kind where it may be a
-    credential."""
-    if value is None:
-        return "no value"  # `key:` with nothing after it
-    if isinstance(value, list):
-        return "a list" if value else "an empty list"
-    if isinstance(value, dict):
-        return "a mapping" if value else "an empty mapping"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if secret:
-        return "a number" if isinstance(value, int | float) else "a string"
-    return repr(value)
 
 
 def _mapping_meant(path: KeyPath) -> str:

@@ -231,3 +231,19 @@ class SinkConfigBase(StrictModel):
                              f"{format_duration(MAX_PROBE_INTERVAL)}, got "
                              f"{format_duration(v) if v else '0s'}")
         return v
+
+
+def what_was_given(value: Any, secret: bool) -> str:
+    """What was written, for `got ...` in config errors: the value, or only its kind where
+    it may be a credential."""
+    if value is None:
+        return "no value"  # `key:` with nothing after it
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    if isinstance(value, dict):
+        return "a mapping" if value else "an empty mapping"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if secret:
+        return "a number" if isinstance(value, int | float) else "a string"
+    return repr(value)

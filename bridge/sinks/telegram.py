@@ -16,7 +16,7 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import Field, SecretStr, field_validator
 
-from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
+from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField, what_was_given
 from bridge.errors import PermanentSinkError, TemplateRenderError, TransientSinkError
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink, classify_http, dumps, excerpt
@@ -51,11 +51,8 @@ class TelegramSinkConfig(SinkConfigBase):
             return int(v)
         if isinstance(v, bool) or not isinstance(v, int | str):
             # One complaint, where `int | str` would make pydantic give one per type.
-            got = "a list" if isinstance(v, list) else "a mapping" if isinstance(v, dict) \
-                else "no value" if v is None else str(v).lower() if isinstance(v, bool) \
-                else repr(v)
             raise ValueError("chat_id must be a chat id such as -1001234567890 or @channel, "
-                             f"got {got}")
+                             f"got {what_was_given(v, secret=False)}")
         return v
 
     @field_validator("api_url")
