@@ -105,6 +105,7 @@ class PostgresStore(Store):
     async def open(self, *, recover: bool = False) -> None:
         if self._pool is not None:
             return
+        quiet_pool_reconnects()
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=self._sizes[0], max_size=self._sizes[1], timeout=10)
@@ -441,6 +442,16 @@ def _unwritable(exc: Exception) -> StorageUnwritable | None:
         return exc
     if isinstance(exc, asyncpg.exceptions.DiskFullError):
         return StorageFull("storage is full (PostgreSQL: no space left on its disk)")
+    why = _out_of_reach(exc)
+    if why is None:
+        return None
+    return StorageUnwritable(f"PostgreSQL cannot take writes now ({why})",
+                             uncertain=isinstance(exc, _MID_STATEMENT))
+
+
+def _out_of_reach(exc: BaseException) -> str | None:
+    """Why the server cannot be reached or written now, in our words; None if it is not
+    that."""
     why = next((text for cls, text in _OUT_OF_REACH if isinstance(exc, cls)), None)
     if why is None and isinstance(exc, OSError):
         why = (os.strerror(exc.errno).lower() if exc.errno in _NETWORK_ERRNOS
@@ -448,10 +459,28 @@ def _unwritable(exc: Exception) -> StorageUnwritable | None:
     if why is None and isinstance(exc, asyncpg.InterfaceError) and re.search(
             r"connection (is|was) closed", str(exc)):
         why = "the connection was closed"
-    if why is None:
-        return None
-    return StorageUnwritable(f"PostgreSQL cannot take writes now ({why})",
-                             uncertain=isinstance(exc, _MID_STATEMENT))
+    return why
+
+
+class PoolReconnects(logging.Filter):
+    """asyncpg's pool, while the server is away, logs every try to reconnect its idle
+    connections (1 s, 2 s ... 60 s apart) as a warning with a 40-line traceback. Each
+    becomes one line with the reason in our words (the exception's text can name hosts and
+    ports); our own lines already say what the outage means for batches and deliveries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and record.getMessage().startswith("Failed to restore the pool"):
+            record.msg, record.args = "PostgreSQL: reconnecting the pool failed; retrying", ()
+            record.error = _out_of_reach(exc) or exc.__class__.__name__
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_pool_reconnects() -> None:
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, PoolReconnects) for f in pool_log.filters):
+        pool_log.addFilter(PoolReconnects())
 
 
 def _payload_text(d: NewDelivery) -> str:

@@ -1,9 +1,11 @@
 """The intake on PostgreSQL when the server cannot take a batch (restarted, failed over, out
 of reach): a 503 with Retry-After and the reason, no traceback, and /readyz not ready; the
-same bridge takes batches again once the server is back."""
+same bridge takes batches again once the server is back; asyncpg's tries to reconnect are
+one line each."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -58,6 +60,17 @@ async def test_postgres_out_of_reach_is_a_503_with_the_reason_and_then_back(
         assert len(refused) == 2 and all(r.levelno == logging.WARNING for r in refused)
         intake = [r for r in caplog.records if r.name.startswith("bridge.http")]
         assert not [r for r in intake if r.exc_info or r.levelno >= logging.ERROR]
+        # The pool, its connection gone, tries to open one again (1 s, 2 s ... apart): each
+        # try is one line with the reason, not asyncpg's 40-line traceback.
+        for _ in range(100):
+            pool = [r for r in caplog.records if r.name == "asyncpg.pool"]
+            if pool:
+                break
+            await asyncio.sleep(0.05)
+        assert pool, "asyncpg's pool did not try to reconnect while the server was away"
+        assert all(r.exc_info is None and r.exc_text is None for r in pool), pool
+        assert {(r.getMessage(), r.__dict__.get("error")) for r in pool} == {
+            ("PostgreSQL: reconnecting the pool failed; retrying", "connection refused")}
 
         await proxy.start()
         status, answer = await bridge.post(sample_batch())
