@@ -46,7 +46,15 @@ from bridge.state import Holder, Observation, StateBook
 log = logging.getLogger("bridge.sequencer")
 
 TAKE = 256  # batches read from the inbox at once (each read waits behind the commits)
-SETTLE_ROWS = 512  # deliveries per transaction, at most about (one batch may be more)
+# Deliveries per transaction, at most about (one batch may be more), while requests are in
+# flight: a request's commit waits for the settle the writer is in, so settles stay short.
+SETTLE_ROWS = 512
+# ... and while none is (catching up after a burst or a restart). A commit writes each page
+# it changed once, and most of a settle's pages are random ones (the delivery id index, the
+# shipment states) that the next settle writes again: four times the rows in one commit
+# cost the writer ~30% less CPU a batch (benchmarks/README.md, 2026-12-08). A request that
+# arrives meanwhile waits for that one settle (~50 ms on the benchmark machine).
+SETTLE_ROWS_IDLE = 2048
 YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests, when idle
 # While requests wait for a saturated loop (bridge/pressure.py): a turn after every item
 # (asyncio runs ready callbacks in order, so a sequencer taking 5 ms per turn would get most
@@ -222,8 +230,9 @@ class Sequencer:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def sequence(self, taken: list[InboxBatch]) -> None:
-        """Route `taken` and settle it in transactions of about SETTLE_ROWS deliveries; the
-        next transaction's routing overlaps the previous one's commit."""
+        """Route `taken` and settle it in transactions of about SETTLE_ROWS deliveries
+        (SETTLE_ROWS_IDLE while no request is in flight); the next transaction's routing
+        overlaps the previous one's commit."""
         parsed = [(row, self._parse(row)) for row in taken]
         if not await self._load_states([b for _, b in parsed if isinstance(b, Batch)]):
             return
@@ -247,7 +256,7 @@ class Sequencer:
             outcomes.append(outcome)
             rows.append(row)
             weight += len(outcome.deliveries) if isinstance(outcome, Sequenced) else 1
-            if weight >= SETTLE_ROWS:
+            if weight >= (SETTLE_ROWS if self.pressure.in_flight else SETTLE_ROWS_IDLE):
                 if pending is not None and not await pending:
                     self._forget_states()  # see below
                     return

@@ -29,7 +29,14 @@ from bridge.models import InboxBatch
 from bridge.outbox import Store, from_url
 from bridge.routing.router import Router, compile_routes
 from bridge.runtime import build_sinks
-from bridge.sequencer import SETTLE_ROWS, TAKE, Sequencer, StateKeeping, state_book
+from bridge.sequencer import (
+    SETTLE_ROWS,
+    SETTLE_ROWS_IDLE,
+    TAKE,
+    Sequencer,
+    StateKeeping,
+    state_book,
+)
 from bridge.state import EntityState
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -352,19 +359,21 @@ async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
     t1's new step is a change and notified."""
     first = await harness.post([snapshot("t1", [0, 1])])
     await harness.sequence()
-    def filler(b: int) -> list[dict[str, Any]]:  # over SETTLE_ROWS deliveries (2 an item)
-        return [snapshot(f"f{b}-{i}", [0]) for i in range(SETTLE_ROWS // 2 + 1)]
+    def filler(b: int) -> list[dict[str, Any]]:  # a settle's worth of deliveries (2 an item)
+        return [snapshot(f"f{b}-{i}", [0]) for i in range(SETTLE_ROWS_IDLE // 2 + 1)]
 
     # The second batch is routed while the first one's settle fails: t1, at its end, is
     # observed after the failure forgot every state.
     ids = await harness.post(filler(0), [*filler(1), snapshot("t1", [0, 1, 2])])
     settle = harness.store.settle
     calls = 0
+    failed_with: list[Any] = []
 
     async def fails_first(outcomes: Any, now: float) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
+            failed_with.extend(outcomes)
             raise RuntimeError("disk full (injected)")
         return await settle(outcomes, now)
 
@@ -380,6 +389,7 @@ async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
     finally:
         harness.store.settle = settle  # type: ignore[method-assign]
         sequencer_module.YIELD_AFTER = yield_after
+    assert [o.batch_id for o in failed_with] == [ids[0]]  # the take was settled in parts
     info = await harness.store.batch(ids[-1])
     assert info is not None and info.summary is not None
     [t1] = [i for i in json.loads(info.summary) if i["uuid"] == "t1"]
@@ -388,6 +398,37 @@ async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
              for d in t1["deliveries"]]
     assert f"IN_TRANSIT|{step(2)['timestamp']}|PICKED_UP|False" in texts
     assert len(await harness.notified(first, "chat")) == 1
+
+
+async def test_settles_are_short_while_a_request_is_in_flight(harness: Harness) -> None:
+    """While a request is in flight, a take is settled in transactions of about SETTLE_ROWS
+    deliveries (the request's commit waits for the settle under way); while none is, of
+    about SETTLE_ROWS_IDLE (fewer commits for the same rows)."""
+    per_batch = 100  # deliveries: 50 items of 2 routes
+    batches = [[snapshot(f"s{b}-{i}", [0]) for i in range(per_batch // 2)]
+               for b in range(2 * SETTLE_ROWS_IDLE // per_batch)]
+    settle = harness.store.settle
+    sizes: list[int] = []
+
+    async def counting(outcomes: Any, now: float) -> Any:
+        sizes.append(sum(len(o.deliveries) for o in outcomes))
+        return await settle(outcomes, now)
+
+    harness.store.settle = counting  # type: ignore[method-assign]
+    pressure = harness.sequencer.pressure
+    for in_flight, limit in ((1, SETTLE_ROWS), (0, SETTLE_ROWS_IDLE)):
+        sizes.clear()
+        await harness.post(*batches)
+        batches = [[{**item, "uuid": "n" + item["uuid"]} for item in b] for b in batches]
+        pressure.in_flight = in_flight
+        try:
+            await harness.sequence()
+        finally:
+            pressure.in_flight = 0
+        assert sum(sizes) == per_batch * len(batches), sizes
+        # Each settle closes at the first batch that takes it to the limit.
+        assert all(limit <= n < limit + per_batch for n in sizes[:-1]), (in_flight, sizes)
+        assert len(sizes) >= 2, sizes
 
 
 async def test_a_snapshot_with_one_step_more_notifies_that_step(harness: Harness) -> None:
