@@ -2,9 +2,11 @@
 
 The webhook URL's last path segment is its token, so the URL is a secret. The bridge adds
 `?wait=true` so that Discord confirms the message was created (or says why not) instead of
-answering 204 before it checks anything. Rate limits are honoured from both the 429 answer
-(`retry_after`, seconds) and the `X-RateLimit-*` headers of every answer, so an exhausted
-bucket waits instead of spending requests that Discord counts against the IP.
+answering 204 before it checks anything, and posts to API version 10 (`/api/v10/webhooks/`):
+the URL Discord hands out names no version, and the default version it then speaks gives a
+429's `retry_after` and `Retry-After` in milliseconds. Rate limits are honoured from both
+the 429 answer (`retry_after`, seconds) and the `X-RateLimit-*` headers of every answer, so
+an exhausted bucket waits instead of spending requests that Discord counts against the IP.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ class DiscordSink(Sink):
         super().__init__(name, config)
         raw = config.webhook_url.get_secret_value()
         self._token = raw.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-        self._url = str(yarl.URL(raw).update_query(wait="true"))
+        self._url = str(versioned(yarl.URL(raw)).update_query(wait="true"))
         self._session: aiohttp.ClientSession | None = None
 
     def render(
@@ -205,6 +207,20 @@ class DiscordSink(Sink):
             reset = parse_retry_after(headers.get("X-RateLimit-Reset-After"))
             if reset is not None:
                 self.pause_for(reset)  # the dispatcher claims nothing for this sink till then
+
+
+API_VERSION = "v10"
+_WEBHOOKS_PATH = re.compile(r"^/api/(?:v\d+/)?webhooks/")
+
+
+def versioned(url: yarl.URL) -> yarl.URL:
+    """The webhook URL on API_VERSION: `/api/webhooks/...` (as Discord hands it out) and
+    `/api/v<N>/webhooks/...` alike. Another path is left as it is (Discord answers it 404,
+    which says what is wrong)."""
+    path = _WEBHOOKS_PATH.sub(f"/api/{API_VERSION}/webhooks/", url.raw_path, count=1)
+    if path == url.raw_path:
+        return url
+    return url.with_path(path, encoded=True).with_query(url.query)  # with_path drops it
 
 
 def retry_after(body: str, headers: Mapping[str, str]) -> float:

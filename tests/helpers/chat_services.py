@@ -8,6 +8,8 @@ bodies. Tests can also queue scripted answers (429s, 5xx) ahead of the normal be
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from html.parser import HTMLParser
 from typing import Any
@@ -124,13 +126,22 @@ def _discord_form_errors(data: dict[str, Any]) -> list[str]:
 
 
 class FakeDiscord(FakeService):
-    """`POST /api/webhooks/<id>/<token>?wait=true` -> 200 with the created message."""
+    """`POST /api/[v<N>/]webhooks/<id>/<token>?wait=true` -> 200 with the created message.
+
+    A path without a version speaks Discord's default version, 6, whose 429s give
+    `retry_after` and `Retry-After` in milliseconds (discord/discord-api-docs#2360); from
+    version 8 on they are seconds (`retry_after` a float, the header whole seconds)."""
 
     def __init__(self, webhook_id: str, token: str, remaining: int = 4) -> None:
         super().__init__()
         self.webhook_id, self.token = webhook_id, token
         self.remaining = remaining  # what X-RateLimit-Remaining says after the next success
         self.reset_after = 1.0
+        self.limits: list[tuple[float, str]] = []  # (seconds, scope): the next answers 429
+
+    def rate_limit(self, seconds: float, scope: str = "user") -> None:
+        """The next request is answered 429, in the units of the API version it used."""
+        self.limits.append((seconds, scope))
 
     def rate_headers(self) -> dict[str, str]:
         return {"X-RateLimit-Limit": "5", "X-RateLimit-Remaining": str(self.remaining),
@@ -140,8 +151,15 @@ class FakeDiscord(FakeService):
 
     def respond(self, request: web.Request, body: bytes) -> web.StreamResponse:
         parts = request.path.strip("/").split("/")
+        version = 6
+        if len(parts) > 1 and re.fullmatch(r"v\d+", parts[1]):
+            version = int(parts.pop(1)[1:])
         if parts[:2] != ["api", "webhooks"] or len(parts) != 4 or parts[2] != self.webhook_id:
             return web.json_response({"message": "Unknown Webhook", "code": 10015}, status=404)
+        if self.limits:  # the limit is met before the token is looked at
+            seconds, scope = self.limits.pop(0)
+            limited = discord_429(seconds, scope, version)
+            return web.json_response(limited.body, status=429, headers=limited.headers)
         if parts[3] != self.token:
             return web.json_response({"message": "Invalid Webhook Token", "code": 50027},
                                      status=401)
@@ -163,13 +181,20 @@ class FakeDiscord(FakeService):
         return web.json_response(message, headers=headers)
 
 
-def discord_429(retry_after: float, scope: str = "user") -> Answer:
-    """Discord's 429: JSON `retry_after` in seconds (a float) plus the rate-limit headers."""
+def discord_429(retry_after: float, scope: str = "user", version: int = 10) -> Answer:
+    """Discord's 429: JSON `retry_after` plus the rate-limit headers; seconds (a float, the
+    header rounded up) from API version 8 on, milliseconds before."""
+    if version >= 8:
+        said: float = retry_after
+        header = str(math.ceil(retry_after))
+    else:
+        said = round(retry_after * 1000)
+        header = str(said)
     return Answer(
         429,
-        {"message": "You are being rate limited.", "retry_after": retry_after,
+        {"message": "You are being rate limited.", "retry_after": said,
          "global": scope == "global"},
-        {"Retry-After": str(int(retry_after) + 1), "X-RateLimit-Limit": "5",
+        {"Retry-After": header, "X-RateLimit-Limit": "5",
          "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": f"{retry_after:g}",
          "X-RateLimit-Bucket": "3b9c6b1b0e0f6b3c2a0f4e5d6c7b8a9f", "X-RateLimit-Scope": scope},
     )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BridgeFactory
-from tests.helpers.chat_services import FakeDiscord, discord_429
+from tests.helpers.chat_services import FakeDiscord
 from tests.helpers.sinks import (
     ORDER,
     TRACKING_FAILED,
@@ -49,7 +49,7 @@ async def test_failed_step_message_is_exactly_this(
     bridge = await make_bridge(CONFIG, {"DISCORD_URL": url})
     await bridge.post({"tracking": [TRACKING_FAILED]})
     [req] = await fake.wait_for(1)
-    assert req.path == f"/api/webhooks/{WEBHOOK_ID}/{TOKEN}"
+    assert req.path == f"/api/v10/webhooks/{WEBHOOK_ID}/{TOKEN}"  # the URL named no version
     assert req.query == {"wait": "true"}  # the bridge asks Discord to confirm the message
     assert req.json() == {
         "content": "⚠️ Shipment **BRT100994275870**: EXCEPTION",
@@ -115,12 +115,15 @@ async def test_markdown_in_item_text_is_shown_literally(
 async def test_429_json_retry_after_is_honoured(
     make_bridge: BridgeFactory, discord: tuple[FakeDiscord, str]
 ) -> None:
-    fake, url = discord
-    fake.answer(discord_429(1.25))
+    fake, url = discord  # as Discord hands it out: no API version in it
+    fake.rate_limit(1.25)
     bridge = await make_bridge(CONFIG, {"DISCORD_URL": url})
     await bridge.post({"tracking": [TRACKING_FAILED]})
     row, delay = await first_retry(bridge, "discord", "everything", "tracking", TRACKING_FAILED)
-    assert delay == pytest.approx(1.25)  # the float seconds from the body, not the header's 2
+    # The float seconds from the body, not the header's 2; on version 10, where they are
+    # seconds (without a version Discord gives milliseconds: the wait would be 1,250 s).
+    assert fake.requests[0].path == f"/api/v10/webhooks/{WEBHOOK_ID}/{TOKEN}"
+    assert delay == pytest.approx(1.25)
     assert row.last_error is not None and "HTTP 429" in row.last_error
     first, second = await fake.wait_for(2, timeout=15)
     assert second.at - first.at >= 1.25
@@ -147,7 +150,7 @@ async def test_bad_token_is_dead_and_the_token_never_leaks(
     caplog.set_level(logging.DEBUG)
     fake, url = discord
     wrong = "Wr0ngT0kenForTestsOnly_zyxwvutsrqponmlkjihgfedcba9876543210ZYXWVU"
-    fake.answer(discord_429(0.1, scope="global"))
+    fake.rate_limit(0.1, scope="global")
     bridge = await make_bridge(CONFIG, {"DISCORD_URL": url.replace(TOKEN, wrong)})
     await bridge.post({"tracking": [TRACKING_FAILED]})
     [row] = await dead(bridge)
