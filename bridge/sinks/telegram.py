@@ -2,15 +2,19 @@
 
 The bot token is part of the URL path (`/bot<token>/sendMessage`), so no URL is ever put in
 an error. Telegram answers `{"ok": false, "error_code", "description", "parameters"}`; the
-body, not only the status, decides: `parameters.retry_after` on 429, and a chat that moved
-to a supergroup names its new id in `parameters.migrate_to_chat_id`.
+body, not only the status, decides: `parameters.retry_after` on 429, and a group that became
+a supergroup names its new id in `parameters.migrate_to_chat_id`: the message is sent there
+at once, and so is every later one (the new id is kept in the store's sink memory, so a
+restart keeps it too), with a warning that says which chat_id to put in the config.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import re
+import time
 from typing import Any, Literal
 
 import aiohttp
@@ -24,7 +28,10 @@ from bridge.sinks.chat import ELLIPSIS, Summary, cut, fit_lines, one_line, reque
 from bridge.sinks.chat import utf16_len as _utf16
 from bridge.templates import Template, as_html
 
+log = logging.getLogger("bridge.sinks.telegram")
+
 TEXT_LIMIT = 4096  # characters after entity parsing, per the Bot API
+MOVED_KEY = "#moved_to"  # sink memory: the supergroup the configured group became
 DESCRIPTION_LIMIT = 3000  # in the default message, so location, time and error still fit
 _TOKEN = re.compile(r"^\d+:[A-Za-z0-9_-]{20,}$")
 _HTML_PIECE = re.compile(r"<[^>]*>|&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z]+);|[^<&]+|[<&]")
@@ -153,6 +160,9 @@ class TelegramSink(Sink):
         self._token = config.token.get_secret_value()
         self._url = f"{config.api_url}/bot{self._token}/sendMessage"
         self._session: aiohttp.ClientSession | None = None
+        self._scope = f"telegram:{name}:{config.chat_id}"
+        self._moved_to: int | None = None  # recalled from memory once, then kept
+        self._recalled = False
 
     def render(
         self, ctx: RenderContext, route: str, delivery_id: str, message: Template | None
@@ -211,12 +221,30 @@ class TelegramSink(Sink):
         return [self._token, self._token.split(":", 1)[-1]]
 
     async def send(self, delivery: Delivery) -> None:
+        body = delivery.payload["body"]
+        moved = await self._moved()
+        if moved is not None:
+            body = _to_chat(body, moved)
+        answer, status = await self._post(body)
+        if answer.get("ok") is True and 200 <= status < 300:
+            return
+        migrated = _migrated_to(answer)
+        if migrated is None or migrated == moved:
+            raise telegram_error(status, answer)
+        # The group became a supergroup: Telegram refused the message and named the new
+        # chat, where it (and every later one) goes now.
+        await self._remember_move(migrated)
+        answer, status = await self._post(_to_chat(body, migrated))
+        if not (answer.get("ok") is True and 200 <= status < 300):
+            raise telegram_error(status, answer)
+
+    async def _post(self, body: str) -> tuple[dict[str, Any], int]:
         if self._session is None:
             await self.start()
         assert self._session is not None
         status, headers, text = await request(
-            self._session, self._url, json_body=delivery.payload["body"],
-            timeout=self.config.timeout, what="Telegram")
+            self._session, self._url, json_body=body, timeout=self.config.timeout,
+            what="Telegram")
         try:
             answer = json.loads(text)
         except ValueError:
@@ -225,9 +253,40 @@ class TelegramSink(Sink):
             classify_http(status, headers, text, "Telegram")
             raise TransientSinkError(f"Telegram answered HTTP {status} without a JSON body",
                                      "server_error")
-        if answer.get("ok") is True and 200 <= status < 300:
-            return
-        raise telegram_error(status, answer)
+        return answer, status
+
+    async def _moved(self) -> int | None:
+        if not self._recalled and self.memory is not None:
+            kept = await self.memory.recall(self._scope, MOVED_KEY)
+            self._moved_to = int(kept) if kept is not None and _is_chat_id(kept) else None
+            self._recalled = True
+        return self._moved_to
+
+    async def _remember_move(self, chat_id: int) -> None:
+        self._moved_to, self._recalled = chat_id, True
+        log.warning("Telegram group became a supergroup; sending to its new chat_id from now "
+                    "on: set chat_id to it in the config", extra={
+                        "sink": self.name, "chat_id": self.config.chat_id,
+                        "new_chat_id": chat_id})
+        if self.memory is not None:
+            await self.memory.remember(self._scope, MOVED_KEY, str(chat_id), time.time())
+
+
+def _migrated_to(answer: dict[str, Any]) -> int | None:
+    params = answer.get("parameters")
+    moved = params.get("migrate_to_chat_id") if isinstance(params, dict) else None
+    return moved if isinstance(moved, int) and not isinstance(moved, bool) else None
+
+
+def _is_chat_id(text: str) -> bool:
+    return re.fullmatch(r"-?\d{1,20}", text) is not None
+
+
+def _to_chat(body: str, chat_id: int) -> str:
+    """A rendered sendMessage body, addressed to `chat_id` instead."""
+    doc = json.loads(body)
+    doc["chat_id"] = chat_id
+    return dumps(doc)
 
 
 def telegram_error(status: int, answer: dict[str, Any]) -> TransientSinkError | PermanentSinkError:

@@ -250,10 +250,11 @@ def telegram_error(code: int, description: str, **parameters: Any) -> dict[str, 
 class FakeTelegram(FakeService):
     """`POST /bot<token>/sendMessage` -> `{"ok": true, "result": <Message>}`."""
 
-    def __init__(self, token: str, chats: set[int | str], blocked: set[int | str] | None = None
-                 ) -> None:
+    def __init__(self, token: str, chats: set[int | str], blocked: set[int | str] | None = None,
+                 migrated: dict[int | str, int] | None = None) -> None:
         super().__init__()
         self.token, self.chats, self.blocked = token, chats, blocked or set()
+        self.migrated = migrated or {}  # a group that became a supergroup -> the new id
 
     def respond(self, request: web.Request, body: bytes) -> web.StreamResponse:
         def fail(code: int, description: str) -> web.Response:
@@ -265,6 +266,10 @@ class FakeTelegram(FakeService):
         data = json.loads(body)
         if data.get("chat_id") in self.blocked:
             return fail(403, "Forbidden: bot was blocked by the user")
+        if data.get("chat_id") in self.migrated:
+            return web.json_response(telegram_error(
+                400, "Bad Request: group chat was upgraded to a supergroup chat",
+                migrate_to_chat_id=self.migrated[data["chat_id"]]), status=400)
         if data.get("chat_id") not in self.chats:
             return fail(400, "Bad Request: chat not found")
         text = data.get("text") or ""

@@ -128,6 +128,34 @@ async def test_429_retry_after_from_parameters_is_honoured(
     await delivered(bridge)
 
 
+async def test_a_group_that_became_a_supergroup_is_followed_and_remembered(
+    make_bridge: BridgeFactory, aiohttp_server: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Telegram refuses a message to a group upgraded to a supergroup and names the new
+    chat: the message goes there at once, later ones (after a restart too) go straight
+    there, and one warning says which chat_id to configure."""
+    caplog.set_level(logging.INFO)
+    old_group = -4001234567
+    fake = FakeTelegram(TOKEN, chats={CHAT}, migrated={old_group: CHAT})
+    server = await aiohttp_server(fake.app(), access_log=None)
+    env = {"TELEGRAM_TOKEN": TOKEN, "TELEGRAM_API": f"http://127.0.0.1:{server.port}",
+           "CHAT_ID": str(old_group)}
+    bridge = await make_bridge(CONFIG, env)
+    await bridge.post({"tracking": [TRACKING_FAILED]})
+    await delivered(bridge)
+    assert [r.json()["chat_id"] for r in fake.requests] == [old_group, CHAT]
+    await bridge.client.close()
+
+    again = await make_bridge(CONFIG, env)  # the same store: a restart
+    await again.post({"order": [ORDER]})
+    await delivered(again, 2)
+    assert [r.json()["chat_id"] for r in fake.requests] == [old_group, CHAT, CHAT]
+    assert len(fake.accepted) == 2 and not await again.rt.store.list_dead()
+    [warning] = [r for r in caplog.records if "supergroup" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert (warning.__dict__["chat_id"], warning.__dict__["new_chat_id"]) == (old_group, CHAT)
+
+
 @pytest.mark.parametrize(("chat", "token", "expected"), [
     (str(CHAT + 1), TOKEN, "Telegram answered 400: Bad Request: chat not found"),
     (str(BLOCKED), TOKEN, "Telegram answered 403: Forbidden: bot was blocked by the user"),
