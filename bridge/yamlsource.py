@@ -21,6 +21,11 @@ _UNQUOTED_PATH = re.compile(r"""(?<!["'])(\$[.\[][^\s,}\[]*\[.*?)\s*(?=,\s*[\w-]
 
 # ${VAR} or ${VAR:-default}; $${ is a literal "${".
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# What is left of a `${` that is none of those: `${UNCLOSED`, `${ VAR }`, `${VAR:=x}`. Taken
+# as written it would become the value itself (a secret of "${ISENDU_SECRET"), and a masked
+# secret does not show it. `${{` is a dollar sign before a template expression
+# ("${{ item.total.amount }}"), not a reference.
+_NOT_A_VAR = re.compile(r"\$\{(?!\{)")
 
 
 def variables_in(text: str) -> list[str]:
@@ -126,6 +131,10 @@ class _Builder:
                 REDACTOR.add_guessed(value)
             return value
 
+        if _NOT_A_VAR.search(_VAR.sub("", text)):
+            self._problem(node, path, "this value has a `${` that starts no variable; "
+                          "expected ${NAME} or ${NAME:-default} (NAME: letters, digits and _), "
+                          "or $${ for a literal ${")
         result = _VAR.sub(repl, text)
         if result != text:
             self.raw[path] = text
