@@ -9,24 +9,29 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bridge.cli_common import SKIP_REASONS, iso, load_for, open_store, positive_int
+from bridge.cli_common import (
+    SKIP_REASONS,
+    iso,
+    load_for,
+    open_store,
+    positive_int,
+    storage_in_use,
+)
 from bridge.config_types import parse_duration
 from bridge.models import COALESCED, BatchInfo, BatchStatus
 from bridge.outbox import Store
-from bridge.outbox.base import storage_label
 from bridge.redact import redact
 from bridge.runtime import build_sinks, register_secrets
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
     loaded = load_for(args)
-    cfg = loaded.config
     store = await open_store(loaded, create=True)  # opening applies what is pending
     try:
         applied = await store.migrate()
     finally:
         await store.close()
-    where = storage_label(cfg.storage)
+    where = storage_in_use(loaded)  # which database, and where its URL came from
     if applied:
         for step in applied:
             print(f"applied {step}")

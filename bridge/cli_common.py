@@ -43,11 +43,21 @@ def origin(loaded: LoadedConfig, path: tuple[str | int, ...]) -> list[str]:
     return notes
 
 
+STORAGE_VARIABLE = "BRIDGE_STORAGE"  # what the shipped config and the image choose it with
+
+
 def storage_in_use(loaded: LoadedConfig) -> str:
     """The storage really used: variables resolved, a password masked, a relative SQLite
-    path shown with the file it names from here, and where the value came from."""
+    path shown with the file it names from here, and where the value came from. A
+    BRIDGE_STORAGE set for a config that does not read it is said too: the Docker image
+    sets it, and a config of one's own that writes `storage:` otherwise (or not at all)
+    would quietly use another database (each replica a SQLite file of its own)."""
     url = loaded.config.storage
     notes = origin(loaded, ("storage",))
+    if (STORAGE_VARIABLE in os.environ
+            and STORAGE_VARIABLE not in written_with(loaded, ("storage",))):
+        notes.append(f"${STORAGE_VARIABLE} is set but not used: this config's storage does "
+                     f"not name it; write storage: ${{{STORAGE_VARIABLE}}} to use it")
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
         relative = rest[1:] if rest.startswith("/") else rest

@@ -471,6 +471,26 @@ def test_check_shows_the_storage_in_use_and_never_a_database_password(tmp_path: 
     assert "pw-0123456789" not in out.stdout and "${" not in out.stdout
 
 
+def test_a_bridge_storage_the_config_does_not_read_is_said(tmp_path: Path) -> None:
+    """The image sets BRIDGE_STORAGE; a config of one's own that writes `storage:` another
+    way (or not at all) uses another database, and `check` and `migrate` say so."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"storage: sqlite:///{tmp_path}/own.db\n")
+    env = {"BRIDGE_STORAGE": "postgresql://bridge:pw-0123456789@db.internal/bridge"}
+    unused = ("$BRIDGE_STORAGE is set but not used: this config's storage does not name it; "
+              "write storage: ${BRIDGE_STORAGE} to use it")
+    out = bridge("check", "--config", str(path), env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"storage: sqlite:///{tmp_path}/own.db ({unused})\n" in out.stdout
+    out = bridge("migrate", "--config", str(path), env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"sqlite:///{tmp_path}/own.db ({unused}): migrated" in out.stdout
+    assert "pw-0123456789" not in out.stdout + out.stderr
+    path.write_text("storage: ${BRIDGE_STORAGE}\n")  # read: nothing to say
+    out = bridge("check", "--config", str(path), env=env)
+    assert "not used" not in out.stdout and "(from $BRIDGE_STORAGE)" in out.stdout
+
+
 def test_check_and_serve_show_the_shipped_config_s_storage_resolved(tmp_path: Path) -> None:
     """The shipped `${BRIDGE_STORAGE:-sqlite:///data/bridge.db}`: what it resolves to, and
     the file a relative path names from where the bridge runs."""
