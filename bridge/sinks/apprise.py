@@ -85,7 +85,7 @@ def _parsable(url: SecretStr) -> SecretStr:
     if not raw.strip():  # Apprise would log "Unsupported URL" at error level for nothing
         raise ValueError("an Apprise URL is empty; expected one such as ntfys://ntfy.sh/topic")
     # Apprise may log a URL it cannot parse; make sure that line is scrubbed.
-    REDACTOR.add(raw)
+    REDACTOR.add(*url_secrets(raw, None))  # its password, an ntfy topic: all of them
     if apprise.Apprise.instantiate(raw, asset=_asset(apprise)) is None:
         raise ValueError("Apprise does not understand this URL; see Apprise's list of "
                          "services for its syntax (the value is not shown: it holds "

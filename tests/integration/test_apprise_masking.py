@@ -79,3 +79,15 @@ def test_check_and_dry_run_mask_telegram_and_discord_credentials(tmp_path: Path)
     assert f"text: via {MASK} {MASK} {MASK} {MASK}\n" in shown.stdout
     for secret in secrets:
         assert secret not in checked.stdout + checked.stderr + shown.stdout + shown.stderr
+
+
+def test_an_ntfy_topic_is_masked_in_apprise_s_own_debug_lines(tmp_path: Path) -> None:
+    """Apprise logs each URL it loads at debug level in its privacy form, which shows the
+    topic and hides the password: the topic must already be a known secret then."""
+    topic = "mytopicsecret12345"
+    path = config(tmp_path, f'"ntfy://ntfyuser:NtfyPass123@127.0.0.1:1/{topic}"', "x")
+    checked = bridge("--log-level", "DEBUG", "check", "--config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert "Loaded ntfy URL" in checked.stderr  # the line that showed it
+    for secret in (topic, "NtfyPass123"):
+        assert secret not in checked.stdout + checked.stderr
