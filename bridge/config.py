@@ -390,6 +390,17 @@ class Route(StrictModel):
     # one's, with every new step); a step with an error goes at once.
     coalesce: PositiveDuration | None = None
 
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_not_empty(cls, v: Any) -> Any:
+        # Called only for a `when:` that is written: left empty (its last condition
+        # commented out, say) it would route every item, the opposite of what it was for.
+        if v is None:
+            raise ValueError("`when:` is empty; expected a condition such as "
+                             "{path: $.status, equals: DELIVERED}, or no `when` at all to "
+                             "route every item")
+        return v
+
     @field_validator("coalesce")
     @classmethod
     def _coalesce_at_most_an_hour(cls, v: float | None) -> float | None:
