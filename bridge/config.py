@@ -395,7 +395,7 @@ class Route(StrictModel):
     def _when_not_empty(cls, v: Any) -> Any:
         # Called only for a `when:` that is written: left empty (its last condition
         # commented out, say) it would route every item, the opposite of what it was for.
-        if v is None:
+        if v is None or v == []:
             raise ValueError("`when:` is empty; expected a condition such as "
                              "{path: $.status, equals: DELIVERED}, or no `when` at all to "
                              "route every item")
