@@ -9,6 +9,8 @@ import threading
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 MASK = "********"
+# A webhook path segment this long is taken for a token (a secret), and masked as one.
+TOKEN_SEGMENT = 16
 
 # Names under which credentials travel: header names, URL query keys, environment variable
 # names; after Sentry's default scrubbing list. `X-Author`, `ISENDU_KEY_ID`, `SESSION_TIMEOUT`,

@@ -11,7 +11,7 @@ from bridge.dispatch.dispatcher import Dispatcher
 from bridge.metrics import Metrics
 from bridge.outbox import Store, from_url
 from bridge.pressure import Pressure
-from bridge.redact import REDACTOR, url_credentials
+from bridge.redact import REDACTOR, TOKEN_SEGMENT, url_credentials
 from bridge.routing.router import Router, compile_routes
 from bridge.sequencer import Sequencer, StateKeeping, state_book
 from bridge.sinks import SINK_TYPES
@@ -35,7 +35,7 @@ def register_secrets(config: BridgeConfig, sinks: dict[str, Sink]) -> None:
     # A token in the webhook path is a secret too: access to intake is access to isendu data.
     path = config.server.webhook_path
     for segment in path.strip("/").split("/")[1:]:
-        if len(segment) >= 16:
+        if len(segment) >= TOKEN_SEGMENT:
             REDACTOR.add(segment)
 
 

@@ -24,7 +24,7 @@ from bridge.logs import log_failure
 from bridge.models import KINDS, Batch, InboxBatch
 from bridge.outbox.base import open_explained
 from bridge.parse import Verification, parse_request
-from bridge.redact import redact
+from bridge.redact import MASK, TOKEN_SEGMENT, redact
 from bridge.runtime import Runtime
 from bridge.sequencer import received_iso
 
@@ -116,7 +116,7 @@ def refused_path(request: web.Request, status: int) -> None:
     rt.metrics.batches.labels("rejected").inc()  # as every refused POST is
     path_log.warning("refused request", extra={
         "status": status, "method": shorten(request.method, 16),
-        "path": shorten(redact(request.path)),
+        "path": shorten(_masked_segments(redact(request.path))),
         "webhook_path": rt.config.server.webhook_path,
         "error": ("no such path" if status == 404 else "POST not allowed on this path")
                  + "; isendu must post to server.webhook_path"})
@@ -206,6 +206,15 @@ async def answer(rt: Runtime, body: bytes, slots: asyncio.Semaphore | None = Non
             return await accept(rt, parsed, body, received_at)
         async with slots:
             return await accept(rt, parsed, body, received_at)
+
+
+def _masked_segments(path: str) -> str:
+    """Long segments of a refused path masked, their length kept: a webhook path's token
+    copied with one character lost or added is not the token, so the redactor lets it
+    through, yet it is all of the token but that character."""
+    return "/".join(MASK + f"({len(part)} characters)"
+                    if len(part) >= TOKEN_SEGMENT and part != MASK else part
+                    for part in path.split("/"))
 
 
 def shorten(text: str, limit: int = 64) -> str:

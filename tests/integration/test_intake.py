@@ -388,12 +388,19 @@ async def test_readyz_is_503_when_storage_cannot_be_written(make_bridge: BridgeF
     assert (await bridge.client.get("/readyz")).status == 200  # recovers by itself
 
 
-async def test_webhook_path_with_a_token(make_bridge: BridgeFactory) -> None:
+async def test_webhook_path_with_a_token(make_bridge: BridgeFactory,
+                                        caplog: pytest.LogCaptureFixture) -> None:
     token = "t0k3n-abcdefghijklmnop"
     bridge = await make_bridge(CONFIG.replace("server:", "server:\n  webhook_path: /isendu/${TOK}"),
                                {**ENV, "TOK": token})
     assert (await bridge.post({"keyId": "key-one"}, path=f"/isendu/{token}"))[0] == 200
+    caplog.set_level(logging.INFO)
     assert (await bridge.post({"keyId": "key-one"}, path="/isendu/webhook"))[0] == 404
+    # The token with its last character lost: not the token, but all of it but one.
+    assert (await bridge.post({"keyId": "key-one"}, path=f"/isendu/{token[:-1]}"))[0] == 404
+    paths = [r.__dict__["path"] for r in caplog.records if r.getMessage() == "refused request"]
+    assert paths == ["/isendu/webhook", f"/isendu/********({len(token) - 1} characters)"]
+    assert not [r for r in caplog.records if token[:-1] in JsonFormatter().format(r)]
 
 
 async def test_a_full_storage_is_a_503_and_not_ready_until_room_is_made(
