@@ -336,6 +336,11 @@ async def cmd_dry_run(args: argparse.Namespace) -> int:
                   + ("would answer 200 with its secret" if known
                      else "unknown keyId, would answer 403"))
             continue
+        if parsed.unknown_keys:  # as `serve` warns: accepted, and nothing comes of it
+            keys = ", ".join(repr(k[:64]) for k in parsed.unknown_keys[:10])
+            print(f"warning: {where}: the body has neither keyId, order nor tracking (its "
+                  f"keys: {keys}); isendu's answer would be 200, as for an empty batch",
+                  file=sys.stderr)
         report = dry_run(router, parsed, book, made, where)
         items += len(parsed.items)
         every = [d for r in report for d in r["deliveries"]]

@@ -146,6 +146,18 @@ def test_dry_run_refuses_a_bad_payload_clearly(config: Path, tmp_path: Path) -> 
     assert "$.tracking[0].uuid: uuid missing (isendu would get HTTP 400)" in out.stderr
 
 
+def test_dry_run_warns_of_a_body_with_neither_order_nor_tracking(config: Path,
+                                                                 tmp_path: Path) -> None:
+    """As `serve` warns: a mistyped top-level key is accepted, and nothing comes of it."""
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"orders": [{"uuid": "a"}]}')
+    out = bridge("dry-run", str(typo), "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert (f"warning: {typo}: the body has neither keyId, order nor tracking (its keys: "
+            "'orders'); isendu's answer would be 200, as for an empty batch") in out.stderr
+    assert "0 items, 0 deliveries" in out.stderr  # the summary, after the warning
+
+
 def test_dry_run_takes_a_history_and_says_what_it_skips_and_why(
         config: Path, tmp_path: Path) -> None:
     """Several files in order (or a .jsonl of batches) are one history: a late, older
