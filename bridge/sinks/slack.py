@@ -389,6 +389,15 @@ class SlackSink(Sink):
         if delivery.payload.get("status", "").upper() in self._broadcast:
             body["reply_broadcast"] = True
         answer = await self._call("chat.postMessage", body)
+        posted, ts = answer.get("message"), answer.get("ts")
+        if (isinstance(posted, dict) and posted.get("thread_ts") != parent
+                and isinstance(ts, str) and ts):
+            # The parent was deleted before any reply: Slack posted this one at the
+            # channel's root without a word. It is the thread's first message now, or every
+            # later update would land at the root too.
+            await self.memory.remember(self._scope, delivery.item_uuid, ts, time.time())
+            log.info("the thread's first message is gone; this update starts a new thread",
+                     extra={"sink": self.name, "delivery_id": delivery.id})
         await self._remember_channel(answer.get("channel"))
 
     async def _update_parent(self, parent: str, message: dict[str, Any],

@@ -154,11 +154,20 @@ class FakeSlack(FakeService):
         self.accept()
         self.posted += 1
         ts = f"1700000000.{100 * self.posted:06d}"
-        self.messages[ts] = {**data, "channel": channel}
+        kept = {**data, "channel": channel}
+        thread: dict[str, str] = {}
+        parent = self.messages.get(str(data.get("thread_ts")))
+        if "thread_ts" in data and (parent is None or parent["channel"] != channel):
+            # As Slack does for a parent deleted before any reply: no error, the message is
+            # posted at the channel's root, and its answer names no thread.
+            del kept["thread_ts"]
+        elif "thread_ts" in data:
+            thread = {"thread_ts": data["thread_ts"]}
+        self.messages[ts] = kept
         # As Slack does: the message posted comes back whole, its blocks too.
         answer = web.json_response({"ok": True, "channel": channel, "ts": ts, "message": {
             "type": "message", "subtype": "bot_message", "bot_id": "B0BRIDGE",
-            "text": data.get("text"), "blocks": data.get("blocks"), "ts": ts}})
+            "text": data.get("text"), "blocks": data.get("blocks"), "ts": ts, **thread}})
         assert answer.body is not None
         self.answer_bytes = len(bytes(answer.body))  # type: ignore[arg-type]
         return answer
@@ -565,6 +574,26 @@ async def test_a_deleted_parent_starts_a_new_thread(
     await _post_one(bridge, snapshot("IN_TRANSIT", 2))
     new_parent = fake.posts()[-1]
     assert "thread_ts" not in new_parent and "step 2: IN_TRANSIT" in new_parent["text"]
+    assert await bridge.rt.store.recall(SCOPE, TRACKING_FAILED["uuid"]) == \
+        "1700000000.000200"
+
+
+async def test_a_parent_deleted_before_any_reply_starts_a_new_thread_without_edits(
+    make_bridge: BridgeFactory, slack: tuple[FakeSlack, str]
+) -> None:
+    """Without update_parent nothing asks Slack about the parent: the reply to a deleted one
+    is posted at the channel's root (Slack says so only by leaving thread_ts out of its
+    answer), and becomes the thread's first message for the updates after it."""
+    fake, url = slack
+    bridge = await make_bridge(bot_config("    thread_by: shipment"), env(url))
+    await _post_one(bridge, snapshot("PICKED_UP", 1))
+    del fake.messages["1700000000.000100"]  # deleted before any reply
+    await _post_one(bridge, snapshot("IN_TRANSIT", 2))
+    await _post_one(bridge, snapshot("DELIVERED", 3))
+    _, to_the_deleted, last = fake.posts()
+    assert to_the_deleted["thread_ts"] == "1700000000.000100"  # landed at the root
+    assert "thread_ts" not in fake.messages["1700000000.000200"]
+    assert last["thread_ts"] == "1700000000.000200"  # under the message that did
     assert await bridge.rt.store.recall(SCOPE, TRACKING_FAILED["uuid"]) == \
         "1700000000.000200"
 
