@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import aiohttp
 import yarl
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
 from bridge.errors import TemplateRenderError, TransientSinkError
@@ -62,6 +62,15 @@ class DiscordSinkConfig(SinkConfigBase):
     timeout: PositiveDuration = 10.0
     # A webhook allows a few requests a second; one at a time also keeps messages in order.
     concurrency: int = Field(1, ge=1, le=1024, description="sends in flight at once")
+
+    @field_validator("username")
+    @classmethod
+    def _username_allowed(cls, v: str | None) -> str | None:
+        # Discord refuses such a name on every message (400 Invalid Form Body).
+        if v is not None and any(word in v.lower() for word in ("discord", "clyde")):
+            raise ValueError(f"expected a name without 'discord' or 'clyde' in it (Discord "
+                             f"refuses those for webhooks), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _url(self) -> DiscordSinkConfig:
@@ -110,7 +119,16 @@ def fit_total(e: dict[str, Any]) -> dict[str, Any]:
     parts += [f["name"] + f["value"] for f in e.get("fields", [])]
     excess = sum(utf16_len(p) for p in parts) - EMBED_TOTAL_LIMIT
     if excess > 0 and "description" in e:
-        e["description"] = cut(e["description"], max(1, utf16_len(e["description"]) - excess))
+        before = utf16_len(e["description"])
+        e["description"] = cut(e["description"], max(1, before - excess))
+        excess -= before - utf16_len(e["description"])
+    # Still over (long values in several fields): the longest values are cut, one by one.
+    for f in sorted(e.get("fields", []), key=lambda f: -utf16_len(f["value"])):
+        if excess <= 0:
+            break
+        before = utf16_len(f["value"])
+        f["value"] = cut(f["value"], max(1, before - excess))
+        excess -= before - utf16_len(f["value"])
     return e
 
 

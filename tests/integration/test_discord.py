@@ -100,6 +100,35 @@ async def test_limits_cut_with_an_ellipsis_never_rejected(
     assert loud["allowed_mentions"] == {"parse": []}  # shown, but pings nobody
 
 
+async def test_an_embed_of_many_long_fields_is_cut_to_discord_s_total(
+    make_bridge: BridgeFactory, discord: tuple[FakeDiscord, str]
+) -> None:
+    """Each field within its 1,024 but all of them over the embed's 6,000: the longest
+    values are cut (a step without a description leaves nothing else to cut)."""
+    fake, url = discord
+
+    def snapshot(status: str, minute: int) -> dict[str, Any]:
+        step = {"datetime": "2025-11-05 10:15:00", "timestamp": f"2025-11-05T09:{minute}:00Z",
+                "timezone": "Europe/Rome", "status": "DELIVERED", "location": "L" * 5000,
+                "error": {"code": "E1", "message": "M" * 5000}}
+        return {**long_tracking(), "trackingNumber": "T" * 500, "status": status,
+                "recipient": {"city": "C" * 3000, "country": "IT"},
+                "total": {"amount": 1, "currency": "U" * 3000}, "steps": [step]}
+
+    bridge = await make_bridge(CONFIG, {"DISCORD_URL": url})
+    await bridge.post({"tracking": [snapshot("A" * 5000, 10)]})
+    await bridge.post({"tracking": [snapshot("B" * 5000, 20)]})  # adds a "Was" field
+    await fake.wait_for(2)
+    await delivered(bridge, 2)
+    assert len(fake.accepted) == 2  # the fake refuses an embed over 6,000, as Discord does
+    [embed] = fake.accepted[1].json()["embeds"]
+    assert "description" not in embed
+    assert "Was" in [f["name"] for f in embed["fields"]]
+    total = (len(embed["title"]) + len(embed.get("footer", {}).get("text", ""))
+             + sum(len(f["name"]) + len(f["value"]) for f in embed["fields"]))
+    assert 5_900 < total <= 6_000, total
+
+
 async def test_markdown_in_item_text_is_shown_literally(
     make_bridge: BridgeFactory, discord: tuple[FakeDiscord, str]
 ) -> None:
