@@ -54,24 +54,41 @@ def text_block(text: str, **style: Any) -> dict[str, Any]:
     return {"type": "TextBlock", "text": text, "wrap": True, **style}
 
 
+# One card's whole body, in bytes, as DIGEST_BODY_BUDGET: the caps above are characters,
+# and a card of long CJK or emoji values (3-4 bytes each) in every part passes 28 KB.
+CARD_BODY_BUDGET = DIGEST_BODY_BUDGET
+URL_LIMIT = 2000  # a longer link is left out (a cut one would lead nowhere)
+
+
 def card(s: Summary, headline: str, details: bool, with_status: bool) -> dict[str, Any]:
-    """An Adaptive Card 1.4: headline, latest step, facts, error box, footer, track button."""
-    body: list[dict[str, Any]] = [text_block(cut(headline, TEXT_LIMIT), size="Medium",
+    """An Adaptive Card 1.4: headline, latest step, facts, error box, footer, track button;
+    its texts cut shorter and shorter until the message fits CARD_BODY_BUDGET."""
+    for share in (1.0, 0.5, 0.25, 0.1):
+        content = _card(s, headline, details, with_status, int(TEXT_LIMIT * share),
+                        int(FACT_LIMIT * share))
+        if len(workflow_message(content).encode()) <= CARD_BODY_BUDGET:
+            break
+    return content
+
+
+def _card(s: Summary, headline: str, details: bool, with_status: bool, text_limit: int,
+          fact_limit: int) -> dict[str, Any]:
+    body: list[dict[str, Any]] = [text_block(cut(headline, text_limit), size="Medium",
                                              weight="Bolder", color=_COLOR[s.tone])]
     actions: list[dict[str, Any]] = []
     if details:
         if s.step is not None and s.step.description:
-            body.append(text_block(cut(s.step.description, TEXT_LIMIT), spacing="Small"))
-        facts = [{"title": k, "value": cut(v, FACT_LIMIT)}
+            body.append(text_block(cut(s.step.description, text_limit), spacing="Small"))
+        facts = [{"title": cut(k, fact_limit), "value": cut(v, fact_limit)}
                  for k, v in s.facts(with_status=with_status) if k != "Latest step"]
         if facts:
             body.append({"type": "FactSet", "facts": facts})
         if s.error:
             body.append({"type": "Container", "style": "attention", "items": [
-                text_block(f"⚠️ {cut(s.error, TEXT_LIMIT)}", weight="Bolder",
+                text_block(f"⚠️ {cut(s.error, text_limit)}", weight="Bolder",
                            color="Attention")]})
-        body.append(footer(s.route))
-        if s.url:
+        body.append(footer(cut(s.route, fact_limit)))
+        if s.url and len(s.url) <= URL_LIMIT:
             label = "Track shipment" if s.kind == "tracking" else "Open"
             actions.append({"type": "Action.OpenUrl", "title": label, "url": s.url})
     return adaptive_card(body, actions)

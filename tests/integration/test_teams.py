@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from bridge.sinks.teams import CARD_BODY_BUDGET
 from tests.conftest import BridgeFactory
 from tests.helpers.chat_services import TEAMS_MAX_BYTES, FakeTeams
 from tests.helpers.receiver import Answer
@@ -147,6 +148,38 @@ async def test_ten_thousand_character_description_is_cut(
     assert step == "x" * 1999 + "…"
     assert len(req.body) < 28_000  # Teams' message size limit
     await delivered(bridge)
+
+
+async def test_a_card_long_in_every_part_fits_a_teams_message(
+    make_bridge: BridgeFactory, teams: tuple[FakeTeams, str]
+) -> None:
+    """Each part within its cap of characters, but CJK text (3 bytes each) and quotes
+    (escaped, 2 bytes) in all of them: the texts are cut shorter until the whole message is
+    within CARD_BODY_BUDGET, well inside the 28,672 bytes Teams counts (more than the body:
+    Workflows fail such a message after answering 202, unseen)."""
+    fake, url = teams
+    han, quotes = "運" * 6000, '"' * 6000
+
+    def snapshot(status: str, minute: int) -> dict[str, Any]:
+        step = {"datetime": "2025-11-05 10:15:00", "timestamp": f"2025-11-05T09:{minute}:00Z",
+                "timezone": "Europe/Rome", "status": "DELIVERED", "description": quotes,
+                "location": han, "error": {"code": "E1", "message": han}}
+        return {**long_tracking(), "trackingNumber": han, "status": status,
+                "trackingUrl": "https://track.example.com/?q=" + "a" * 3000,
+                "recipient": {"city": han, "country": han},
+                "total": {"amount": 1, "currency": han}, "steps": [step]}
+
+    bridge = await make_bridge(CONFIG, {"TEAMS_URL": url})
+    await bridge.post({"tracking": [snapshot(han + "A", 10)]})
+    await bridge.post({"tracking": [snapshot(han + "B", 20)]})  # a "Was" fact too
+    got = await fake.wait_for(2)
+    await delivered(bridge, 2)
+    assert len(fake.accepted) == 2
+    assert all(len(r.body) <= CARD_BODY_BUDGET for r in got), [len(r.body) for r in got]
+    content = got[1].json()["attachments"][0]["content"]
+    texts = [b.get("text", "") for b in content["body"]]
+    assert texts[0].startswith("⚠️ Shipment [運") and texts[0].endswith("…")
+    assert "actions" not in content  # a link too long to show whole is left out
 
 
 async def test_429_retry_after_then_202(
