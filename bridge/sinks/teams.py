@@ -60,15 +60,16 @@ CARD_BODY_BUDGET = DIGEST_BODY_BUDGET
 URL_LIMIT = 2000  # a longer link is left out (a cut one would lead nowhere)
 
 
-def card(s: Summary, headline: str, details: bool, with_status: bool) -> dict[str, Any]:
-    """An Adaptive Card 1.4: headline, latest step, facts, error box, footer, track button;
-    its texts cut shorter and shorter until the message fits CARD_BODY_BUDGET."""
+def card_message(s: Summary, headline: str, details: bool, with_status: bool) -> str:
+    """The Workflows message of an Adaptive Card 1.4 (headline, latest step, facts, error
+    box, footer, track button), its texts cut shorter and shorter until it fits
+    CARD_BODY_BUDGET."""
     for share in (1.0, 0.5, 0.25, 0.1):
-        content = _card(s, headline, details, with_status, int(TEXT_LIMIT * share),
-                        int(FACT_LIMIT * share))
-        if len(workflow_message(content).encode()) <= CARD_BODY_BUDGET:
+        body = workflow_message(_card(s, headline, details, with_status,
+                                      int(TEXT_LIMIT * share), int(FACT_LIMIT * share)))
+        if len(body.encode()) <= CARD_BODY_BUDGET:
             break
-    return content
+    return body
 
 
 def _card(s: Summary, headline: str, details: bool, with_status: bool, text_limit: int,
@@ -141,8 +142,8 @@ class TeamsSink(Sink):
         template = message or self.config.message
         headline = (template.render(ctx.vars(route, delivery_id)) if template
                     else default_headline(s))
-        content = card(s, headline, self.config.details, with_status=template is not None)
-        return {"body": workflow_message(content)}
+        return {"body": card_message(s, headline, self.config.details,
+                                     with_status=template is not None)}
 
     supports_digest = True
 
