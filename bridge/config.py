@@ -665,11 +665,16 @@ def _clean_loc(loc: tuple[Any, ...], data: Any, names_key: bool) -> KeyPath:
         last = n == len(loc) - 1
         in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
-        if (in_dict and not last and not isinstance(node[part], dict | list)
-                and loc[n + 1] in node):
-            # A union's tag that is also a key here (`changed` in {changed: status, path:
-            # ...}): the next part is this mapping's own key, not one inside that value.
-            continue
+        if in_dict and not last:
+            child, nxt = node[part], loc[n + 1]
+            inside = ((isinstance(child, dict) and nxt in child)
+                      or (isinstance(child, list) and isinstance(nxt, int)
+                          and nxt < len(child)))
+            if not inside and nxt in node:
+                # A union's tag that is also a key here (`changed` in {changed: status,
+                # path: ...}, `all` in {all: {...}, any: []}): the next part is this
+                # mapping's own key, not one inside that value.
+                continue
         if in_dict or in_list:
             out.append(part)
             node = node[part]
@@ -692,6 +697,9 @@ def _message(err: Any, path: KeyPath, data: Any) -> str:
             return (f"{key!r} cannot stand beside the other keys of this condition: a "
                     f"condition is ONE of path with an operator, all:, any:, not:, changed:, "
                     f"transition: or first_seen:; to need several, list them under all:")
+        if path and path[0] == "routes" and "when" in path and key in Route.model_fields:
+            return (f"{key!r} is a key of the route, not of its condition: write it beside "
+                    f"`when:` (as `name:` and `to:` are), not inside it")
         hint = difflib.get_close_matches(key, allowed, n=1)
         text = f"unknown key {key!r}"
         if hint:
@@ -725,6 +733,16 @@ def _in_words(etype: str, ctx: dict[str, Any], path: KeyPath, given: Any) -> str
     ("Input should be a valid dictionary"), said as `expected ..., got ...` (None: one
     that says enough already, such as a list of allowed values)."""
     got = what_was_given(given, secret=_may_hold_a_secret(path))
+    if etype == "literal_error":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        if options:
+            text = f"expected one of: {', '.join(options)}; got {got}"
+            if isinstance(given, str) and not _may_hold_a_secret(path):
+                lower = {o.lower(): o for o in options}
+                hint = difflib.get_close_matches(given.lower(), list(lower), n=1)
+                if hint:
+                    text += f"; did you mean {lower[hint[0]]!r}?"
+            return text
     if etype in ("dict_type", "model_type", "model_attributes_type"):
         return f"expected {_mapping_meant(path)}, got {got}"
     if etype == "list_type":

@@ -255,8 +255,8 @@ def test_every_problem_of_a_kafka_sink_is_its_own_line_in_one_run(tmp_path: Path
         load_config(path, env={})
     expected = [
         ":2: sinks.kafka: enable_idempotence needs acks: all (got acks: 1)",
-        ":7: sinks.kafka.compression: Input should be 'none', 'gzip', 'snappy', 'lz4' or "
-        "'zstd' (got 'brotli')",
+        ":7: sinks.kafka.compression: expected one of: none, gzip, snappy, lz4, zstd; "
+        "got 'brotli'",
         ":2: sinks.kafka: sasl_username given, but security_protocol is PLAINTEXT; "
         "expected SASL_PLAINTEXT or SASL_SSL",
         ":2: sinks.kafka: ca_file is only used with TLS, but security_protocol is "
