@@ -88,6 +88,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         "sinks": sorted(rt.sinks), "routes": [r.name for r in cfg.routes], "version": __version__,
         "gc_frozen_objects": gc.get_freeze_count()})
     _warn_of_demo_secrets(loaded, host, port)
+    for warning in loaded.source.warnings:
+        log.warning(f"config: {warning}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     got: list[signal.Signals] = []
@@ -192,6 +194,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     built = build_sinks(cfg)
     register_secrets(cfg, built)
     print(f"{loaded.source.file}: OK")
+    for warning in loaded.source.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     # A token in the path, written literally, is masked as it is in the logs.
     print(redact(f"server: listen {cfg.server.listen}, webhook_path "
                  f"{raw.get(('server', 'webhook_path'), cfg.server.webhook_path)}, "

@@ -26,6 +26,10 @@ _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # secret does not show it. `${{` is a dollar sign before a template expression
 # ("${{ item.total.amount }}"), not a reference.
 _NOT_A_VAR = re.compile(r"\$\{(?!\{)")
+# `$ISENDU_SECRET`: a shell's way to name a variable, which this file does not read. Only
+# warned of (a secret may hold a `$`), and only in a credential's value, where it would
+# be sent as the secret itself.
+_BARE_VAR = re.compile(r"(?<![\w$])\$([A-Z][A-Z0-9_]{2,})\b")
 
 
 def variables_in(text: str) -> list[str]:
@@ -62,6 +66,8 @@ class Source:
     # an empty value where a variable was unset (`unset`) are left out.
     problems: list[str] = field(default_factory=list)
     unset: list[KeyPath] = field(default_factory=list)  # where a variable was unset ("" left)
+    # Valid, but probably not meant (`check` prints them, `serve` logs them at start).
+    warnings: list[str] = field(default_factory=list)
 
     def line_of(self, path: KeyPath) -> int | None:
         for end in range(len(path), -1, -1):
@@ -84,6 +90,7 @@ class _Builder:
         self.raw: dict[KeyPath, str] = {}
         self.problems: list[str] = []
         self.unset: list[KeyPath] = []
+        self.warnings: list[str] = []
         self._scalars = yaml.SafeLoader("")  # only its scalar constructors are used
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
@@ -131,6 +138,13 @@ class _Builder:
                 REDACTOR.add_guessed(value)
             return value
 
+        bare = _BARE_VAR.search(_VAR.sub("", text))
+        if bare and path and isinstance(path[-1], str) and names_a_credential(path[-1]):
+            # The name is not quoted: it is part of a secret's value as written.
+            self.warnings.append(
+                f"{self.file}:{node.start_mark.line + 1}: {format_path(path)}: a `$NAME` in "
+                f"this value is taken as written, not read from the environment; write "
+                f"${{NAME}} to read a variable")
         if _NOT_A_VAR.search(_VAR.sub("", text)):
             self._problem(node, path, "this value has a `${` that starts no variable; "
                           "expected ${NAME} or ${NAME:-default} (NAME: letters, digits and _), "
@@ -185,4 +199,4 @@ def load_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Sou
     builder = _Builder(file, os.environ if env is None else env)
     data = builder.build(node, ())
     return Source(file=file, data=data, lines=builder.lines, raw=builder.raw,
-                  problems=builder.problems, unset=builder.unset)
+                  problems=builder.problems, unset=builder.unset, warnings=builder.warnings)

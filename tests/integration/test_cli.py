@@ -483,6 +483,26 @@ def test_check_shows_the_storage_in_use_and_never_a_database_password(tmp_path: 
     assert "pw-0123456789" not in out.stdout and "${" not in out.stdout
 
 
+def test_a_shell_style_variable_in_a_secret_is_warned_of(tmp_path: Path) -> None:
+    """`secret: $ISENDU_SECRET` is valid YAML and a valid secret, but the secret would be
+    that text: `check` warns, naming where, not the value (it is the secret as written)."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("integrations: [{key_id: k, secret: $ISENDU_SECRET}]\n"
+                    "sinks:\n  h: {type: http, url: 'https://erp.example.com/x',\n"
+                    "      headers: {Authorization: 'Bearer $ERP_TOKEN'}}\n"
+                    "  c: {type: console, message: 'costs $USD 5'}\n"
+                    "routes: [{name: r, to: [h, c]}]\n")
+    out = bridge("check", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    warned = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [
+        f"warning: {path}:1: integrations[0].secret: a `$NAME` in this value is taken as "
+        "written, not read from the environment; write ${NAME} to read a variable",
+        f"warning: {path}:4: sinks.h.headers.Authorization: a `$NAME` in this value is taken "
+        "as written, not read from the environment; write ${NAME} to read a variable"]
+    assert "ISENDU_SECRET" not in out.stdout + out.stderr  # a message's `$USD` is no secret
+
+
 def test_a_bridge_storage_the_config_does_not_read_is_said(tmp_path: Path) -> None:
     """The image sets BRIDGE_STORAGE; a config of one's own that writes `storage:` another
     way (or not at all) uses another database, and `check` and `migrate` say so."""
