@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import html
 import json
+import logging
 import ssl
 from email.message import EmailMessage
 from typing import Annotated, Any, Literal
@@ -24,6 +25,8 @@ from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink
 from bridge.sinks.chat import Summary, burst_problem, cut, one_line, summarize
 from bridge.templates import Template, as_html
+
+log = logging.getLogger("bridge.sinks.email")
 
 DEFAULT_PORT = {"none": 25, "starttls": 587, "tls": 465}
 SUBJECT_LIMIT = 200
@@ -226,17 +229,32 @@ class EmailSink(Sink):
 
     async def send(self, delivery: Delivery) -> None:
         if "mails" not in delivery.payload:
-            await self._submit(*self.build(delivery.payload, delivery.id))
+            await self._submit(*self.build(delivery.payload, delivery.id), delivery.id)
             return
-        # A digest: a retry after a partial failure may repeat earlier mails; their
-        # Message-IDs are stable, so mail clients show them once.
-        for i, mail in enumerate(json.loads(delivery.payload["mails"])):
-            await self._submit(*self.build(mail, f"{delivery.id}.{i}"))
+        # A digest: one mail per group of recipients. A group refused does not keep the
+        # others from theirs; a retry (after a transient failure) sends every mail again,
+        # and their stable Message-IDs make mail clients show each once.
+        mails = json.loads(delivery.payload["mails"])
+        failed: list[SinkError] = []
+        for i, mail in enumerate(mails):
+            try:
+                await self._submit(*self.build(mail, f"{delivery.id}.{i}"), delivery.id)
+            except SinkError as exc:
+                failed.append(exc)
+        if not failed:
+            return
+        sent = f"{len(mails) - len(failed)} of the digest's {len(mails)} mails were sent"
+        first = next((e for e in failed if isinstance(e, TransientSinkError)), failed[0])
+        reason = f"{first.reason} ({sent})"
+        if isinstance(first, TransientSinkError):
+            raise TransientSinkError(reason, first.kind, first.retry_after, status=first.status)
+        raise PermanentSinkError(reason, first.kind)
 
-    async def _submit(self, msg: EmailMessage, recipients: list[str]) -> None:
+    async def _submit(self, msg: EmailMessage, recipients: list[str], delivery_id: str
+                      ) -> None:
         c = self.config
         try:
-            _refused, _ = await aiosmtplib.send(
+            refused, _ = await aiosmtplib.send(
                 msg, sender=email.utils.parseaddr(c.from_)[1], recipients=recipients,
                 hostname=c.host, port=c.port or DEFAULT_PORT[c.security],
                 username=c.username,
@@ -252,8 +270,14 @@ class EmailSink(Sink):
         except OSError as exc:
             raise TransientSinkError(f"cannot reach the SMTP server: {exc.__class__.__name__}",
                                      "connection_error") from None
-        # Some recipients refused while others accepted: resending would duplicate the mail
-        # to those who got it, so this counts as sent (the refusals are in the server's log).
+        if refused:
+            # Some recipients refused while others accepted: resending would duplicate the
+            # mail to those who got it, so it counts as sent, and the refusals are said.
+            log.warning("SMTP server refused some recipients; the mail went to the others",
+                        extra={"sink": self.name, "delivery_id": delivery_id,
+                               "refused": len(refused), "recipients": len(recipients),
+                               "answers": sorted({f"{code} {cut(one_line(text), 120)}"
+                                                  for code, text in refused.values()})})
 
 
 def smtp_error(exc: aiosmtplib.SMTPException) -> SinkError:
@@ -270,6 +294,10 @@ def smtp_error(exc: aiosmtplib.SMTPException) -> SinkError:
         reason = f"SMTP server answered {exc.code} {cut(one_line(exc.message), 200)}"
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code >= 500:
             return PermanentSinkError(reason, "auth_error")
+        if exc.code == 421:
+            # Service not available, closing the channel (shutting down, restarting,
+            # overloaded): the server is away as a whole, as with a 503.
+            return TransientSinkError(reason, "connection_error")
         if 400 <= exc.code < 500:
             return TransientSinkError(reason, "server_error")
         if exc.code >= 500:
@@ -285,4 +313,8 @@ def smtp_error(exc: aiosmtplib.SMTPException) -> SinkError:
         # e.g. `security: starttls` but the server offers no STARTTLS, or AUTH without TLS.
         return PermanentSinkError(f"SMTP server does not support what the sink needs: "
                                   f"{one_line(exc.message)}", "config_error")
+    if "not supported by server" in str(exc):
+        # aiosmtplib raises a plain SMTPException when STARTTLS or AUTH is not offered.
+        return PermanentSinkError(f"SMTP server does not support what the sink needs: "
+                                  f"{cut(one_line(str(exc)), 200)}", "config_error")
     return TransientSinkError(f"SMTP error: {exc.__class__.__name__}", "connection_error")

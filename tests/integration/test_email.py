@@ -204,6 +204,73 @@ async def test_451_is_retried_then_delivered(
     assert row is not None and row.attempts == 2
 
 
+async def test_421_is_the_server_away_and_spends_no_attempt(
+    make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
+) -> None:
+    """421: service not available, closing the channel (a relay restarting). Like a 503 it
+    says the server is away, not that this mail failed: more 421s than max_attempts (4)
+    dead-letter nothing, and the mail goes once the relay takes it."""
+    server = await smtp("starttls", {"bridge": PASSWORD})
+    server.handler.data_answers.extend(["421 4.3.2 Service shutting down"] * 6)
+    bridge = await make_bridge(CONFIG, env_for(server, certificate))
+    await bridge.post({"order": [ORDER]})
+    await server.wait_for(1, timeout=30)
+    await delivered(bridge, timeout=30)
+    assert server.handler.attempts == 7 and await bridge.rt.store.list_dead() == []
+
+
+async def test_a_server_without_starttls_is_a_config_error_at_once(
+    make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
+) -> None:
+    """`security: starttls` against a server that offers no STARTTLS: no outage to ride out
+    but a setting to fix, said in aiosmtplib's words."""
+    server = await smtp("plain")
+    bridge = await make_bridge(CONFIG, env_for(server, certificate))
+    await bridge.post({"order": [ORDER]})
+    [row] = await dead(bridge)
+    assert row.attempts == 1
+    assert row.last_error == ("SMTP server does not support what the sink needs: SMTP "
+                              "STARTTLS extension not supported by server.")
+
+
+async def test_recipients_refused_beside_accepted_ones_are_logged_and_the_mail_sent(
+    make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await smtp("starttls", {"bridge": PASSWORD})
+    server.handler.rcpt_answers.append("450 4.2.1 Mailbox busy, try again later")
+    bridge = await make_bridge(CONFIG, env_for(server, certificate))
+    await bridge.post({"order": [ORDER]})
+    [mail] = await server.wait_for(1)
+    await delivered(bridge)
+    assert mail.rcpt_tos == ["ops@example.com", "lead@example.com", "audit@example.com"]
+    [warning] = [r for r in caplog.records if "refused some recipients" in r.getMessage()]
+    assert (warning.__dict__["refused"], warning.__dict__["recipients"]) == (1, 4)
+    assert warning.__dict__["answers"] == ["450 4.2.1 Mailbox busy, try again later"]
+
+
+async def test_a_digest_group_refused_does_not_keep_the_others_from_their_mail(
+    make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
+) -> None:
+    server = await smtp("starttls", {"bridge": PASSWORD})
+    config = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
+                            '"{{ item.recipient.email }}"').replace(
+        "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "") + \
+        "    group: {window: 300ms}\n"
+    server.handler.rcpt_answers.append("550 5.1.1 User unknown")  # the first group's only one
+    bridge = await make_bridge(config, env_for(server, certificate))
+    other = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
+             "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
+    await bridge.post({"order": [ORDER, other]})
+    [mail] = await server.wait_for(1)
+    dead_rows = await dead(bridge, 2)  # the digest's members, with the reason
+    assert mail.rcpt_tos == ["anna@example.com"]
+    assert all(r.last_error is not None and r.last_error.startswith(
+        "SMTP server refused every recipient: marco.bianchi51@example.com: 550")
+        and r.last_error.endswith("(1 of the digest's 2 mails were sent)") for r in dead_rows)
+
+
 async def test_550_recipient_is_dead_at_once(
     make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
 ) -> None:
