@@ -55,6 +55,7 @@ SETTLE_ROWS = 512
 # cost the writer ~30% less CPU a batch (benchmarks/README.md, 2026-12-08). A request that
 # arrives meanwhile waits for that one settle (~50 ms on the benchmark machine).
 SETTLE_ROWS_IDLE = 2048
+SETTLE_IDLE_FOR = 0.1  # seconds of routing at most before a settle past SETTLE_ROWS goes
 YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests, when idle
 # While requests wait for a saturated loop (bridge/pressure.py): a turn after every item
 # (asyncio runs ready callbacks in order, so a sequencer taking 5 ms per turn would get most
@@ -248,6 +249,7 @@ class Sequencer:
         rows: list[InboxBatch] = []
         pending: asyncio.Task[bool] | None = None
         weight = 0
+        chunk_started = time.perf_counter()
         for row, batch in parsed:
             started = time.perf_counter()
             outcome = batch if isinstance(batch, Failed) else await self._route(row, batch)
@@ -256,12 +258,13 @@ class Sequencer:
             outcomes.append(outcome)
             rows.append(row)
             weight += len(outcome.deliveries) if isinstance(outcome, Sequenced) else 1
-            if weight >= (SETTLE_ROWS if self.pressure.in_flight else SETTLE_ROWS_IDLE):
+            if self._settle_now(weight, time.perf_counter() - chunk_started):
                 if pending is not None and not await pending:
                     self._forget_states()  # see below
                     return
                 pending = asyncio.create_task(self._settle(rows, outcomes))
                 outcomes, rows, weight = [], [], 0
+                chunk_started = time.perf_counter()
         if pending is not None and not await pending:
             # The failed settle forgot the states while later batches were being routed:
             # those observed against an empty memory, and what they left in it is wrong.
@@ -270,6 +273,16 @@ class Sequencer:
             return
         if outcomes:
             await self._settle(rows, outcomes)
+
+    def _settle_now(self, weight: int, routing: float) -> bool:
+        """Whether the batches routed since the last settle (`weight` deliveries, `routing`
+        seconds) are settled now: at SETTLE_ROWS, or while no request is in flight and
+        routing is quick, at SETTLE_ROWS_IDLE (slow templates would otherwise keep a large
+        settle's deliveries from the dispatcher for seconds)."""
+        if weight < SETTLE_ROWS:
+            return False
+        return (weight >= SETTLE_ROWS_IDLE or self.pressure.in_flight > 0
+                or routing >= SETTLE_IDLE_FOR)
 
     def _parse(self, row: InboxBatch) -> Batch | Failed:
         try:

@@ -400,10 +400,12 @@ async def test_a_failed_settle_while_later_batches_are_routed_loses_no_change(
     assert len(await harness.notified(first, "chat")) == 1
 
 
-async def test_settles_are_short_while_a_request_is_in_flight(harness: Harness) -> None:
+async def test_settles_are_short_while_a_request_is_in_flight(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """While a request is in flight, a take is settled in transactions of about SETTLE_ROWS
     deliveries (the request's commit waits for the settle under way); while none is, of
-    about SETTLE_ROWS_IDLE (fewer commits for the same rows)."""
+    about SETTLE_ROWS_IDLE (fewer commits for the same rows), unless routing them takes
+    longer than SETTLE_IDLE_FOR (slow templates: the dispatcher would wait for them)."""
     per_batch = 100  # deliveries: 50 items of 2 routes
     batches = [[snapshot(f"s{b}-{i}", [0]) for i in range(per_batch // 2)]
                for b in range(2 * SETTLE_ROWS_IDLE // per_batch)]
@@ -416,7 +418,9 @@ async def test_settles_are_short_while_a_request_is_in_flight(harness: Harness) 
 
     harness.store.settle = counting  # type: ignore[method-assign]
     pressure = harness.sequencer.pressure
-    for in_flight, limit in ((1, SETTLE_ROWS), (0, SETTLE_ROWS_IDLE)):
+    for in_flight, idle_for, limit in ((1, 60.0, SETTLE_ROWS), (0, 60.0, SETTLE_ROWS_IDLE),
+                                       (0, 0.0, SETTLE_ROWS)):
+        monkeypatch.setattr(sequencer_module, "SETTLE_IDLE_FOR", idle_for)
         sizes.clear()
         await harness.post(*batches)
         batches = [[{**item, "uuid": "n" + item["uuid"]} for item in b] for b in batches]
@@ -427,7 +431,8 @@ async def test_settles_are_short_while_a_request_is_in_flight(harness: Harness) 
             pressure.in_flight = 0
         assert sum(sizes) == per_batch * len(batches), sizes
         # Each settle closes at the first batch that takes it to the limit.
-        assert all(limit <= n < limit + per_batch for n in sizes[:-1]), (in_flight, sizes)
+        assert all(limit <= n < limit + per_batch for n in sizes[:-1]), (in_flight, idle_for,
+                                                                          sizes)
         assert len(sizes) >= 2, sizes
 
 
