@@ -52,6 +52,7 @@ Q = queries("postgres")
 MIGRATION_LOCK = 0x6272696467  # "bridg"
 SEQUENCER_LOCK = 0x6272696468
 RELISTEN_AFTER = 2.0  # seconds before a lost listening connection is opened again
+RELISTEN_AT_MOST = 30.0  # seconds between later tries while it cannot be
 
 
 def _row(r: asyncpg.Record) -> Delivery:
@@ -161,9 +162,11 @@ class PostgresStore(Store):
     async def subscribe(self, on_batches: Callable[[], None],
                         on_deliveries: Callable[[], None]) -> None:
         self._callbacks = (on_batches, on_deliveries)
-        await self._listen()
+        if not await self._listen():
+            self._schedule_relisten()
 
-    async def _listen(self) -> None:
+    async def _listen(self, quiet: bool = False) -> bool:
+        """Open the listening connection; False (said once, unless `quiet`) if it cannot."""
         assert self._callbacks is not None
         on_batches, on_deliveries = self._callbacks
         try:
@@ -171,20 +174,30 @@ class PostgresStore(Store):
             await conn.add_listener("bridge_inbox", lambda *_: on_batches())
             await conn.add_listener("bridge_deliveries", lambda *_: on_deliveries())
         except Exception as exc:  # polling covers for it meanwhile
-            log.warning("cannot listen for notifications; polling until it can",
-                        extra={"error": f"{exc.__class__.__name__}: {exc}"})
-            self._schedule_relisten()
-            return
+            if not quiet:
+                log.warning("cannot listen for notifications; polling until it can",
+                            extra={"error": str(exc) if isinstance(exc, StorageError)
+                                   else _unwritable_reason(exc)})  # StorageError: DSN masked
+            return False
         conn.add_termination_listener(lambda _c: self._schedule_relisten())
         self._listener = conn
+        return True
 
     def _schedule_relisten(self) -> None:
         if self._pool is None or (self._relisten is not None and not self._relisten.done()):
             return
 
         async def again() -> None:
-            await asyncio.sleep(RELISTEN_AFTER)
-            await self._listen()
+            # Until it works: a server away for longer than one try (a restart, a failover)
+            # must not leave this replica polling for good.
+            wait, tries = RELISTEN_AFTER, 0
+            while self._pool is not None:
+                await asyncio.sleep(wait)
+                if await self._listen(quiet=tries > 0):
+                    if tries:
+                        log.info("listening for notifications again", extra={"tries": tries + 1})
+                    return
+                tries, wait = tries + 1, min(wait * 2, RELISTEN_AT_MOST)
 
         self._relisten = asyncio.get_running_loop().create_task(again())
 
@@ -449,6 +462,12 @@ def _unwritable(exc: Exception) -> StorageUnwritable | None:
                              uncertain=isinstance(exc, _MID_STATEMENT))
 
 
+def _unwritable_reason(exc: BaseException) -> str:
+    """Why a connection failed, in our words where they apply (the server's text can name
+    hosts and ports), else the exception's class."""
+    return _out_of_reach(exc) or exc.__class__.__name__
+
+
 def _out_of_reach(exc: BaseException) -> str | None:
     """Why the server cannot be reached or written now, in our words; None if it is not
     that."""
@@ -472,7 +491,7 @@ class PoolReconnects(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and record.getMessage().startswith("Failed to restore the pool"):
             record.msg, record.args = "PostgreSQL: reconnecting the pool failed; retrying", ()
-            record.error = _out_of_reach(exc) or exc.__class__.__name__
+            record.error = _unwritable_reason(exc)
             record.exc_info = record.exc_text = None
         return True
 

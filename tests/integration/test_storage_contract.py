@@ -4,6 +4,7 @@ itself to BACKENDS and must pass."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -25,6 +26,7 @@ from bridge.models import (
 from bridge.outbox import Store, from_url
 from tests.conftest import require_service
 from tests.helpers import postgres
+from tests.helpers.tcp_proxy import TcpProxy
 
 StoreFactory = Callable[[], Awaitable[Store]]
 BACKENDS = ["memory", "sqlite", "postgres"]
@@ -882,6 +884,42 @@ async def test_postgres_notifies_other_replicas() -> None:
         finally:
             await writer.close()
             await listener.close()
+
+
+async def test_postgres_listens_again_after_an_outage_of_several_tries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listening connection is lost and the server stays out of reach for more than
+    one try to listen again: it keeps trying, and notifications are heard once it is back
+    (it gave up after one failed try, leaving the replica on 1 s polling for good)."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    from bridge.outbox import postgres as pg_store
+    monkeypatch.setattr(pg_store, "RELISTEN_AFTER", 0.05)
+    monkeypatch.setattr(pg_store, "RELISTEN_AT_MOST", 0.1)
+    async with postgres.fresh_database() as url:
+        proxy = TcpProxy(5432, 0)
+        await proxy.start()
+        writer = from_url(url)
+        listener = from_url(url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+        await writer.open(recover=True)
+        await listener.open(recover=True)
+        got = asyncio.Event()
+        try:
+            await listener.subscribe(got.set, lambda: None)
+            await proxy.go_down()  # the listening connection reset, new ones refused
+            await asyncio.sleep(0.6)  # several tries to listen again fail meanwhile
+            await proxy.start()
+            for n in range(100):  # heard once it listens again; each append notifies
+                await writer.append(batch(n + 1))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(got.wait(), 0.1)
+                if got.is_set():
+                    break
+            assert got.is_set(), "no notification heard after the server came back"
+        finally:
+            await writer.close()
+            await listener.close()
+            await proxy.go_down()
 
 
 # ---- shipment state ------------------------------------------------------------------------
