@@ -123,11 +123,27 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._stopping = self._closing = False
+        await self._say_stranded()
         for name in self.sinks:
             self._workers.append(asyncio.create_task(self._work(name), name=f"sink:{name}"))
         self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
         self._completion_writer = asyncio.create_task(self._write_completions(),
                                                       name="completions")
+
+    async def _say_stranded(self) -> None:
+        """Deliveries of a sink the config no longer names (renamed, removed) are never
+        claimed: said at start, with how to send or drop them, rather than left unseen."""
+        try:
+            pending = await self.outbox.pending_by_sink()
+        except Exception as exc:
+            log_failure(log, "counting pending deliveries per sink failed", exc)
+            return
+        for sink, n in sorted(pending.items()):
+            if sink not in self.sinks:
+                log.warning(
+                    "deliveries pending for a sink the config does not name; none is sent "
+                    "until a sink of that name is configured again",
+                    extra={"sink": sink, "pending": n, "sinks": sorted(self.sinks)})
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming; let sends in flight finish for up to `grace`; leave the rest pending."""

@@ -147,6 +147,11 @@ class Outbox(ABC):
     async def counts(self) -> dict[str, int]:
         """Number of deliveries per status (pending, delivered, dead)."""
 
+    @abstractmethod
+    async def pending_by_sink(self) -> dict[str, int]:
+        """Number of pending deliveries per sink that has any (a sink no longer in the
+        config keeps its rows: they are said at start, never claimed)."""
+
 
 class SinkMemory(ABC):
     """A sink's small durable memory, e.g. the Slack thread of a shipment."""

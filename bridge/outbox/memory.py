@@ -192,6 +192,13 @@ class MemoryStore(Store):
             out[row.status.value] += 1
         return out
 
+    async def pending_by_sink(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self._rows.values():
+            if row.status is Status.PENDING:
+                out[row.sink] = out.get(row.sink, 0) + 1
+        return out
+
     async def forget_memories(self, updated_before: float) -> int:
         old = [k for k, (_, at) in self._memory.items() if at < updated_before]
         for k in old:

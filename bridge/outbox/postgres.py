@@ -282,6 +282,9 @@ class PostgresStore(Store):
             out[row["status"]] = row["n"]
         return out
 
+    async def pending_by_sink(self) -> dict[str, int]:
+        return {r["sink"]: r["n"] for r in await self.pool.fetch(Q["pending_by_sink"])}
+
     # ---- a sink's memory ---------------------------------------------------------------
 
     async def recall(self, scope: str, key: str) -> str | None:

@@ -640,6 +640,10 @@ class SqliteStore(Store):
 
         return await self._call(read)
 
+    async def pending_by_sink(self) -> dict[str, int]:
+        return await self._call(
+            lambda c: {sink: n for sink, n in c.execute(Q["pending_by_sink"])})
+
     # ---- a sink's memory ---------------------------------------------------------------
 
     async def recall(self, scope: str, key: str) -> str | None:

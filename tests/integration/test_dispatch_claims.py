@@ -153,3 +153,30 @@ async def test_claims_held_through_a_long_pause_are_given_back_at_once(
     ids = [r.headers["webhook-id"] for r in rec.requests]
     assert len(ids) == 4 and len(set(ids[1:])) == 3  # the 429'd one again, each once
     assert (await bridge.rt.store.counts())["delivered"] == 3
+
+
+async def test_deliveries_of_a_sink_no_longer_configured_are_said_at_start(
+        aiohttp_client: Any, tmp_path: Path, caplog: Any) -> None:
+    """A sink renamed or removed keeps its pending rows, never claimed: one warning per such
+    sink at start, with how many wait, instead of a backlog nobody sees."""
+    import logging
+
+    from bridge.models import NewDelivery
+    from bridge.outbox import from_url
+
+    store = from_url(f"sqlite:///{tmp_path}/bridge.db")
+    await store.open()
+    await store.enqueue([NewDelivery(id=f"dlv_{n:032x}", sink="erp", route="all",
+                                     item_uuid=f"u{n}", kind="tracking",
+                                     payload={"body": "{}"}, batch_id="b") for n in range(3)],
+                        time.time())
+    await store.close()
+    caplog.set_level(logging.INFO)
+    rt = build_runtime(write_config(tmp_path, CONFIG.format(
+        db=f"{tmp_path}/bridge.db", url="http://127.0.0.1:1/hook", concurrency=1)))
+    client = await aiohttp_client(create_app(rt))
+    [warning] = [r for r in caplog.records if "a sink the config does not name" in
+                 r.getMessage()]
+    assert (warning.__dict__["sink"], warning.__dict__["pending"]) == ("erp", 3)
+    assert warning.__dict__["sinks"] == ["hook"]
+    await client.close()

@@ -67,6 +67,14 @@ def new(i: int, sink: str = "s", error: str | None = None) -> NewDelivery:
                        payload={"body": f"payload {i}", "x": "ü"}, batch_id="b1", error=error)
 
 
+async def test_pending_deliveries_are_counted_per_sink(box: Store) -> None:
+    await box.enqueue([new(1, "erp"), new(2, "erp"), new(3, "chat"), new(4, "chat", "bad")],
+                      100.0)  # the last one dead at once (its template failed)
+    [chat] = await box.claim("chat", 10, 100.0, 30.0)
+    await box.complete([chat.id], 101.0)
+    assert await box.pending_by_sink() == {"erp": 2}
+
+
 async def test_enqueue_stores_once_per_id(box: Store) -> None:
     assert await box.enqueue([new(1), new(2)], 100.0) == 2
     assert await box.enqueue([new(2), new(3)], 101.0) == 1  # a repeated item is not stored twice

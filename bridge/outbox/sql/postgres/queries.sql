@@ -114,6 +114,9 @@ DELETE FROM deliveries WHERE status = 'delivered' AND status <> 'pending' AND up
 -- name: count_by_status
 SELECT status, COUNT(*) AS n FROM deliveries GROUP BY status
 
+-- name: pending_by_sink
+SELECT sink, COUNT(*) AS n FROM deliveries WHERE status = 'pending' GROUP BY sink
+
 -- name: notify_deliveries
 SELECT pg_notify('bridge_deliveries', '')
 

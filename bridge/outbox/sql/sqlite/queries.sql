@@ -134,6 +134,10 @@ SELECT status, COUNT(*) FROM deliveries WHERE status <> 'pending' GROUP BY statu
 -- name: count_pending
 SELECT COUNT(*) FROM deliveries WHERE status = 'pending'
 
+-- name: pending_by_sink
+-- Through deliveries_due (sink, next_attempt_at, seq), which holds the pending rows only.
+SELECT sink, COUNT(*) FROM deliveries WHERE status = 'pending' GROUP BY sink
+
 -- ---- a sink's memory ---------------------------------------------------------------------
 
 -- name: recall
