@@ -44,6 +44,9 @@ log = logging.getLogger("bridge.storage")
 
 T = TypeVar("T")
 MAX_GROUP = 256  # operations per commit; bounds how long one transaction holds the lock
+# Seconds the clock may go back before pending deliveries are moved back with it (less is
+# waited out: new deliveries are stored as of the last ones).
+CLOCK_STEP = 60.0
 Q = queries("sqlite")
 
 def stored_id(delivery_id: str) -> bytes | str:
@@ -340,7 +343,27 @@ class SqliteStore(Store):
             return full
         return exc
 
-    def _storing_at(self, now: float) -> float:
+    async def _storing_at(self, now: float) -> float:
+        """When deliveries stored `now` are stored: no earlier than the last ones (the
+        claim's per-shipment order relies on it, an NTP step back included). A clock gone
+        back further than CLOCK_STEP (a host that booted with its clock in the future, a VM
+        restored) would make everything stored from now on wait until the clock is back
+        there, however long: what is pending is moved back by the step instead, in order."""
+        step = self._stored_at - now
+        if step > CLOCK_STEP:
+            def shift(c: sqlite3.Connection) -> int:
+                before = c.total_changes
+                c.execute(Q["shift_pending"], {"step": step})
+                return c.total_changes - before
+
+            before, self._stored_at = self._stored_at, now  # a concurrent store: no 2nd shift
+            try:
+                moved = await self._call(shift)
+            except BaseException:
+                self._stored_at = max(self._stored_at, before)  # found again next time
+                raise
+            log.warning("the clock went back; pending deliveries moved back with it",
+                        extra={"seconds": round(step, 3), "deliveries": moved})
         self._stored_at = max(self._stored_at, now)
         return self._stored_at
 
@@ -539,7 +562,7 @@ class SqliteStore(Store):
     # ---- outbox ------------------------------------------------------------------------
 
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:
-        chunks = insert_statements(deliveries, self._storing_at(now))
+        chunks = insert_statements(deliveries, await self._storing_at(now))
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
@@ -614,7 +637,7 @@ class SqliteStore(Store):
 
     async def replay(self, ids: list[str] | None, now: float) -> int:
         # Stored again, so due no earlier than what was stored before it (_storing_at).
-        at = self._storing_at(now)
+        at = await self._storing_at(now)
 
         def write(c: sqlite3.Connection) -> int:
             before = c.total_changes
@@ -675,7 +698,7 @@ class SqliteStore(Store):
 
     async def settle(self, outcomes: list[Outcome], now: float) -> list[int | None]:
         # Parameters built here, on the event loop: the writer only binds and steps.
-        at = self._storing_at(now)
+        at = await self._storing_at(now)
         prepared = [(o, None if isinstance(o, Failed) else insert_statements(o.deliveries, at))
                     for o in outcomes]
         revived = {o.batch_id: revive_params(o.deliveries, at) for o in outcomes

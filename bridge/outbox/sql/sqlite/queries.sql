@@ -14,6 +14,13 @@ VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 -- When the newest delivery was stored (sqlite.py keeps later ones from being stored earlier).
 SELECT enqueued_at FROM deliveries ORDER BY seq DESC LIMIT 1
 
+-- name: shift_pending
+-- The clock went back further than CLOCK_STEP (sqlite.py): what waits keeps its order and
+-- its waits, moved onto the clock as it is now.
+UPDATE deliveries SET next_attempt_at = next_attempt_at - :step,
+    lease_until = lease_until - :step
+WHERE status = 'pending'
+
 -- name: claim
 -- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
 -- this sink is pending, in flight, waiting for a retry or not yet due. Those that can be in
