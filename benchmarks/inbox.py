@@ -331,7 +331,7 @@ class Bench:
             PYTHON, SINK_SERVER, "--port", str(port), "--mode", a.inbox_backlog_receiver])
         sink = f"http://{HOST}:{port}"
         wait_ready(sink + "/healthz", child)
-        config = bridge_config(free_port(), sink + "/hook", db, sink_timeout="1h",
+        config = bridge_config(free_port(), sink + "/hook", db, sink_timeout="3m",
                                sink_concurrency=a.sink_concurrency)
         started = time.monotonic()
         bridge, base = start_bridge(self.kids, "bridge-inbox-backlog", config, a.log_level,

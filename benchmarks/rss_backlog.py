@@ -69,7 +69,7 @@ def run_backlog(kids: Children, *, pending: int, mode: str, concurrency: int,
     sink = start_sink(kids, f"sink-{mode}", mode)
     db = kids.workdir / f"backlog-{mode}" / "bridge.db"
     port = free_port()
-    config = bridge_config(port, sink + "/hook", db, sink_timeout="1h")
+    config = bridge_config(port, sink + "/hook", db, sink_timeout="3m")
     if per_item is None:
         per_item = routes_per_item(kids.workdir, config, src)["per_item"]
     bridge, base = start_bridge(kids, f"bridge-backlog-{mode}", config, log_level, src)

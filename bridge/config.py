@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, Union
 
@@ -40,6 +40,7 @@ from bridge.config_types import (
 )
 from bridge.errors import ConfigError
 from bridge.models import Kind
+from bridge.outbox.base import LEASE_SECONDS, lease_for
 from bridge.routing import conditions as cond
 from bridge.sinks import SINK_TYPES
 from bridge.yamlsource import KeyPath, Source, format_path, load_yaml, variables_in
@@ -446,6 +447,9 @@ else:  # a union of every registered sink type's model, told apart by `type`
     ]
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "memory")
+# A send must end within this share of its claim's lease: the rest is for writing back.
+LEASE_SHARE = 2 / 3
+
 STORAGE_EXPECTED = (
     "expected a storage URL such as sqlite:///data/bridge.db (relative), "
     "sqlite:////var/lib/bridge/bridge.db (absolute), "
@@ -532,6 +536,8 @@ class _References:
     key_ids: list[tuple[int, str]]
     sink_types: dict[str, str | None] | None  # None: `sinks` is not a mapping; unknown
     routes: list[_RouteRefs]
+    storage: str | None = None  # valid configs only, for what follows
+    timeouts: dict[str, float] = field(default_factory=dict)  # sink -> one send's timeout
 
     @classmethod
     def of(cls, cfg: BridgeConfig) -> _References:
@@ -541,6 +547,9 @@ class _References:
             routes=[_RouteRefs(i, r.name, list(r.to), r.group is not None,
                                list(r.message) if isinstance(r.message, dict) else [])
                     for i, r in enumerate(cfg.routes)],
+            storage=cfg.storage,
+            timeouts={name: t for name, sink in cfg.sinks.items()
+                      if isinstance(t := getattr(sink, "timeout", None), float)},
         )
 
     @classmethod
@@ -580,8 +589,22 @@ class _References:
 
 
 def cross_check(refs: _References) -> list[tuple[KeyPath, str]]:
-    """What a single field's validator cannot see: names that must refer to each other."""
+    """What a single field's validator cannot see: names that must refer to each other, and
+    sends that must end within the storage's lease."""
     problems: list[tuple[KeyPath, str]] = []
+    if refs.storage is not None:
+        lease = lease_for(refs.storage)
+        most = lease * LEASE_SHARE
+        for name, timeout in refs.timeouts.items():
+            if timeout > most:
+                engine, again = (("PostgreSQL", "another replica sends it again")
+                                 if lease < LEASE_SECONDS else
+                                 ("this storage", "it is sent again while the first waits"))
+                problems.append((("sinks", name, "timeout"), (
+                    f"expected at most {format_duration(most)}, got "
+                    f"{format_duration(timeout)}: {engine} leases a claimed delivery for "
+                    f"{format_duration(lease)}; a send still waiting then is taken for lost, "
+                    f"and {again}")))
     seen_keys: set[str] = set()
     for i, key_id in refs.key_ids:
         if key_id in seen_keys:

@@ -57,12 +57,23 @@ def storage_label(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+LEASE_SECONDS = 300.0
+POSTGRES_LEASE_SECONDS = 60.0  # shorter: nobody can release them at start (postgres.py)
+
+
+def lease_for(url: str) -> float:
+    """How long the store `url` names leases a claimed delivery."""
+    return POSTGRES_LEASE_SECONDS if url.startswith(("postgresql:", "postgres:")) \
+        else LEASE_SECONDS
+
+
 class Outbox(ABC):
     """Deliveries: what the sequencer made, claimed and settled by the dispatcher."""
 
     # How long a claim holds a delivery. Only matters when a process dies mid-send: then the
     # delivery waits this long before another process (or the restarted one) sends it again.
-    lease_seconds: float = 300.0
+    # A send must end well within it (config.py: sinks' timeouts), or it is sent twice.
+    lease_seconds: float = LEASE_SECONDS
 
     @abstractmethod
     async def enqueue(self, deliveries: list[NewDelivery], now: float) -> int:

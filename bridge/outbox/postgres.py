@@ -43,7 +43,7 @@ from bridge.models import (
     Outcome,
     Status,
 )
-from bridge.outbox.base import Store
+from bridge.outbox.base import POSTGRES_LEASE_SECONDS, Store
 from bridge.outbox.migrate import plan
 from bridge.outbox.sql import queries
 
@@ -78,7 +78,7 @@ def _count(status: str) -> int:
 
 
 class PostgresStore(Store):
-    lease_seconds = 60.0
+    lease_seconds = POSTGRES_LEASE_SECONDS
 
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10) -> None:
         self.dsn = dsn
