@@ -16,7 +16,7 @@ import aiohttp
 from bridge.config_types import SinkConfigBase
 from bridge.errors import PermanentSinkError, SinkError, TransientSinkError
 from bridge.models import Delivery, Kind
-from bridge.redact import redact
+from bridge.redact import MASK, redact, url_credentials, url_path_tokens
 from bridge.state import Observation, first_sight
 from bridge.templates import Template, last_step
 
@@ -207,6 +207,14 @@ def classify_http(
         raise TransientSinkError(detail, "server_error", hint, status=status)
     if status in (401, 403):
         raise PermanentSinkError(detail, "auth_error")
+    if 300 <= status < 400 and (location := headers.get("Location")):
+        # Redirects are not followed (a POST's body and method would not survive every
+        # kind): say where the receiver went, its credentials masked, so the url can be set.
+        shown = location
+        for secret in url_credentials(location) + url_path_tokens(location):
+            shown = shown.replace(secret, MASK)
+        raise PermanentSinkError(f"{detail} (redirected to {excerpt(shown)}; set the sink's "
+                                 f"url to where it points)", "client_error")
     raise PermanentSinkError(detail, "client_error")
 
 

@@ -144,6 +144,23 @@ async def test_400_is_dead_at_once_with_the_reason(
     assert len(rec.requests) == 1
 
 
+async def test_a_redirect_is_dead_at_once_saying_where_with_its_token_masked(
+    make_bridge: BridgeFactory, receiver: tuple[Receiver, str]
+) -> None:
+    """Not followed (a POST's method and body do not survive every kind of redirect): the
+    reason says where the receiver went, so the url can be set, a token in it masked."""
+    rec, url = receiver
+    moved = "https://erp.example.com/v2/hooks/Zq8xT0kenAbc123456789xyz?sig=s3cr3t-sig-value"
+    rec.answer(Answer(308, "", {"Location": moved}))
+    bridge = await make_bridge(CONFIG, {"URL": url, "SIGNING_SECRET": SECRET})
+    await bridge.post({"tracking": [TRACKING]})
+    [row] = await dead(bridge)
+    assert row.attempts == 1 and len(rec.requests) == 1
+    assert row.last_error == ("receiver answered HTTP 308 (redirected to "
+                              "https://erp.example.com/v2/hooks/********?sig=********; set "
+                              "the sink's url to where it points)")
+
+
 async def test_a_huge_error_page_is_read_only_as_far_as_its_excerpt_needs(
     make_bridge: BridgeFactory
 ) -> None:
