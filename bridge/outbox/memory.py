@@ -277,8 +277,11 @@ class MemoryStore(Store):
         return len(waiting), min(waiting, default=None), failed
 
     async def sweep_batches(self, sequenced_before: float) -> int:
+        needed = {r.batch_id for r in self._rows.values()  # by a letter with nothing rendered
+                  if r.status is Status.DEAD and not r.payload}
         old = [k for k, (_, i) in self._inbox.items() if i.status is BatchStatus.SEQUENCED
-               and i.sequenced_at is not None and i.sequenced_at < sequenced_before]
+               and i.sequenced_at is not None and i.sequenced_at < sequenced_before
+               and k not in needed]
         for k in old:
             del self._inbox[k]
         return len(old)

@@ -850,6 +850,25 @@ async def test_sweep_forgets_old_sequenced_batches_only(box: Store) -> None:
     assert [b.id for b in await box.batches(10)] == [batch(n).id for n in (4, 3, 2)]
 
 
+async def test_sweep_keeps_a_batch_a_dead_letter_with_nothing_rendered_needs(
+        box: Store) -> None:
+    """A delivery whose template failed has nothing to send: `bridge batches reroute`
+    renders it from its batch, so that batch outlives inbox_retention while the letter is
+    dead. A letter that was rendered (a receiver's 4xx) needs no batch."""
+    for n in (1, 2, 3):
+        await box.append(batch(n))
+    unrendered = dataclasses.replace(new(1, error="template failed: x"), payload={},
+                                     batch_id=batch(1).id)
+    refused = dataclasses.replace(new(2), batch_id=batch(2).id)
+    await box.settle([Sequenced(batch(1).id, [unrendered], "[]"),
+                      Sequenced(batch(2).id, [refused], "[]"),
+                      Sequenced(batch(3).id, [], "[]")], 100.0)
+    [claimed] = await box.claim("s", 10, 100.0, 30)
+    await box.dead_letter(claimed.id, "receiver answered HTTP 400", 101.0)
+    assert await box.sweep_batches(400.0) == 2
+    assert [b.id for b in await box.batches(10)] == [batch(1).id]
+
+
 async def test_the_inbox_survives_a_restart(reopen: StoreFactory) -> None:
     box = await reopen()
     await box.append(batch(1))

@@ -194,7 +194,12 @@ SELECT COUNT(*) AS n, MIN(received_at) AS oldest FROM inbox WHERE status = 'wait
 SELECT COUNT(*) FROM inbox WHERE status = 'failed' AND status <> 'waiting'
 
 -- name: sweep_batches
+-- A batch some dead letter still needs is kept: one whose template failed has nothing to
+-- send, and `bridge batches reroute` renders it again from its batch.
 DELETE FROM inbox WHERE status = 'sequenced' AND status <> 'waiting' AND sequenced_at < $1
+    AND id NOT IN (SELECT batch_id FROM deliveries
+                   WHERE status = 'dead' AND status <> 'pending' AND payload = '{}'
+                       AND batch_id IS NOT NULL)
 
 -- ---- schema and locks --------------------------------------------------------------------
 

@@ -202,7 +202,13 @@ SELECT COUNT(*), MIN(received_at) FROM inbox WHERE status = 'waiting'
 SELECT COUNT(*) FROM inbox WHERE status = 'failed' AND status <> 'waiting'
 
 -- name: sweep_batches
+-- A batch some dead letter still needs is kept: one whose template failed has nothing to
+-- send, and `bridge batches reroute` renders it again from its batch (the subquery is read
+-- once, through deliveries_settled).
 DELETE FROM inbox WHERE status = 'sequenced' AND status <> 'waiting' AND sequenced_at < ?
+    AND id NOT IN (SELECT batch_id FROM deliveries
+                   WHERE status = 'dead' AND status <> 'pending'
+                       AND payload IN (char(1), '{}') AND batch_id IS NOT NULL)
 
 -- ---- schema ------------------------------------------------------------------------------
 
