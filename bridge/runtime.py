@@ -15,7 +15,7 @@ from bridge.redact import REDACTOR, TOKEN_SEGMENT, url_credentials
 from bridge.routing.router import Router, compile_routes
 from bridge.sequencer import Sequencer, StateKeeping, state_book
 from bridge.sinks import SINK_TYPES
-from bridge.sinks.base import Sink
+from bridge.sinks.base import Sink, proxies
 
 
 def build_sinks(config: BridgeConfig) -> dict[str, Sink]:
@@ -30,6 +30,8 @@ def register_secrets(config: BridgeConfig, sinks: dict[str, Sink]) -> None:
     REDACTOR.add(*(i.secret.get_secret_value() for i in config.integrations))
     # A PostgreSQL password, in the URL's user part or its query (?password=).
     REDACTOR.add(*url_credentials(config.storage))
+    for proxy in proxies().values():  # HTTP(S)_PROXY=http://user:password@proxy:3128
+        REDACTOR.add(*url_credentials(proxy))
     for sink in sinks.values():
         REDACTOR.add(*sink.secrets())
     # A token in the webhook path is a secret too: access to intake is access to isendu data.

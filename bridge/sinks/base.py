@@ -7,6 +7,8 @@ import email.utils
 import json
 import math
 import time
+import urllib.parse
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
@@ -248,6 +250,25 @@ async def read_answer(resp: aiohttp.ClientResponse, limit: int | None = None) ->
         return b"".join(chunks).decode("utf-8", errors="replace")
 
 
+def proxies() -> dict[str, str]:
+    """HTTP_PROXY / HTTPS_PROXY (either case) by scheme, from the environment."""
+    return urllib.request.getproxies_environment()
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to `url` goes through: HTTPS_PROXY or HTTP_PROXY by its scheme,
+    unless NO_PROXY names its host. aiohttp reads none of them unless told to trust the
+    environment, which would also send ~/.netrc credentials to the receivers it names."""
+    found = proxies()
+    if not found:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    proxy = found.get(parts.scheme)
+    if proxy is None or urllib.request.proxy_bypass(parts.hostname or ""):  # NO_PROXY
+        return None
+    return proxy
+
+
 async def post_and_classify(
     session: aiohttp.ClientSession,
     method: str,
@@ -266,6 +287,7 @@ async def post_and_classify(
         async with session.request(
             method, url, data=data, headers=dict(headers),
             timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+            proxy=proxy_for(url),
         ) as resp:
             text = await read_answer(resp)
             classify_http(resp.status, resp.headers, text, what)

@@ -21,7 +21,7 @@ from multidict import CIMultiDictProxy
 from bridge.config_types import SinkConfigBase
 from bridge.errors import TransientSinkError
 from bridge.models import Kind
-from bridge.sinks.base import RenderContext, read_answer
+from bridge.sinks.base import RenderContext, proxy_for, read_answer
 
 Tone = Literal["good", "bad", "active", "neutral"]
 ELLIPSIS = "…"
@@ -321,6 +321,7 @@ async def request(
             url, data=json_body.encode(), headers={"Content-Type": "application/json",
                                                    "User-Agent": "isendu-bridge"},
             timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+            proxy=proxy_for(url),
         ) as resp:
             return resp.status, resp.headers, await read_answer(resp)
     except TimeoutError:

@@ -476,3 +476,46 @@ async def test_a_credential_echoed_in_another_case_is_masked_in_the_log_and_dlq_
     for text in outputs:
         for form in (token, token.lower(), token.upper()):
             assert form not in text
+
+
+async def test_http_proxy_from_the_environment_is_used_and_no_proxy_honoured(
+    make_bridge: BridgeFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """HTTP_PROXY / HTTPS_PROXY / NO_PROXY as every HTTP client reads them: a receiver
+    behind an egress proxy is reached through it (aiohttp reads none of them by itself),
+    one NO_PROXY names is reached directly, and the proxy's password is a secret."""
+    seen: list[tuple[str, str, str | None]] = []
+
+    async def forward_proxy(request: web.Request) -> web.Response:
+        # A plain-HTTP forward proxy gets the absolute URL; this one answers for the host.
+        seen.append((request.host, request.path, request.headers.get("Proxy-Authorization")))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward_proxy)
+    proxy = TestServer(app, port=free_port())
+    await proxy.start_server()
+    direct = Receiver()
+    direct_server = TestServer(direct.app(), port=free_port())
+    await direct_server.start_server()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://egress:pr0xy-passw0rd@127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("NO_PROXY", "localhost")
+        caplog.set_level(logging.DEBUG)
+        config = CONFIG + "  - name: direct\n    kind: tracking\n    to: near\n"
+        config = config.replace("sinks:\n", "sinks:\n  near: {type: http, url: "
+                                f"'http://localhost:{direct_server.port}/in'}}\n")
+        bridge = await make_bridge(config, {"URL": "http://erp.invalid", "SIGNING_SECRET": SECRET})
+        await bridge.post({"tracking": [TRACKING]})
+
+        async def both() -> bool:
+            return len(seen) == 1 and len(direct.requests) == 1
+        await eventually(both, what="one send through the proxy, one direct")
+        host, path, auth = seen[0]
+        assert (host, path) == ("erp.invalid", "/hooks/isendu")  # DNS never asked: the proxy was
+        assert auth == "Basic " + base64.b64encode(b"egress:pr0xy-passw0rd").decode()
+        assert_no_leak(["pr0xy-passw0rd"], caplog.records, "")
+    finally:
+        await proxy.close()
+        await direct_server.close()
