@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import math
 import time
@@ -255,6 +256,7 @@ def proxies() -> dict[str, str]:
     return urllib.request.getproxies_environment()
 
 
+@functools.lru_cache(maxsize=1024)  # a sink's few URLs: read once, not at every send
 def proxy_for(url: str) -> str | None:
     """The proxy a request to `url` goes through: HTTPS_PROXY or HTTP_PROXY by its scheme,
     unless NO_PROXY names its host. aiohttp reads none of them unless told to trust the
