@@ -83,6 +83,18 @@ def _rows_sql(query: str, rows: int) -> str:
     return head + "VALUES " + ",".join([group + ")"] * rows) + tail
 
 
+def _move_back(c: sqlite3.Connection, now: float) -> tuple[float, int]:
+    """queries.sql clock_went_back, by how far the newest delivery was stored ahead of `now`
+    (nothing when it was not: done already, by this process or another)."""
+    newest = c.execute(Q["last_stored"]).fetchone()
+    step = (newest[0] - now) if newest else 0.0
+    if step <= CLOCK_STEP:
+        return 0.0, 0
+    before = c.total_changes
+    c.execute(Q["clock_went_back"], {"step": step, "now": now})
+    return step, c.total_changes - before
+
+
 def _read_states(sql: str, params: list[str], c: sqlite3.Connection) -> list[Any]:
     return c.execute(sql, params).fetchall()
 
@@ -349,21 +361,17 @@ class SqliteStore(Store):
         back further than CLOCK_STEP (a host that booted with its clock in the future, a VM
         restored) would make everything stored from now on wait until the clock is back
         there, however long: what is pending is moved back by the step instead, in order."""
-        step = self._stored_at - now
-        if step > CLOCK_STEP:
-            def shift(c: sqlite3.Connection) -> int:
-                before = c.total_changes
-                c.execute(Q["shift_pending"], {"step": step})
-                return c.total_changes - before
-
-            before, self._stored_at = self._stored_at, now  # a concurrent store: no 2nd shift
+        if self._stored_at - now > CLOCK_STEP:
+            before, self._stored_at = self._stored_at, now  # a concurrent store: no 2nd look
             try:
-                moved = await self._call(shift)
+                step, moved = await self._call(lambda c: _move_back(c, now))
             except BaseException:
-                self._stored_at = max(self._stored_at, before)  # found again next time
+                self._stored_at = max(self._stored_at, before)  # looked at again next time
                 raise
-            log.warning("the clock went back; pending deliveries moved back with it",
-                        extra={"seconds": round(step, 3), "deliveries": moved})
+            if moved:
+                log.warning("the clock went back; deliveries stored while it was ahead moved "
+                            "back with it",
+                            extra={"seconds": round(step, 3), "deliveries": moved})
         self._stored_at = max(self._stored_at, now)
         return self._stored_at
 

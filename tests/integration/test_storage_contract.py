@@ -24,6 +24,7 @@ from bridge.models import (
     Status,
 )
 from bridge.outbox import Store, from_url
+from bridge.outbox.sqlite import SqliteStore
 from tests.conftest import require_service
 from tests.helpers import postgres
 from tests.helpers.tcp_proxy import TcpProxy
@@ -340,6 +341,29 @@ async def test_a_clock_gone_back_far_while_running_leaves_nothing_waiting(box: S
     assert await box.settle([], 1_000.0) == []  # no delivery: nothing moves, nothing fails
     await box.enqueue([about(2, "B")], 1_000.0)
     assert "d0002" in ids(await box.claim("s", 10, 1_000.0, 30))
+
+
+async def test_moving_back_with_the_clock_is_done_once_and_spares_sends_in_flight(
+        reopen: StoreFactory) -> None:
+    """What was stored while the clock was ahead moves back once: a settle that stores
+    nothing finds the step, a restart after it finds nothing more to move, and a delivery
+    stored before the clock ran ahead and claimed since keeps its lease (not sent twice)."""
+    box = await reopen()
+    await box.enqueue([about(1, "A")], 500.0)  # before the clock ran ahead
+    await box.enqueue([about(2, "B")], 100_000.0)  # while it was ahead
+    [first] = await box.claim("s", 1, 1_000.0, 300.0)  # the clock is right again
+    assert first.id == "d0001"
+    assert await box.settle([], 1_000.0) == []
+    # SQLite moves d0002 back to 1,000; memory and PostgreSQL store as of the clock, and
+    # leave it due at 100,000. None hands out d0001 again while its send is in flight.
+    moves = isinstance(box, SqliteStore)
+    assert ids(await box.claim("s", 10, 1_001.0, 300.0)) == (["d0002"] if moves else [])
+    await box.close()
+    box = await reopen()
+    await box.enqueue([about(3, "C")], 1_002.0)
+    moved = await box.get("d0002")
+    assert moved is not None  # moved once, not again at the restart:
+    assert moved.enqueued_at == (1_000.0 if moves else 100_000.0)
 
 
 async def test_a_replay_after_the_clock_went_back_does_not_pass_an_earlier_delivery(

@@ -14,12 +14,16 @@ VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 -- When the newest delivery was stored (sqlite.py keeps later ones from being stored earlier).
 SELECT enqueued_at FROM deliveries ORDER BY seq DESC LIMIT 1
 
--- name: shift_pending
--- The clock went back further than CLOCK_STEP (sqlite.py): what waits keeps its order and
--- its waits, moved onto the clock as it is now.
+-- name: clock_went_back
+-- The clock went back further than CLOCK_STEP (sqlite.py): the rows stored on the clock
+-- that was ahead are moved back by how far the newest of them was ahead, keeping their
+-- order and their waits. enqueued_at moves too: max_age counts from when they were really
+-- stored, and once moved no row is ahead any more, so this is done once (a restart, or a
+-- `bridge dlq replay` beside `serve`, finds nothing to move). Rows stored since, and the
+-- leases of sends in flight, are left as they are.
 UPDATE deliveries SET next_attempt_at = next_attempt_at - :step,
-    lease_until = lease_until - :step
-WHERE status = 'pending'
+    enqueued_at = enqueued_at - :step, updated_at = updated_at - :step
+WHERE enqueued_at > :now
 
 -- name: claim
 -- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
