@@ -688,15 +688,16 @@ def _clean_loc(loc: tuple[Any, ...], data: Any, names_key: bool) -> KeyPath:
         last = n == len(loc) - 1
         in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
         in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
-        if in_dict and not last:
+        if in_dict and not last and loc[n + 1] in node:
             child, nxt = node[part], loc[n + 1]
-            inside = ((isinstance(child, dict) and nxt in child)
-                      or (isinstance(child, list) and isinstance(nxt, int)
-                          and nxt < len(child)))
-            if not inside and nxt in node:
-                # A union's tag that is also a key here (`changed` in {changed: status,
-                # path: ...}, `all` in {all: {...}, any: []}): the next part is this
-                # mapping's own key, not one inside that value.
+            # A union's tag that is also a key here (`changed` in {changed: status, path:
+            # ...}): the next part is this mapping's own key, not one inside that value. In
+            # a condition that holds for a mapping too (`all` in {all: {...}, any: []});
+            # elsewhere a mapping is descended (a sink named `slack`, a tag of the sinks'
+            # union, holds its own keys).
+            scalar = not isinstance(child, dict | list)
+            beside = ("when" in out and isinstance(child, dict) and nxt not in child)
+            if scalar or beside:
                 continue
         if in_dict or in_list:
             out.append(part)
