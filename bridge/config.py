@@ -40,7 +40,7 @@ from bridge.config_types import (
 )
 from bridge.errors import ConfigError
 from bridge.models import Kind
-from bridge.outbox.base import LEASE_SECONDS, lease_for
+from bridge.outbox.base import LEASE_SECONDS, LEASE_SHARE, lease_for
 from bridge.routing import conditions as cond
 from bridge.sinks import SINK_TYPES
 from bridge.yamlsource import KeyPath, Source, format_path, load_yaml, variables_in
@@ -447,9 +447,6 @@ else:  # a union of every registered sink type's model, told apart by `type`
     ]
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "postgres", "memory")
-# A send must end within this share of its claim's lease: the rest is for writing back.
-LEASE_SHARE = 2 / 3
-
 STORAGE_EXPECTED = (
     "expected a storage URL such as sqlite:///data/bridge.db (relative), "
     "sqlite:////var/lib/bridge/bridge.db (absolute), "

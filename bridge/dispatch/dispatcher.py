@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from bridge.config import BridgeConfig
+from bridge.config_types import format_duration
 from bridge.dispatch.breaker import Breaker, CameBack, WentDown, judge, probe_schedule
 from bridge.dispatch.ratelimit import TokenBucket
 from bridge.dispatch.retry import GiveUp, decide, sink_quiet_period
@@ -26,6 +27,7 @@ from bridge.logs import log_failure
 from bridge.metrics import Metrics
 from bridge.models import COALESCED, Delivery
 from bridge.outbox import Outbox, SinkMemory
+from bridge.outbox.base import LEASE_SHARE
 from bridge.pressure import Pressure
 from bridge.redact import redact
 from bridge.sinks.base import Sink
@@ -429,10 +431,20 @@ class Dispatcher:
         )
 
     async def _send_one(self, sink: Sink, d: Delivery) -> SinkError | None:
+        # The whole send, every call it makes (a Slack reply and the edit of its thread's
+        # first message, a digest's mails), ends within its claim's lease: past it, another
+        # replica (or this one) would take the delivery for lost and send it again.
+        deadline = self.outbox.lease_seconds * LEASE_SHARE
         try:
-            await sink.send(d)
+            async with asyncio.timeout(deadline):
+                await sink.send(d)
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            return TransientSinkError(
+                f"the send did not end within {format_duration(deadline)}, two thirds of the "
+                f"{format_duration(self.outbox.lease_seconds)} its claim is leased for",
+                "timeout")
         except SinkError as exc:
             return exc
         except Exception as exc:

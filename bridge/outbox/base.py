@@ -59,6 +59,9 @@ def storage_label(url: str) -> str:
 
 LEASE_SECONDS = 300.0
 POSTGRES_LEASE_SECONDS = 60.0  # shorter: nobody can release them at start (postgres.py)
+# A send must end within this share of its claim's lease (the dispatcher cuts it off there,
+# and config.py refuses a timeout past it): the rest is for writing its outcome back.
+LEASE_SHARE = 2 / 3
 
 
 def lease_for(url: str) -> float:
