@@ -20,7 +20,13 @@ import aiosmtplib
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 
 from bridge.config_types import PositiveDuration, SinkConfigBase, TemplateField
-from bridge.errors import PermanentSinkError, SinkError, TemplateRenderError, TransientSinkError
+from bridge.errors import (
+    PermanentSinkError,
+    SinkError,
+    TemplateRenderError,
+    TransientSinkError,
+    says_unreachable,
+)
 from bridge.models import Delivery
 from bridge.sinks.base import RenderContext, Sink
 from bridge.sinks.chat import Summary, burst_problem, cut, one_line, summarize
@@ -236,14 +242,18 @@ class EmailSink(Sink):
         # and their stable Message-IDs make mail clients show each once.
         mails = json.loads(delivery.payload["mails"])
         failed: list[SinkError] = []
+        tried = 0
         for i, mail in enumerate(mails):
+            tried += 1
             try:
                 await self._submit(*self.build(mail, f"{delivery.id}.{i}"), delivery.id)
             except SinkError as exc:
                 failed.append(exc)
+                if says_unreachable(exc):  # the server is away: the others would wait too
+                    break
         if not failed:
             return
-        sent = f"{len(mails) - len(failed)} of the digest's {len(mails)} mails were sent"
+        sent = f"{tried - len(failed)} of the digest's {len(mails)} mails were sent"
         first = next((e for e in failed if isinstance(e, TransientSinkError)), failed[0])
         reason = f"{first.reason} ({sent})"
         if isinstance(first, TransientSinkError):

@@ -271,6 +271,28 @@ async def test_a_digest_group_refused_does_not_keep_the_others_from_their_mail(
         and r.last_error.endswith("(1 of the digest's 2 mails were sent)") for r in dead_rows)
 
 
+async def test_a_digest_stops_at_a_server_that_is_away_and_goes_whole_later(
+    make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
+) -> None:
+    """A 421 for the first group's mail: the other groups' wait for the server too (not a
+    timeout each), and the whole digest goes once it is back."""
+    server = await smtp("starttls", {"bridge": PASSWORD})
+    config = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
+                            '"{{ item.recipient.email }}"').replace(
+        "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "") + \
+        "    group: {window: 300ms}\n"
+    server.handler.data_answers.append("421 4.3.2 Service shutting down")
+    bridge = await make_bridge(config, env_for(server, certificate))
+    other = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
+             "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
+    await bridge.post({"order": [ORDER, other]})
+    mails = await server.wait_for(2, timeout=30)
+    await delivered(bridge, 2, timeout=30)
+    assert server.handler.attempts == 3  # the refused one, then both: none tried meanwhile
+    assert sorted(m.rcpt_tos[0] for m in mails) == ["anna@example.com",
+                                                     "marco.bianchi51@example.com"]
+
+
 async def test_550_recipient_is_dead_at_once(
     make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
 ) -> None:
