@@ -51,9 +51,9 @@ TAKE = 256  # batches read from the inbox at once (each read waits behind the co
 SETTLE_ROWS = 512
 # ... and while none is (catching up after a burst or a restart). A commit writes each page
 # it changed once, and most of a settle's pages are random ones (the delivery id index, the
-# shipment states) that the next settle writes again: four times the rows in one commit
-# cost the writer ~30% less CPU a batch (benchmarks/README.md, 2026-12-08). A request that
-# arrives meanwhile waits for that one settle (~50 ms on the benchmark machine).
+# shipment states) that the next settle writes again: larger settles write fewer of them a
+# batch (benchmarks/README.md, 2026-12-08). A request that arrives meanwhile waits for that
+# one settle.
 SETTLE_ROWS_IDLE = 2048
 SETTLE_IDLE_FOR = 0.1  # seconds of routing at most before a settle past SETTLE_ROWS goes
 YIELD_AFTER = 0.005  # seconds of routing between two turns given to requests, when idle
@@ -249,22 +249,23 @@ class Sequencer:
         rows: list[InboxBatch] = []
         pending: asyncio.Task[bool] | None = None
         weight = 0
-        chunk_started = time.perf_counter()
+        routing = 0.0  # seconds spent routing the batches of the settle to come
         for row, batch in parsed:
             started = time.perf_counter()
             outcome = batch if isinstance(batch, Failed) else await self._route(row, batch)
+            took = time.perf_counter() - started
+            routing += took
             if self.pressure.busy:  # requests first: hold back for a while
-                await self._give_way((time.perf_counter() - started) * BUSY_PAUSE_RATIO)
+                await self._give_way(took * BUSY_PAUSE_RATIO)
             outcomes.append(outcome)
             rows.append(row)
             weight += len(outcome.deliveries) if isinstance(outcome, Sequenced) else 1
-            if self._settle_now(weight, time.perf_counter() - chunk_started):
+            if self._settle_now(weight, routing):
                 if pending is not None and not await pending:
                     self._forget_states()  # see below
                     return
                 pending = asyncio.create_task(self._settle(rows, outcomes))
-                outcomes, rows, weight = [], [], 0
-                chunk_started = time.perf_counter()
+                outcomes, rows, weight, routing = [], [], 0, 0.0
         if pending is not None and not await pending:
             # The failed settle forgot the states while later batches were being routed:
             # those observed against an empty memory, and what they left in it is wrong.

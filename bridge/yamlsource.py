@@ -23,9 +23,9 @@ _UNQUOTED_PATH = re.compile(r"""(?<!["'])(\$[.\[][^\s,}\[]*\[.*?)\s*(?=,\s*[\w-]
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # What is left of a `${` that is none of those: `${UNCLOSED`, `${ VAR }`, `${VAR:=x}`. Taken
 # as written it would become the value itself (a secret of "${ISENDU_SECRET"), and a masked
-# secret does not show it. `${{` is a dollar sign before a template expression
-# ("${{ item.total.amount }}"), not a reference.
-_NOT_A_VAR = re.compile(r"\$\{(?!\{)")
+# secret does not show it. `${{`, `${%` and `${#` are a dollar sign before a template's
+# expression, statement or comment ("${{ item.total.amount }}"), not a reference.
+_NOT_A_VAR = re.compile(r"\$\{(?![{%#])")
 # `$ISENDU_SECRET`: a shell's way to name a variable, which this file does not read. Only
 # warned of (a secret may hold a `$`), and only in a credential's value, where it would
 # be sent as the secret itself.

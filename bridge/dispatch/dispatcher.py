@@ -134,7 +134,7 @@ class Dispatcher:
 
     async def _say_stranded(self) -> None:
         """Deliveries of a sink the config no longer names (renamed, removed) are never
-        claimed: said at start, with how to send or drop them, rather than left unseen."""
+        claimed: said at start, with how to send them, rather than left unseen."""
         try:
             pending = await self.outbox.pending_by_sink()
         except Exception as exc:

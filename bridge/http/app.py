@@ -213,7 +213,7 @@ def _masked_segments(path: str) -> str:
     copied with one character lost or added is not the token, so the redactor lets it
     through, yet it is all of the token but that character."""
     return "/".join(MASK + f"({len(part)} characters)"
-                    if len(part) >= TOKEN_SEGMENT and part != MASK else part
+                    if len(part) >= TOKEN_SEGMENT else part
                     for part in path.split("/"))
 
 

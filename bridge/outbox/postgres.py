@@ -163,17 +163,21 @@ class PostgresStore(Store):
                         on_deliveries: Callable[[], None]) -> None:
         self._callbacks = (on_batches, on_deliveries)
         if not await self._listen():
-            self._schedule_relisten()
+            self._schedule_relisten(warned=True)
 
     async def _listen(self, quiet: bool = False) -> bool:
         """Open the listening connection; False (said once, unless `quiet`) if it cannot."""
         assert self._callbacks is not None
         on_batches, on_deliveries = self._callbacks
+        conn: asyncpg.Connection | None = None
         try:
             conn = await self._connect()
             await conn.add_listener("bridge_inbox", lambda *_: on_batches())
             await conn.add_listener("bridge_deliveries", lambda *_: on_deliveries())
         except Exception as exc:  # polling covers for it meanwhile
+            if conn is not None:  # connected, then lost before listening: not kept open
+                with contextlib.suppress(Exception):
+                    await conn.close()
             if not quiet:
                 log.warning("cannot listen for notifications; polling until it can",
                             extra={"error": str(exc) if isinstance(exc, StorageError)
@@ -183,18 +187,20 @@ class PostgresStore(Store):
         self._listener = conn
         return True
 
-    def _schedule_relisten(self) -> None:
+    def _schedule_relisten(self, warned: bool = False) -> None:
         if self._pool is None or (self._relisten is not None and not self._relisten.done()):
             return
 
         async def again() -> None:
             # Until it works: a server away for longer than one try (a restart, a failover)
-            # must not leave this replica polling for good.
+            # must not leave this replica polling for good. One warning for the outage.
             wait, tries = RELISTEN_AFTER, 0
             while self._pool is not None:
                 await asyncio.sleep(wait)
-                if await self._listen(quiet=tries > 0):
-                    if tries:
+                if self._pool is None:  # closed meanwhile: no connection for nobody
+                    return
+                if await self._listen(quiet=warned or tries > 0):
+                    if tries or warned:
                         log.info("listening for notifications again", extra={"tries": tries + 1})
                     return
                 tries, wait = tries + 1, min(wait * 2, RELISTEN_AT_MOST)
