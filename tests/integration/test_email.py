@@ -48,6 +48,12 @@ routes:
 """
 
 Starter = Callable[..., Coroutine[Any, Any, SmtpServer]]
+# Mail to the item's recipient alone (no ops@, cc or bcc), and a second order to another one.
+ONE_RECIPIENT = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
+                               '"{{ item.recipient.email }}"').replace(
+    "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "")
+ANNA_S_ORDER = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
+                "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
 
 
 @pytest.fixture(scope="session")
@@ -254,14 +260,10 @@ async def test_a_digest_group_refused_does_not_keep_the_others_from_their_mail(
     make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
 ) -> None:
     server = await smtp("starttls", {"bridge": PASSWORD})
-    config = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
-                            '"{{ item.recipient.email }}"').replace(
-        "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "") + \
-        "    group: {window: 300ms}\n"
+    config = ONE_RECIPIENT + "    group: {window: 300ms}\n"
     server.handler.rcpt_answers.append("550 5.1.1 User unknown")  # the first group's only one
     bridge = await make_bridge(config, env_for(server, certificate))
-    other = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
-             "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
+    other = ANNA_S_ORDER
     await bridge.post({"order": [ORDER, other]})
     [mail] = await server.wait_for(1)
     dead_rows = await dead(bridge, 2)  # the digest's members, with the reason
@@ -277,14 +279,10 @@ async def test_a_digest_stops_at_a_server_that_is_away_and_goes_whole_later(
     """A 421 for the first group's mail: the other groups' wait for the server too (not a
     timeout each), and the whole digest goes once it is back."""
     server = await smtp("starttls", {"bridge": PASSWORD})
-    config = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
-                            '"{{ item.recipient.email }}"').replace(
-        "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "") + \
-        "    group: {window: 300ms}\n"
+    config = ONE_RECIPIENT + "    group: {window: 300ms}\n"
     server.handler.data_answers.append("421 4.3.2 Service shutting down")
     bridge = await make_bridge(config, env_for(server, certificate))
-    other = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
-             "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
+    other = ANNA_S_ORDER
     await bridge.post({"order": [ORDER, other]})
     mails = await server.wait_for(2, timeout=30)
     await delivered(bridge, 2, timeout=30)
@@ -297,9 +295,7 @@ async def test_550_recipient_is_dead_at_once(
     make_bridge: BridgeFactory, smtp: Starter, certificate: tuple[Path, Path]
 ) -> None:
     server = await smtp("starttls", {"bridge": PASSWORD})
-    config = CONFIG.replace('["{{ item.recipient.email }}", "ops@example.com"]',
-                            '"{{ item.recipient.email }}"').replace(
-        "    cc: \"Team Lead <lead@example.com>\"\n    bcc: audit@example.com\n", "")
+    config = ONE_RECIPIENT
     server.handler.rcpt_answers.append("550 5.1.1 <marco.bianchi51@example.com>: "
                                        "Recipient address rejected: User unknown")
     bridge = await make_bridge(config, env_for(server, certificate))
@@ -371,8 +367,7 @@ async def test_digest_never_shows_an_item_to_another_items_recipient(
                             '"{{ item.recipient.email }}"') + """    group: {window: 300ms}
 """
     bridge = await make_bridge(config, env_for(server, certificate))
-    other = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000002", "reference": "ORD-2",
-             "recipient": {"email": "anna@example.com", "city": "Torino", "country": "IT"}}
+    other = ANNA_S_ORDER
     third = {**ORDER, "uuid": "5f0c1d2e-0000-4000-8000-000000000003", "reference": "ORD-3"}
     await bridge.post({"order": [ORDER, other, third]})
     mails = await server.wait_for(2)
