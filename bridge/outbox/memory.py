@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bridge.models import (
+    COALESCED,
     BatchInfo,
     BatchStatus,
     Delivery,
@@ -52,24 +53,45 @@ class MemoryStore(Store):
             new += 1
         return new
 
-    def _unblocked(self, sink: str) -> list[Delivery]:
-        """The pending deliveries of `sink` that nothing holds back: each item's earliest one
-        outside digests (its later ones wait for it), and every digest member."""
-        firsts: dict[str, Delivery] = {}
+    def _unblocked(self, sink: str, now: float | None = None) -> list[Delivery]:
+        """The pending deliveries of `sink` that nothing holds back at `now` (None: each at
+        the time it falls due), as the SQL engines' claim: each item's earliest one outside
+        digests, a coalescing window placed at its last member (which stands for it) and
+        holding back later ones from its close on; and every digest member."""
+        by_item: dict[str, list[Delivery]] = {}
+        last: dict[str, Delivery] = {}  # each coalescing window's last member
         members = []
         for r in self._rows.values():
             if r.sink != sink or r.status is not Status.PENDING:
                 continue
-            if r.group_key is not None:
+            if r.group_key is None or r.group_key.startswith(COALESCED):
+                by_item.setdefault(r.item_uuid, []).append(r)
+                known = last.get(r.group_key) if r.group_key is not None else None
+                if r.group_key is not None and (
+                        known is None or self._seq[r.id] > self._seq[known.id]):
+                    last[r.group_key] = r
+            else:
                 members.append(r)
-                continue
-            first = firsts.get(r.item_uuid)
-            if first is None or self._seq[r.id] < self._seq[first.id]:
-                firsts[r.item_uuid] = r
-        return [*firsts.values(), *members]
+        out = []
+        for rows in by_item.values():
+            rows.sort(key=lambda r: self._seq[r.id])
+            for n, r in enumerate(rows):
+                if r.group_key is not None and last[r.group_key] is not r:
+                    continue  # its window's last member stands for it
+                at = r.next_attempt_at if now is None else now
+                if not any(self._holds(h, r, at, last) for h in rows[:n]):
+                    out.append(r)
+        return [*out, *members]
+
+    def _holds(self, h: Delivery, r: Delivery, at: float, last: dict[str, Delivery]) -> bool:
+        """Whether `h`, earlier than `r` in its item's order, holds `r` back at `at`."""
+        if h.group_key is None:
+            return True
+        return (h.group_key != r.group_key and last[h.group_key] is h
+                and (h.next_attempt_at <= at or h.id in self._lease or h.last_error is not None))
 
     def _due(self, sink: str, now: float) -> list[Delivery]:
-        rows = [r for r in self._unblocked(sink)
+        rows = [r for r in self._unblocked(sink, now)
                 if r.next_attempt_at <= now and self._lease.get(r.id, 0.0) <= now]
         rows.sort(key=lambda r: (r.next_attempt_at, self._seq[r.id]))
         return rows

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
-from tests.conftest import BridgeFactory
+import pytest
+from aiohttp import web
+
+from tests.conftest import BridgeFactory, require_service
+from tests.helpers import postgres
+from tests.helpers.bridge import eventually
 from tests.helpers.receiver import Receiver
 
 CONFIG = """
@@ -96,3 +102,70 @@ async def test_an_error_in_a_step_before_the_newest_is_not_held_back_either(
     [got] = await rec.wait_for(1, timeout=15)
     assert got.json() == {"uuid": "t1", "status": "DELIVERED",
                           "new": [ts(i) for i in range(6)], "was": None}
+
+
+ORDER_CONFIG = """
+defaults:
+  retry: {initial_delay: 200ms, max_delay: 200ms, max_attempts: 100}
+sinks:
+  hook: {type: http, url: "${URL}/in", concurrency: 4}
+routes:
+  - name: shipments
+    kind: tracking
+    to: hook
+    coalesce: 300ms
+    message: '{"uuid": "{{ item.uuid }}", "status": "{{ item.status }}"}'
+"""
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgres-two-replicas"])
+async def test_a_window_waiting_for_a_retry_holds_back_its_shipment_s_next_window_only(
+        storage: str, make_bridge: BridgeFactory, aiohttp_server: Any) -> None:
+    arrivals: list[tuple[str, str, int]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        data = await request.json()
+        failed = sum(1 for a in arrivals if a[2] == 500)
+        t2_done = any(a[0] == "t2" for a in arrivals)
+        # t1's first window fails 3 times at least, and until t2 arrived (60 at most).
+        fail = (data["uuid"] == "t1" and data["status"] == STATUSES[0]
+                and (failed < 3 or not t2_done) and failed < 60)
+        arrivals.append((data["uuid"], data["status"], 500 if fail else 200))
+        return web.Response(status=500 if fail else 200, text="boom" if fail else "ok")
+
+    app = web.Application()
+    app.router.add_post("/in", handle)
+    server = await aiohttp_server(app)
+    env = {"URL": f"http://127.0.0.1:{server.port}"}
+    async with AsyncExitStack() as stack:
+        if storage == "sqlite":
+            bridges = [await make_bridge(ORDER_CONFIG, env)]
+        else:
+            require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                            "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+            env["STORAGE"] = await stack.enter_async_context(postgres.fresh_database())
+            bridges = [await make_bridge(ORDER_CONFIG, env) for _ in range(2)]
+        await bridges[0].post({"tracking": [snapshot("t1", 0)]})
+
+        async def first_failed() -> bool:
+            return any(a[2] == 500 for a in arrivals)
+        await eventually(first_failed, timeout=15, what="t1's first window tried")
+        # t1's first window waits for its retry; its next change opens a window of its own,
+        # which closes meanwhile. t2 is another shipment.
+        await bridges[-1].post({"tracking": [snapshot("t1", 1), snapshot("t2", 0)]})
+
+        async def all_delivered() -> bool:
+            return sum(1 for a in arrivals if a[2] == 200) == 3
+        await eventually(all_delivered, timeout=30, what="every window delivered")
+        t1 = [(status, answer) for uuid, status, answer in arrivals if uuid == "t1"]
+        failed = len(t1) - 2
+        assert failed >= 3
+        assert t1 == [(STATUSES[0], 500)] * failed + [(STATUSES[0], 200),
+                                                      (STATUSES[1], 200)], t1
+        # t2 went while t1's first window was still failing (the receiver fails it until
+        # then, 60 times at most).
+        assert failed < 60
+        counts = await bridges[0].rt.store.counts()
+        assert counts == {"pending": 0, "delivered": 3, "dead": 0}
+        for bridge in bridges:
+            await bridge.client.close()  # before the database is dropped

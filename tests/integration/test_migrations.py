@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from bridge.errors import StorageError
-from bridge.models import InboxBatch, Sequenced, Status
+from bridge.models import Delivery, InboxBatch, Sequenced, Status
 from bridge.outbox import Store, from_url
 from bridge.outbox.sql import migrations, queries
 from bridge.outbox.sqlite import id_of_stored
@@ -170,7 +170,8 @@ async def test_postgres_states_of_release_0_6_are_kept_and_updated_in_place() ->
             store = from_url(dsn)
             await store.open()
             try:
-                assert store.migrated == ["0007_shipment_state_day"]  # type: ignore[attr-defined]
+                assert store.migrated == [  # type: ignore[attr-defined]
+                    "0007_shipment_state_day", "0008_window_order"]
                 await _check_upgraded(store)
                 assert await store.states([("tracking", "t1"), ("order", "o1")]) == {
                     ("tracking", "t1"): '{"n": 1}', ("order", "o1"): '{"n": 2}'}
@@ -259,7 +260,8 @@ async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retrie
     await store.open()
     try:
         assert store.migrated == [  # type: ignore[attr-defined]
-            "0005_shipment_state_layout", "0006_holding_deliveries", "0007_shipment_state_day"]
+            "0005_shipment_state_layout", "0006_holding_deliveries", "0007_shipment_state_day",
+            "0008_window_order"]
         keys = [(k, u) for k, u, _, _ in states]
         assert await store.states(keys) == {(k, u): s for k, u, s, _ in states}
         assert await store.counts() == {"pending": 74, "delivered": 1, "dead": 1}
@@ -291,3 +293,103 @@ async def test_sqlite_file_of_release_0_4_is_migrated_with_its_states_and_retrie
     conn.close()
     assert "WITHOUT ROWID" not in sql.upper() and "id INTEGER PRIMARY KEY" in sql
     assert 0 < kept <= 36  # the swept ones gone, the new one there
+
+
+# ---- 0008: from the release whose coalescing windows neither waited nor held back --------
+
+RELEASE_07 = Path(__file__).parents[1] / "data" / "release-0.7" / "sqlite.sql"  # make.py
+
+
+async def _send_all(store: Store, sink: str, at: float) -> list[Delivery]:
+    """What the dispatcher sends at `at`, every send answered: claims (a window's last
+    member bringing the others) until nothing more is given."""
+    sent: list[Delivery] = []
+    while claimed := await store.claim(sink, 50, at, 30):
+        for d in list(claimed):
+            if d.group_key is not None:
+                claimed += await store.claim_group(sink, d.group_key, 500, at, 30)
+        sent += claimed
+        await store.complete([d.id for d in claimed], at)
+    return sent
+
+
+def _window_in_retry(conn: sqlite3.Connection) -> tuple[str, float, list[int], list[int]]:
+    """The dump's window waiting for its retry: its shipment, the retry's time, its
+    members' seqs, and the seqs of that shipment's later deliveries."""
+    rows = conn.execute(
+        "SELECT item_uuid, next_attempt_at, seq FROM deliveries WHERE status = 'pending'"
+        " AND group_key LIKE 'coalesce:%' AND last_error IS NOT NULL ORDER BY seq").fetchall()
+    uuid, retry = rows[0][0], rows[0][1]
+    members = [r[2] for r in rows]
+    later = [r[0] for r in conn.execute(
+        "SELECT seq FROM deliveries WHERE status = 'pending' AND item_uuid = ? AND seq > ?"
+        " ORDER BY seq", (uuid, max(members)))]
+    return uuid, retry, members, later
+
+
+async def test_sqlite_file_of_release_0_7_keeps_a_window_in_retry_ahead_of_its_shipment(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "bridge.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(RELEASE_07.read_text())
+    uuid, retry, members, later = _window_in_retry(conn)
+    ids_of = dict(conn.execute("SELECT seq, id FROM deliveries"))
+    conn.close()
+    assert len(members) > 1 and len(later) == 2  # the next change: one each route
+    store = from_url(f"sqlite:///{path}")
+    await store.open()
+    try:
+        assert store.migrated == ["0008_window_order"]  # type: ignore[attr-defined]
+        assert await store.counts() == {"pending": 86, "delivered": 1, "dead": 1}
+        # Before the retry is due, every other delivery goes; the shipment's later
+        # deliveries (a plain one and a closed window) wait behind the window.
+        before = await _send_all(store, "hook", retry - 1)
+        assert {d.item_uuid for d in before} >= {uuid}  # its earlier plain ones went
+        assert not {id_of_stored(ids_of[s]) for s in members + later} & {d.id for d in before}
+        held = len(members) + len(later)
+        assert await store.counts() == {"pending": held, "delivered": 1 + 86 - held, "dead": 1}
+        # Then the window, whole, and the later ones in their order.
+        after = await _send_all(store, "hook", retry)
+        assert [d.id for d in after] == [id_of_stored(ids_of[s]) for s in [
+            max(members), *sorted(set(members) - {max(members)}), *later]]
+    finally:
+        await store.close()
+
+
+async def test_postgres_window_in_retry_of_release_0_7_holds_its_shipment_back() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    q = queries("postgres")
+    async with postgres.fresh_database() as dsn:
+        await _old_postgres(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(q["create_migrations_table"])
+            for step in migrations("postgres")[:7]:  # as that release applied them
+                await conn.execute(step.sql)
+                await conn.execute(q["record_migration"], step.version, step.name, 100.0)
+            # As that release left them: a window of shipment w tried and waiting a day for
+            # its retry, a plain delivery of w made after it, and w's next window, closed.
+            window = "coalesce:held>hook>w>110.000"
+            await conn.executemany(
+                "INSERT INTO deliveries (id, sink, route, item_uuid, kind, payload, status,"
+                " attempts, next_attempt_at, last_error, created_at, enqueued_at, updated_at,"
+                " group_key) VALUES ($1, 'hook', $2, 'w', 'tracking', '{}', 'pending', $3, $4,"
+                " $5, 100, 100, 100, $6)",
+                [("w1", "held", 1, 86500.0, "HTTP 503: busy", window),
+                 ("w2", "held", 1, 86500.0, "HTTP 503: busy", window),
+                 ("w3", "all", 0, 120.0, None, None),
+                 ("w4", "held", 0, 130.0, None, "coalesce:held>hook>w>130.000")])
+        finally:
+            await conn.close()
+        store = from_url(dsn)
+        await store.open()
+        try:
+            assert store.migrated == ["0008_window_order"]  # type: ignore[attr-defined]
+            before = await _send_all(store, "hook", 86000.0)
+            assert [d.id for d in before] == [PENDING]  # the other shipment's, not w's
+            after = await _send_all(store, "hook", 86500.0)
+            assert [d.id for d in after] == ["w2", "w1", "w3", "w4"]
+        finally:
+            await store.close()

@@ -15,6 +15,7 @@ import pytest
 
 from bridge.errors import StorageError, StorageInUse
 from bridge.models import (
+    COALESCED,
     BatchStatus,
     Delivery,
     Failed,
@@ -438,6 +439,99 @@ async def test_digest_members_neither_wait_nor_hold_back(box: Store) -> None:
     assert ids(await box.claim("s", 10, 100.0, 300)) == ["d0002"]
     assert await box.next_due("s") == 130.0
     assert ids(await box.claim("s", 10, 130.0, 300)) == ["d0001"]  # d0002 still in flight
+
+
+def window(i: int, item: str, until: float, stored: float, sink: str = "s") -> NewDelivery:
+    """d<i>: a change of `item` held in its coalescing window until `until` (the router's
+    group key), stored at `stored`."""
+    d = about(i, item, sink, delay=until - stored)
+    d.group_key = f"{COALESCED}r>{sink}>{item}>{until:.3f}"
+    return d
+
+
+async def claim_window(box: Store, now: float) -> list[str]:
+    """A claim as the dispatcher makes it: a window's last member brings the others."""
+    claimed = await box.claim("s", 10, now, 300)
+    for d in list(claimed):
+        if d.group_key is not None:
+            claimed += await box.claim_group("s", d.group_key, 500, now, 300)
+    return sorted(ids(claimed))
+
+
+async def test_a_window_waits_for_an_earlier_delivery_of_its_shipment_in_retry(
+    box: Store
+) -> None:
+    await box.enqueue([about(1, "A")], 100.0)
+    await box.enqueue([window(2, "A", 110.0, 100.0), about(3, "B")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 300)) == ["d0001", "d0003"]
+    await box.retry_at("d0001", 150.0, "HTTP 500", 101.0)
+    assert await box.claim("s", 10, 110.0, 300) == []  # the window closed: d0001 first
+    assert await box.next_due("s") == 150.0
+    assert ids(await box.claim("s", 10, 150.0, 300)) == ["d0001"]
+    await box.complete(["d0001"], 151.0)
+    assert ids(await box.claim("s", 10, 151.0, 300)) == ["d0002"]
+
+
+async def test_a_window_in_retry_holds_back_later_deliveries_and_windows_of_its_shipment(
+    box: Store
+) -> None:
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    await box.enqueue([window(2, "A", 110.0, 105.0)], 105.0)
+    assert await box.claim("s", 10, 109.0, 300) == []
+    assert await claim_window(box, 110.0) == ["d0001", "d0002"]  # one message: d0002's
+    for d in ("d0001", "d0002"):
+        await box.retry_at(d, 200.0, "HTTP 503", 111.0)
+    await box.enqueue([about(3, "A"), window(4, "A", 130.0, 120.0), about(5, "B")], 120.0)
+    # A's next update and its next window wait for the first window's retry; B flows.
+    assert ids(await box.claim("s", 10, 130.0, 300)) == ["d0005"]
+    assert await box.next_due("s") == 200.0
+    assert await claim_window(box, 200.0) == ["d0001", "d0002"]
+    await box.complete(["d0001", "d0002"], 201.0)
+    assert ids(await box.claim("s", 10, 201.0, 300)) == ["d0003"]
+    assert await box.claim("s", 10, 201.0, 300) == []
+    await box.complete(["d0003"], 202.0)
+    assert ids(await box.claim("s", 10, 202.0, 300)) == ["d0004"]
+
+
+async def test_a_window_goes_after_what_was_made_while_it_was_open(box: Store) -> None:
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    await box.enqueue([about(2, "A")], 101.0)  # another route's, while the window is open
+    await box.enqueue([window(3, "A", 110.0, 102.0)], 102.0)
+    assert ids(await box.claim("s", 10, 102.0, 300)) == ["d0002"]  # not held by the window
+    await box.retry_at("d0002", 150.0, "HTTP 500", 103.0)
+    # The window's message is d0003's: it waits for d0002, made before it.
+    assert await box.claim("s", 10, 110.0, 300) == []
+    assert await box.next_due("s") == 150.0
+    assert ids(await box.claim("s", 10, 150.0, 300)) == ["d0002"]
+    await box.complete(["d0002"], 151.0)
+    assert await claim_window(box, 151.0) == ["d0001", "d0003"]
+
+
+async def test_a_replay_inside_a_window_in_retry_goes_first_and_nothing_deadlocks(
+    box: Store
+) -> None:
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    await box.enqueue([about(2, "A")], 101.0)
+    await box.enqueue([window(3, "A", 110.0, 102.0)], 102.0)
+    assert ids(await box.claim("s", 10, 102.0, 300)) == ["d0002"]
+    await box.dead_letter("d0002", "HTTP 400", 103.0)
+    assert await claim_window(box, 110.0) == ["d0001", "d0003"]
+    for d in ("d0001", "d0003"):
+        await box.retry_at(d, 150.0, "HTTP 503", 111.0)
+    assert await box.replay(["d0002"], 120.0) == 1
+    # d0002 was made before the window's last change: it goes first, the window waits.
+    assert ids(await box.claim("s", 10, 120.0, 300)) == ["d0002"]
+    assert await box.claim("s", 10, 150.0, 300) == []
+    await box.complete(["d0002"], 151.0)
+    assert await claim_window(box, 151.0) == ["d0001", "d0003"]
+
+
+async def test_an_open_window_holds_nothing_back(box: Store) -> None:
+    await box.enqueue([window(1, "A", 110.0, 100.0), about(2, "A")], 100.0)
+    assert ids(await box.claim("s", 10, 100.0, 300)) == ["d0002"]
+    await box.retry_at("d0002", 105.0, "HTTP 500", 100.5)
+    assert await box.next_due("s") == 105.0
+    assert ids(await box.claim("s", 10, 105.0, 300)) == ["d0002"]
 
 
 async def test_next_due_ignores_deliveries_held_back(box: Store) -> None:

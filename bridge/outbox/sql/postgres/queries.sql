@@ -14,6 +14,13 @@ ON CONFLICT (id) DO NOTHING RETURNING 1
 -- name: claim
 -- Per-shipment order: a delivery waits while an earlier one (lower seq) of its item for
 -- this sink is pending, in flight, waiting for a retry or not yet due (deliveries_by_item).
+-- A coalescing window (group_key 'coalesce:...') takes its place in that order as one
+-- delivery, at its last member (the change its message is rendered from): only that member
+-- is a candidate (claim_group brings the others), it waits like any other, and from its
+-- close on (due, in flight or waiting for a retry) it holds back its item's later
+-- deliveries (deliveries_windows). A member that is not its window's last holds nothing
+-- back: a window never waits for a delivery that waits for it. Deliveries made while a
+-- window is open are not held by it: they go as they fall due.
 -- Digest members neither wait nor hold back: a digest goes out when its window closes.
 -- Across replicas too: an earlier delivery that another replica claimed stays pending, in
 -- every snapshot, until that replica commits its outcome.
@@ -23,10 +30,25 @@ ON CONFLICT (id) DO NOTHING RETURNING 1
 UPDATE deliveries SET attempts = attempts + 1, lease_until = $1, updated_at = $2
 WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d.sink = $3
               AND d.next_attempt_at <= $2 AND (d.lease_until IS NULL OR d.lease_until <= $2)
-              AND (d.group_key IS NOT NULL OR NOT EXISTS (
-                  SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
-                  AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
-                  AND e.seq < d.seq))
+              AND (d.group_key IS NOT NULL AND d.group_key NOT LIKE 'coalesce:%'  -- a digest's
+                  OR (d.group_key IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                      AND f.sink = d.sink AND f.group_key = d.group_key AND f.seq > d.seq))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
+                      AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
+                      AND e.seq < d.seq)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM deliveries AS w WHERE w.status = 'pending'
+                      AND w.group_key LIKE 'coalesce:%' AND w.item_uuid = d.item_uuid
+                      AND w.sink = d.sink AND w.seq < d.seq
+                      AND w.group_key IS DISTINCT FROM d.group_key
+                      AND (w.next_attempt_at <= $2 OR w.lease_until IS NOT NULL
+                           OR w.last_error IS NOT NULL)
+                      AND (w.group_key IS NULL OR NOT EXISTS (  -- a subplan too, as above
+                          SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                          AND f.sink = w.sink AND f.group_key = w.group_key
+                          AND f.seq > w.seq))))
               ORDER BY d.next_attempt_at, d.seq LIMIT $4 FOR UPDATE OF d SKIP LOCKED)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
@@ -68,9 +90,23 @@ SELECT MIN(t) FROM (
         SELECT d.next_attempt_at AS t FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = $1
         AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
-        AND (d.group_key IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
-            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        AND (d.group_key IS NOT NULL AND d.group_key NOT LIKE 'coalesce:%'  -- as in claim
+            OR (d.group_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
+                AND f.group_key = d.group_key AND f.seq > d.seq))
+            AND NOT EXISTS (
+                SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
+                AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq)
+            -- A window closed by the time this one is due holds it back.
+            AND NOT EXISTS (
+                SELECT 1 FROM deliveries AS w WHERE w.status = 'pending'
+                AND w.group_key LIKE 'coalesce:%' AND w.item_uuid = d.item_uuid
+                AND w.sink = d.sink AND w.seq < d.seq AND w.group_key IS DISTINCT FROM d.group_key
+                AND (w.next_attempt_at <= d.next_attempt_at OR w.lease_until IS NOT NULL
+                     OR w.last_error IS NOT NULL)
+                AND (w.group_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = w.sink
+                    AND f.group_key = w.group_key AND f.seq > w.seq))))
         ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
     UNION ALL
     SELECT MIN(lease_until) FROM deliveries

@@ -33,21 +33,36 @@ WHERE enqueued_at > :now
 -- due and unleased, and due no later than this one (sqlite.py stores them in seq order with
 -- times that never go back): it comes first among the candidates, and of each item only the
 -- first candidate is taken.
+-- A coalescing window (group_key 'coalesce:...') takes its place in that order as one
+-- delivery, at its last member (the change its message is rendered from): only that member
+-- is a candidate (claim_group brings the others), it waits like any other, and once
+-- claimed it is marked and holds back its item's later deliveries until the window is
+-- settled. A marked member that is no longer its window's last holds nothing back: a
+-- window never waits for a delivery that waits for it. Deliveries made while a window is
+-- open are not held by it: they go as they fall due.
 -- Digest members neither wait nor hold back: a digest goes out when its window closes.
 UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now,
-    holds_item = CASE WHEN group_key IS NULL THEN 1 END
+    holds_item = CASE WHEN group_key IS NULL OR group_key GLOB 'coalesce:*' THEN 1 END
 WHERE seq IN (
     SELECT MIN(seq) FROM (
         SELECT d.seq, d.item_uuid, d.group_key, d.next_attempt_at FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = :sink
         AND d.next_attempt_at <= :now AND (d.lease_until IS NULL OR d.lease_until <= :now)
-        AND (d.group_key IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
-            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        AND (d.group_key IS NOT NULL AND d.group_key NOT GLOB 'coalesce:*'  -- a digest's
+            OR (d.group_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
+                AND f.group_key = d.group_key AND f.seq > d.seq))
+            AND NOT EXISTS (
+                SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
+                AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
+                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key AND NOT EXISTS (
+                    SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                    AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
         ORDER BY d.next_attempt_at, d.seq LIMIT 4 * :limit) AS candidates
     -- One per item, `limit` at most, the first ones: the dispatcher claims again at once
     -- only after a full claim, and an item often has several deliveries due together.
-    GROUP BY item_uuid, CASE WHEN group_key IS NULL THEN NULL ELSE seq END
+    GROUP BY item_uuid, CASE WHEN group_key IS NULL OR group_key GLOB 'coalesce:*' THEN NULL
+                             ELSE seq END
     ORDER BY MIN(next_attempt_at), MIN(seq) LIMIT :limit)
 RETURNING id, sink, route, item_uuid, kind, batch_id, payload, status, attempts,
     next_attempt_at, last_error, created_at, enqueued_at, updated_at, group_key, lease_until, seq
@@ -92,9 +107,16 @@ SELECT MIN(t) FROM (
         SELECT d.next_attempt_at AS t FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = :sink
         AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
-        AND (d.group_key IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
-            AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq))
+        AND (d.group_key IS NOT NULL AND d.group_key NOT GLOB 'coalesce:*'  -- as in claim
+            OR (d.group_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
+                AND f.group_key = d.group_key AND f.seq > d.seq))
+            AND NOT EXISTS (
+                SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
+                AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
+                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key AND NOT EXISTS (
+                    SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                    AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
         ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
     UNION ALL
     SELECT MIN(lease_until) FROM deliveries
@@ -115,13 +137,13 @@ ORDER BY updated_at DESC, seq DESC LIMIT ?
 -- name: replay_all
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
     enqueued_at = :now, lease_until = NULL, updated_at = :now,
-    holds_item = CASE WHEN group_key IS NULL THEN 1 END
+    holds_item = CASE WHEN group_key IS NULL OR group_key GLOB 'coalesce:*' THEN 1 END
 WHERE status = 'dead' AND status <> 'pending' AND payload NOT IN (char(1), '{}')
 
 -- name: replay_one
 UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = :now,
     enqueued_at = :now, lease_until = NULL, updated_at = :now,
-    holds_item = CASE WHEN group_key IS NULL THEN 1 END
+    holds_item = CASE WHEN group_key IS NULL OR group_key GLOB 'coalesce:*' THEN 1 END
 WHERE status = 'dead' AND status <> 'pending' AND id = :id
     AND payload NOT IN (char(1), '{}')
 
@@ -133,7 +155,7 @@ WHERE status = 'dead' AND status <> 'pending' AND id = :id
 UPDATE deliveries SET payload = :payload, status = 'pending', attempts = 0,
     next_attempt_at = :due, enqueued_at = :now, updated_at = :now, last_error = NULL,
     lease_until = NULL, group_key = :group_key,
-    holds_item = CASE WHEN :group_key IS NULL THEN 1 END
+    holds_item = CASE WHEN :group_key IS NULL OR :group_key GLOB 'coalesce:*' THEN 1 END
 WHERE id = :id AND status = 'dead' AND payload IN (char(1), '{}')
 
 -- name: sweep_delivered
