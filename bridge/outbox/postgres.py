@@ -3,7 +3,10 @@
 Every replica accepts batches into the inbox. One sequencer runs at a time: it holds a
 session advisory lock on a connection of its own and settles batches on that connection,
 so a replica that dies (its connection ends) loses the lock and its unfinished transaction
-together, and another replica takes over at its next try. NOTIFY wakes the sequencer when a
+together, and another replica takes over at its next try. A replica that is frozen, or cut
+off from the database while the server still sees its session open, stops its heartbeat:
+after SEQUENCER_SILENT_FOR the replica asking for the lock ends that session (the same
+fence as a death) and takes over. NOTIFY wakes the sequencer when a
 batch is appended, and every replica's dispatcher when deliveries are stored; polling stays
 as the fallback.
 
@@ -51,6 +54,13 @@ log = logging.getLogger("bridge.storage")
 Q = queries("postgres")
 MIGRATION_LOCK = 0x6272696467  # "bridg"
 SEQUENCER_LOCK = 0x6272696468
+# The sequencer's holder runs a statement on its session at least this often (seconds); a
+# holder not heard from for SEQUENCER_SILENT_FOR (its replica frozen, or cut off with its
+# session still open on the server's side, which TCP keepalives notice only after hours) has
+# its session ended by the replica that wants the lock. Ending it is a fence: the holder
+# settles on that very session, so nothing of it can commit afterwards.
+SEQUENCER_HEARTBEAT = 2.0
+SEQUENCER_SILENT_FOR = 10.0
 RELISTEN_AFTER = 2.0  # seconds before a lost listening connection is opened again
 RELISTEN_AT_MOST = 30.0  # seconds between later tries while it cannot be
 
@@ -85,6 +95,9 @@ class PostgresStore(Store):
         self._sizes = (min_size, max_size)
         self._pool: asyncpg.Pool | None = None
         self._sequencer: asyncpg.Connection | None = None  # holds SEQUENCER_LOCK
+        self._heard_at = 0.0  # monotonic time of the last statement on it
+        self.silent_for = SEQUENCER_SILENT_FOR
+        self._cannot_end: int | None = None  # the silent holder's pid we may not end (said once)
         self._listener: asyncpg.Connection | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._callbacks: tuple[Callable[[], None], Callable[[], None]] | None = None
@@ -320,22 +333,59 @@ class PostgresStore(Store):
                            body=bytes(r["body"]), rerouted=r["rerouted"]) for r in rows]
 
     async def acquire_sequencer(self) -> bool:
-        if self._sequencer is not None and not self._sequencer.is_closed():
-            return True
+        conn = self._sequencer
+        if conn is not None and not conn.is_closed():
+            return await self._heartbeat(conn)
         self._sequencer = None
         try:
             conn = await self._connect()
         except StorageError:
             return False
         try:
-            if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK):
-                self._sequencer = conn
+            if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK) or (
+                    await self._end_silent_holder(conn)
+                    and await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK)):
+                self._sequencer, self._heard_at = conn, time.monotonic()
                 self.sequencer_term += 1
                 return True
         except Exception:
             log.exception("asking for the sequencer's lock failed")
         await conn.close()
         return False
+
+    async def _heartbeat(self, conn: asyncpg.Connection) -> bool:
+        """Keep the held lock's session seen as alive; False when it turns out lost."""
+        if time.monotonic() - self._heard_at < SEQUENCER_HEARTBEAT or conn.is_in_transaction():
+            return True  # a settle in flight speaks for itself
+        try:
+            await conn.fetchval(Q["sequencer_heartbeat"])
+        except Exception as exc:
+            log.warning("the sequencer's session was lost; asking for the lock again",
+                        extra={"error": _unwritable_reason(exc)})
+            await self.release_sequencer()
+            return False
+        self._heard_at = time.monotonic()
+        return True
+
+    async def _end_silent_holder(self, conn: asyncpg.Connection) -> bool:
+        """End the session holding the lock if it has been silent for `silent_for`."""
+        silent = await conn.fetchrow(Q["silent_sequencer"], SEQUENCER_LOCK, self.silent_for)
+        if silent is None:
+            return False
+        pid, quiet = silent["pid"], round(silent["silent_for"], 1)
+        try:
+            ended = bool(await conn.fetchval(Q["end_session"], pid))
+        except asyncpg.InsufficientPrivilegeError:
+            if self._cannot_end != pid:
+                self._cannot_end = pid
+                log.warning("the sequencer's holder is silent, and this replica may not end "
+                            "its session (it needs the holder's role or pg_signal_backend); "
+                            "sequencing waits for it", extra={"pid": pid, "silent_s": quiet})
+            return False
+        if ended:
+            log.warning("the sequencer's holder was silent; its session was ended and this "
+                        "replica takes over", extra={"pid": pid, "silent_s": quiet})
+        return ended
 
     async def release_sequencer(self) -> None:
         conn, self._sequencer = self._sequencer, None

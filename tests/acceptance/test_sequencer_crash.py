@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bridge.outbox.postgres import SEQUENCER_SILENT_FOR
 from tests.acceptance.test_crash_recovery import _post_all
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -210,3 +212,81 @@ async def test_replica_holding_the_sequencer_killed_mid_load(
                                                        for r in receiver.requests})
     lines = _sequenced_lines(logs[0]) + _sequenced_lines(logs[1])
     assert max(lines.values()) == 1  # no batch sequenced twice
+
+
+async def test_replica_holding_the_sequencer_frozen_mid_load_is_taken_over(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """SIGSTOP, as a paused container or a replica cut off from the database looks to the
+    server: its session stays open with the lock. The other replica ends that session once
+    it has been silent for SEQUENCER_SILENT_FOR, and takes over; the frozen one, resumed,
+    finds its session gone and sequences nothing twice."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    receiver = Receiver(default=Answer(200, "ok"))
+    server = await aiohttp_server(receiver.app())
+    batches = sample_batches()
+    async with postgres.fresh_database() as dsn:
+        config = tmp_path / "routes.yaml"
+        config.write_text(CONFIG.format(storage=dsn, outer=1000,
+                                        url=f"http://127.0.0.1:{server.port}"))
+        logs = [tmp_path / "a.log", tmp_path / "b.log"]
+        async with BridgeProcess(config, logs[0]) as a, BridgeProcess(config, logs[1]) as b, \
+                aiohttp.ClientSession() as session:
+            await a.start(free_port())
+            await b.start(free_port())
+            replicas = [a, b]
+            posted = await asyncio.gather(*(_post_all(replicas[i % 2].url, [batch])
+                                            for i, batch in enumerate(batches[:24])))
+            ids = [i for one in posted for i in one]
+            holder = None
+            for _ in range(100):
+                active = [await _metric(session, r.url, "bridge_sequencer_active")
+                          for r in replicas]
+                if 1.0 in active:
+                    holder = replicas[active.index(1.0)]
+                    break
+                await asyncio.sleep(0.1)
+            assert holder is not None, "neither replica says it is the sequencer"
+            survivor = b if holder is a else a
+            assert holder.proc is not None
+            holder.proc.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
+            try:
+                async def survivor_sequences() -> bool:
+                    return await _metric(session, survivor.url,
+                                         "bridge_sequencer_active") == 1.0
+
+                await eventually(survivor_sequences, timeout=30,
+                                 what="the other replica takes over")
+                took_over = time.monotonic() - frozen
+                ids += await _post_all(survivor.url, batches[24:])
+            finally:
+                holder.proc.send_signal(signal.SIGCONT)
+
+            conn = await asyncpg.connect(dsn)
+            try:
+                async def all_done() -> bool:
+                    rows = await conn.fetch("SELECT status, COUNT(*) AS n FROM inbox "
+                                            "GROUP BY status")
+                    pending = await conn.fetchval(
+                        "SELECT COUNT(*) FROM deliveries WHERE status <> 'delivered'")
+                    return ({r["status"]: r["n"] for r in rows} == {"sequenced": len(ids)}
+                            and pending == 0)
+                await eventually(all_done, timeout=180, what="every accepted item delivered")
+                stored = await conn.fetchval("SELECT COUNT(*) FROM deliveries")
+                bodies = await conn.fetch("SELECT body FROM inbox ORDER BY sequenced_at, seq")
+                in_sequence = [json.loads(bytes(r["body"])) for r in bodies]
+            finally:
+                await conn.close()
+            # The resumed replica keeps serving, now as a contender.
+            assert await _metric(session, holder.url, "bridge_sequencer_active") == 0.0
+    assert SEQUENCER_SILENT_FOR <= took_over < SEQUENCER_SILENT_FOR + 10
+    assert sorted(map(json.dumps, in_sequence)) == sorted(map(json.dumps, batches))
+    assert stored == notified_items(in_sequence) == len({r.headers["webhook-id"]
+                                                       for r in receiver.requests})
+    lines = _sequenced_lines(logs[0]) + _sequenced_lines(logs[1])
+    assert max(lines.values()) == 1  # no batch sequenced twice
+    said = [json.loads(x) for log in logs for x in log.read_text().splitlines()
+            if x.startswith("{")]
+    assert any(x.get("msg", "").startswith("the sequencer's holder was silent") for x in said)

@@ -25,6 +25,7 @@ from bridge.models import (
     Status,
 )
 from bridge.outbox import Store, from_url
+from bridge.outbox.postgres import PostgresStore
 from bridge.outbox.sqlite import SqliteStore
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -1024,6 +1025,56 @@ async def test_postgres_one_sequencer_at_a_time_and_handover() -> None:
         finally:
             await a.close()
             await b.close()
+
+
+async def test_postgres_a_silent_sequencer_is_ended_and_the_lock_taken_over() -> None:
+    """A replica frozen (or cut off, its session still open on the server's side) holds
+    the lock and says nothing: after `silent_for` another replica ends its session and
+    takes over, and nothing the frozen one does afterwards can commit."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        frozen, other = from_url(url), from_url(url)
+        for box in (frozen, other):
+            await box.open(recover=True)
+        try:
+            assert isinstance(other, PostgresStore)
+            other.silent_for = 1.0
+            assert await frozen.acquire_sequencer()
+            waiting = batch(1)
+            await frozen.append(waiting)
+            assert not await other.acquire_sequencer()  # not silent long enough yet
+            await asyncio.sleep(1.5)
+            assert await other.acquire_sequencer()
+            assert other.sequencer_term == 1
+            with pytest.raises(Exception):  # noqa: B017 (its session is gone: any error)
+                await frozen.settle([Sequenced(waiting.id, [new(1)], "[]", {})], 101.0)
+            assert not await frozen.acquire_sequencer()  # the other holds it now
+            assert await other.settle([Sequenced(waiting.id, [new(1)], "[]", {})], 102.0) == [1]
+        finally:
+            for box in (frozen, other):
+                await box.close()
+
+
+async def test_postgres_a_sequencer_that_keeps_speaking_is_never_ended() -> None:
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        holder, other = from_url(url), from_url(url)
+        for box in (holder, other):
+            await box.open(recover=True)
+        try:
+            assert isinstance(other, PostgresStore)
+            other.silent_for = 3.0  # past the holder's heartbeat (SEQUENCER_HEARTBEAT)
+            assert await holder.acquire_sequencer()
+            for _ in range(12):  # 6 s: the holder's sequencer asks again as it goes
+                assert await holder.acquire_sequencer()
+                assert not await other.acquire_sequencer()
+                await asyncio.sleep(0.5)
+            assert holder.sequencer_term == 1  # never lost, never taken again
+        finally:
+            for box in (holder, other):
+                await box.close()
 
 
 async def test_postgres_notifies_other_replicas() -> None:

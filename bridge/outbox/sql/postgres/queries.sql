@@ -264,6 +264,27 @@ SELECT pg_try_advisory_lock($1)
 -- name: unlock_sequencer
 SELECT pg_advisory_unlock($1)
 
+-- name: sequencer_heartbeat
+-- The holder's word that it is alive: every statement on its session moves the session's
+-- state_change (postgres.py SEQUENCER_HEARTBEAT).
+SELECT 1
+
+-- name: silent_sequencer
+-- The session holding the sequencer's lock ($1, a bigint: pg_locks shows it as its two
+-- halves), when it has run nothing for $2 seconds by the server's clock: its replica frozen,
+-- or cut off with the session still open on this side. One running a statement is busy,
+-- not silent.
+SELECT a.pid, EXTRACT(EPOCH FROM now() - a.state_change)::float8 AS silent_for
+FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+    AND l.classid::bigint = ($1::bigint >> 32) AND l.objid::bigint = ($1::bigint & 4294967295)
+    AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+    AND a.state_change < now() - make_interval(secs => $2)
+
+-- name: end_session
+-- Ends it and waits (up to 5 s) until it is gone, its lock and open transaction with it.
+SELECT pg_terminate_backend($1, 5000)
+
 -- name: is_standby
 SELECT pg_is_in_recovery()
 
