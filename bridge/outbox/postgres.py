@@ -61,6 +61,12 @@ SEQUENCER_LOCK = 0x6272696468
 # settles on that very session, so nothing of it can commit afterwards.
 SEQUENCER_HEARTBEAT = 2.0
 SEQUENCER_SILENT_FOR = 10.0
+# Leases, retry times and windows are read on each replica's own clock. A replica whose
+# clock runs ahead takes other replicas' leases for run out that early, and a send still in
+# flight (cut off at 2/3 of its lease, 40 s) is made twice once that is over 20 s: off by
+# more than CLOCK_OFF_WARN from the server's, it is said (at start, then every CLOCK_CHECK).
+CLOCK_OFF_WARN = 5.0
+CLOCK_CHECK = 300.0
 RELISTEN_AFTER = 2.0  # seconds before a lost listening connection is opened again
 RELISTEN_AT_MOST = 30.0  # seconds between later tries while it cannot be
 
@@ -90,8 +96,12 @@ def _count(status: str) -> int:
 class PostgresStore(Store):
     lease_seconds = POSTGRES_LEASE_SECONDS
 
-    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 10,
+                 clock: Callable[[], float] = time.time) -> None:
         self.dsn = dsn
+        self.clock = clock  # this replica's, as the dispatcher and the sequencer read it
+        self.clock_offset: float | None = None  # the server's clock minus ours, seconds
+        self._clock_checked = -CLOCK_CHECK
         self._sizes = (min_size, max_size)
         self._pool: asyncpg.Pool | None = None
         self._sequencer: asyncpg.Connection | None = None  # holds SEQUENCER_LOCK
@@ -128,6 +138,27 @@ class PostgresStore(Store):
             raise StorageError(f"cannot connect to PostgreSQL: {exc.__class__.__name__}: "
                                f"{_safe(str(exc), self.dsn)}") from None
         self.migrated = await self._apply_migrations()
+        async with self.pool.acquire() as conn:
+            await self._check_clock(conn)
+
+    async def _check_clock(self, conn: asyncpg.Connection) -> None:
+        """How far this replica's clock is off the server's, said when it is too far."""
+        self._clock_checked = time.monotonic()
+        before = self.clock()
+        server = await conn.fetchval(Q["server_time"])
+        after = self.clock()
+        offset = float(server) - (before + after) / 2
+        was, self.clock_offset = self.clock_offset, offset
+        if abs(offset) > CLOCK_OFF_WARN:
+            if was is None or abs(was) <= CLOCK_OFF_WARN or abs(offset - was) > CLOCK_OFF_WARN:
+                log.warning(
+                    "this replica's clock is off the PostgreSQL server's: replicas read each "
+                    "other's leases on their own clocks, and one more than 20 s ahead sends "
+                    "deliveries still in flight on another replica again; set the clocks "
+                    "right (NTP)", extra={"ahead_s": round(-offset, 1)})
+        elif was is not None and abs(was) > CLOCK_OFF_WARN:
+            log.info("this replica's clock agrees with the PostgreSQL server's again",
+                     extra={"ahead_s": round(-offset, 1)})
 
     async def _apply_migrations(self) -> list[str]:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -342,6 +373,8 @@ class PostgresStore(Store):
         except StorageError:
             return False
         try:
+            if time.monotonic() - self._clock_checked >= CLOCK_CHECK:
+                await self._check_clock(conn)
             if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK) or (
                     await self._end_silent_holder(conn)
                     and await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK)):
@@ -358,7 +391,10 @@ class PostgresStore(Store):
         if time.monotonic() - self._heard_at < SEQUENCER_HEARTBEAT or conn.is_in_transaction():
             return True  # a settle in flight speaks for itself
         try:
-            await conn.fetchval(Q["sequencer_heartbeat"])
+            if time.monotonic() - self._clock_checked >= CLOCK_CHECK:
+                await self._check_clock(conn)
+            else:
+                await conn.fetchval(Q["sequencer_heartbeat"])
         except Exception as exc:
             log.warning("the sequencer's session was lost; asking for the lock again",
                         extra={"error": _unwritable_reason(exc)})

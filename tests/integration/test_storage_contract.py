@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -1074,6 +1076,28 @@ async def test_postgres_a_sequencer_that_keeps_speaking_is_never_ended() -> None
             assert holder.sequencer_term == 1  # never lost, never taken again
         finally:
             for box in (holder, other):
+                await box.close()
+
+
+async def test_postgres_a_replica_whose_clock_is_off_the_server_s_is_told(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leases are read on each replica's clock: one far ahead of the others sends what they
+    have in flight again. The store compares its clock with the server's at start."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url:
+        right, ahead = PostgresStore(url), PostgresStore(url, clock=lambda: time.time() + 30)
+        with caplog.at_level(logging.WARNING, logger="bridge.storage"):
+            for box in (right, ahead):
+                await box.open(recover=True)
+        try:
+            assert right.clock_offset is not None and abs(right.clock_offset) < 1
+            assert ahead.clock_offset is not None and abs(ahead.clock_offset + 30) < 1
+            [said] = [r for r in caplog.records if "clock is off" in r.getMessage()]
+            assert 29 < said.ahead_s < 31  # type: ignore[attr-defined]
+        finally:
+            for box in (right, ahead):
                 await box.close()
 
 

@@ -285,6 +285,10 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 -- Ends it and waits (up to 5 s) until it is gone, its lock and open transaction with it.
 SELECT pg_terminate_backend($1, 5000)
 
+-- name: server_time
+-- The server's clock, seconds since 1970 (postgres.py CLOCK_OFF_WARN).
+SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8
+
 -- name: is_standby
 SELECT pg_is_in_recovery()
 
