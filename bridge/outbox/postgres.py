@@ -105,7 +105,8 @@ class PostgresStore(Store):
         self._sizes = (min_size, max_size)
         self._pool: asyncpg.Pool | None = None
         self._sequencer: asyncpg.Connection | None = None  # holds SEQUENCER_LOCK
-        self._heard_at = 0.0  # monotonic time of the last statement on it
+        self._beating: asyncio.Task[None] | None = None  # its heartbeat (_heartbeat)
+        self._session_use = asyncio.Lock()  # the heartbeat or a settle, one at a time
         self.silent_for = SEQUENCER_SILENT_FOR
         self._cannot_end: int | None = None  # the silent holder's pid we may not end (said once)
         self._listener: asyncpg.Connection | None = None
@@ -180,11 +181,11 @@ class PostgresStore(Store):
         if self._relisten is not None:
             self._relisten.cancel()
             self._relisten = None
-        for conn in (self._listener, self._sequencer):
-            if conn is not None and not conn.is_closed():
-                with contextlib.suppress(Exception):
-                    await conn.close()
-        self._listener = self._sequencer = None
+        await self.release_sequencer()
+        if self._listener is not None and not self._listener.is_closed():
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+        self._listener = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -366,8 +367,8 @@ class PostgresStore(Store):
     async def acquire_sequencer(self) -> bool:
         conn = self._sequencer
         if conn is not None and not conn.is_closed():
-            return await self._heartbeat(conn)
-        self._sequencer = None
+            return True
+        await self.release_sequencer()  # its heartbeat too
         try:
             conn = await self._connect()
         except StorageError:
@@ -376,9 +377,10 @@ class PostgresStore(Store):
             if time.monotonic() - self._clock_checked >= CLOCK_CHECK:
                 await self._check_clock(conn)
             if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK) or (
-                    await self._end_silent_holder(conn)
-                    and await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK)):
-                self._sequencer, self._heard_at = conn, time.monotonic()
+                    await self._end_silent_holder(conn) and await self._lock_when_gone(conn)):
+                self._sequencer = conn
+                self._beating = asyncio.create_task(self._heartbeat(conn),
+                                                    name="sequencer-heartbeat")
                 self.sequencer_term += 1
                 return True
         except Exception:
@@ -386,45 +388,76 @@ class PostgresStore(Store):
         await conn.close()
         return False
 
-    async def _heartbeat(self, conn: asyncpg.Connection) -> bool:
-        """Keep the held lock's session seen as alive; False when it turns out lost."""
-        if time.monotonic() - self._heard_at < SEQUENCER_HEARTBEAT or conn.is_in_transaction():
-            return True  # a settle in flight speaks for itself
-        try:
-            if time.monotonic() - self._clock_checked >= CLOCK_CHECK:
-                await self._check_clock(conn)
-            else:
-                await conn.fetchval(Q["sequencer_heartbeat"])
-        except Exception as exc:
-            log.warning("the sequencer's session was lost; asking for the lock again",
-                        extra={"error": _unwritable_reason(exc)})
-            await self.release_sequencer()
-            return False
-        self._heard_at = time.monotonic()
-        return True
+    async def _heartbeat(self, conn: asyncpg.Connection) -> None:
+        """While the lock is held: a statement on its session every SEQUENCER_HEARTBEAT,
+        whatever the sequencer is busy with (routing a large take touches no storage for
+        seconds), between settles (which use the session too)."""
+        while not conn.is_closed():
+            await asyncio.sleep(SEQUENCER_HEARTBEAT)
+            try:
+                async with self._session_use:
+                    if conn.is_closed():
+                        return
+                    if time.monotonic() - self._clock_checked >= CLOCK_CHECK:
+                        await self._check_clock(conn)
+                    else:
+                        await conn.fetchval(Q["sequencer_heartbeat"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("the sequencer's session was lost; asking for the lock again",
+                            extra={"error": _unwritable_reason(exc)})
+                with contextlib.suppress(Exception):
+                    await conn.close()  # the sequencer's next turn asks again
+                return
 
     async def _end_silent_holder(self, conn: asyncpg.Connection) -> bool:
-        """End the session holding the lock if it has been silent for `silent_for`."""
-        silent = await conn.fetchrow(Q["silent_sequencer"], SEQUENCER_LOCK, self.silent_for)
-        if silent is None:
+        """End the session holding the lock (in this database) if it has been silent for
+        `silent_for`."""
+        holder = await conn.fetchrow(Q["sequencer_holder"], SEQUENCER_LOCK)
+        if holder is None:
+            return False  # let go meanwhile: the next try takes it
+        pid, quiet = holder["pid"], holder["silent_for"]
+        if quiet is None:  # its activity is hidden from this role
+            self._say_once(pid, "the sequencer's holder cannot be seen from this replica's "
+                           "role, so a frozen one would not be noticed (the role needs "
+                           "pg_read_all_stats, or to be the holder's)", pid=pid)
             return False
-        pid, quiet = silent["pid"], round(silent["silent_for"], 1)
+        if quiet < self.silent_for:
+            return False
         try:
             ended = bool(await conn.fetchval(Q["end_session"], pid))
         except asyncpg.InsufficientPrivilegeError:
-            if self._cannot_end != pid:
-                self._cannot_end = pid
-                log.warning("the sequencer's holder is silent, and this replica may not end "
-                            "its session (it needs the holder's role or pg_signal_backend); "
-                            "sequencing waits for it", extra={"pid": pid, "silent_s": quiet})
+            self._say_once(pid, "the sequencer's holder is silent, and this replica may not "
+                           "end its session (it needs the holder's role or "
+                           "pg_signal_backend); sequencing waits for it", pid=pid,
+                           silent_s=round(quiet, 1))
             return False
         if ended:
             log.warning("the sequencer's holder was silent; its session was ended and this "
-                        "replica takes over", extra={"pid": pid, "silent_s": quiet})
+                        "replica takes over", extra={"pid": pid, "silent_s": round(quiet, 1)})
         return ended
+
+    async def _lock_when_gone(self, conn: asyncpg.Connection) -> bool:
+        """The lock, once the ended session is gone (it goes within milliseconds)."""
+        for _ in range(50):
+            if await conn.fetchval(Q["try_sequencer_lock"], SEQUENCER_LOCK):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    def _say_once(self, holder: int, message: str, **extra: object) -> None:
+        """Warn of `holder` (a pid) once, not at every try for the lock."""
+        if self._cannot_end != holder:
+            self._cannot_end = holder
+            log.warning(message, extra=extra)
 
     async def release_sequencer(self) -> None:
         conn, self._sequencer = self._sequencer, None
+        beating, self._beating = self._beating, None
+        if beating is not None:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
         if conn is not None and not conn.is_closed():
             with contextlib.suppress(Exception):
                 await conn.close()  # ending the session releases the lock
@@ -436,7 +469,7 @@ class PostgresStore(Store):
         results: list[int | None] = []
         states: dict[tuple[str, str], str] = {}  # of the batches marked, the last wins
         try:
-            async with conn.transaction():
+            async with self._session_use, conn.transaction():
                 for outcome in outcomes:
                     if isinstance(outcome, Failed):
                         await conn.execute(Q["mark_failed"], outcome.reason, now,

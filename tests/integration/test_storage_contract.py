@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -27,7 +29,7 @@ from bridge.models import (
     Status,
 )
 from bridge.outbox import Store, from_url
-from bridge.outbox.postgres import PostgresStore
+from bridge.outbox.postgres import SEQUENCER_LOCK, PostgresStore
 from bridge.outbox.sqlite import SqliteStore
 from tests.conftest import require_service
 from tests.helpers import postgres
@@ -1058,7 +1060,9 @@ async def test_postgres_a_silent_sequencer_is_ended_and_the_lock_taken_over() ->
                 await box.close()
 
 
-async def test_postgres_a_sequencer_that_keeps_speaking_is_never_ended() -> None:
+async def test_postgres_a_sequencer_busy_elsewhere_is_never_ended() -> None:
+    """A holder routing a large take touches no storage for seconds: its heartbeat speaks
+    for it meanwhile."""
     require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
                     "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
     async with postgres.fresh_database() as url:
@@ -1069,14 +1073,75 @@ async def test_postgres_a_sequencer_that_keeps_speaking_is_never_ended() -> None
             assert isinstance(other, PostgresStore)
             other.silent_for = 3.0  # past the holder's heartbeat (SEQUENCER_HEARTBEAT)
             assert await holder.acquire_sequencer()
-            for _ in range(12):  # 6 s: the holder's sequencer asks again as it goes
-                assert await holder.acquire_sequencer()
+            for _ in range(12):  # 6 s in which the holder asks storage for nothing
                 assert not await other.acquire_sequencer()
                 await asyncio.sleep(0.5)
+            assert await holder.acquire_sequencer()
             assert holder.sequencer_term == 1  # never lost, never taken again
+            await holder.append(batch(1))
+            [waiting] = await holder.waiting(10)
+            assert await holder.settle([Sequenced(waiting.id, [], "[]", {})], 101.0) == [0]
         finally:
             for box in (holder, other):
                 await box.close()
+
+
+async def test_postgres_a_replica_never_ends_a_sequencer_of_another_database() -> None:
+    """pg_locks covers the whole server; the lock is the same number in every database."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    async with postgres.fresh_database() as url, postgres.fresh_database() as elsewhere:
+        holder, other = from_url(url), from_url(url)
+        for box in (holder, other):
+            await box.open(recover=True)
+        frozen = await asyncpg.connect(elsewhere)  # another deployment's, silent
+        try:
+            assert isinstance(other, PostgresStore)
+            other.silent_for = 3.0  # past the holder's heartbeat (SEQUENCER_HEARTBEAT)
+            assert await frozen.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK)
+            assert await holder.acquire_sequencer()
+            await asyncio.sleep(3.5)
+            assert not await other.acquire_sequencer()
+            assert await frozen.fetchval("SELECT 1") == 1  # not ended
+        finally:
+            await frozen.close()
+            for box in (holder, other):
+                await box.close()
+
+
+async def test_postgres_a_holder_hidden_from_this_role_is_said_not_ended(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another role sees other sessions' activity as NULL (without pg_read_all_stats): it
+    cannot tell a frozen holder from a working one, and says so once."""
+    require_service(await postgres.available(), "PostgreSQL on 127.0.0.1:5432",
+                    "start it (pg_ctlcluster ... main start) or set BRIDGE_TEST_PG")
+    role = f"bridge_test_role_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(postgres.ADMIN_DSN)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        async with postgres.fresh_database() as url:
+            holder = from_url(url)
+            await holder.open(recover=True)
+            parts = urllib.parse.urlsplit(url)
+            host = parts.netloc.rsplit("@", 1)[-1]
+            other = PostgresStore(urllib.parse.urlunsplit(parts._replace(netloc=f"{role}@{host}")))
+            other.silent_for = 0.5
+            try:
+                assert await holder.acquire_sequencer()
+                await asyncio.sleep(1.0)
+                with caplog.at_level(logging.WARNING, logger="bridge.storage"):
+                    for _ in range(3):
+                        assert not await other.acquire_sequencer()
+                said = [r.getMessage() for r in caplog.records]
+                assert len([m for m in said if "cannot be seen" in m]) == 1, said
+                assert holder.sequencer_term == 1 and await holder.acquire_sequencer()
+            finally:
+                await other.close()
+                await holder.close()
+    finally:
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
 
 
 async def test_postgres_a_replica_whose_clock_is_off_the_server_s_is_told(

@@ -269,21 +269,25 @@ SELECT pg_advisory_unlock($1)
 -- state_change (postgres.py SEQUENCER_HEARTBEAT).
 SELECT 1
 
--- name: silent_sequencer
+-- name: sequencer_holder
 -- The session holding the sequencer's lock ($1, a bigint: pg_locks shows it as its two
--- halves), when it has run nothing for $2 seconds by the server's clock: its replica frozen,
--- or cut off with the session still open on this side. One running a statement is busy,
--- not silent.
-SELECT a.pid, EXTRACT(EPOCH FROM now() - a.state_change)::float8 AS silent_for
-FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid
+-- halves) in this database (pg_locks covers the whole server, and every database has a
+-- lock of that number), and how long it has run nothing by the server's clock: silent
+-- while idle (in a transaction or not); a statement running is busy, not silent (0). NULL
+-- when this role may not see that session's activity (pg_read_all_stats).
+SELECT l.pid, CASE WHEN a.state IN ('idle', 'idle in transaction',
+                                     'idle in transaction (aborted)')
+                   THEN EXTRACT(EPOCH FROM clock_timestamp() - a.state_change)::float8
+                   WHEN a.state IS NOT NULL THEN 0.0 END AS silent_for
+FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
     AND l.classid::bigint = ($1::bigint >> 32) AND l.objid::bigint = ($1::bigint & 4294967295)
-    AND a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
-    AND a.state_change < now() - make_interval(secs => $2)
+LIMIT 1
 
 -- name: end_session
--- Ends it and waits (up to 5 s) until it is gone, its lock and open transaction with it.
-SELECT pg_terminate_backend($1, 5000)
+-- Its lock and open transaction go with it (postgres.py then waits for the lock).
+SELECT pg_terminate_backend($1)
 
 -- name: server_time
 -- The server's clock, seconds since 1970 (postgres.py CLOCK_OFF_WARN).
