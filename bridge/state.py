@@ -49,7 +49,7 @@ class EntityState:
     steps: list[dict[str, Any]] = field(default_factory=list)  # every step, by timestamp
     newest: str | None = None  # tracking: newest step timestamp; order: version as text
     version: Any = None  # order: the version value as found (number or ISO time)
-    # Coalescing routes' open windows, by route: {"until", "steps", "previous"} (`hold`).
+    # Coalescing routes' open windows, by route: {"until", "steps", "previous", "id"} (`hold`).
     windows: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The step keys of `steps`, worked out once and then kept with the state in memory.
     keys: frozenset[StepKey] | None = field(default=None, compare=False, repr=False)
@@ -371,15 +371,21 @@ def hold(state: EntityState, route: str, seconds: float, seen: Observation, now:
         # step that failed since the window opened must be held with its error.
         steps = _in_order(_keyed(list(seen.new_steps) + window["steps"]))
         previous, until = window["previous"], window["until"]
+        name = window.get("id") or f"{until:.3f}"  # a window opened by an older release
     else:
         steps, previous, until = list(seen.new_steps), seen.previous, now + seconds
+        # The close alone does not tell windows apart: an error change that goes at once
+        # and the change after it, routed within one millisecond, would share a window and
+        # the error change wait for its close. The number of the change that opens it does.
+        name = f"{until:.3f}#{seen.occurrence}"
     if flush:
         state.windows.pop(route, None)
     else:
-        state.windows[route] = {"until": until, "steps": steps, "previous": previous}
+        state.windows[route] = {"until": until, "steps": steps, "previous": previous,
+                                "id": name}
     held = Observation(seen.first_seen, seen.repeat, seen.stale, tuple(steps), seen.changed,
                        previous, seen.occurrence, seen.item_json)
-    return held, 0.0 if flush else until - now, f"{until:.3f}"
+    return held, 0.0 if flush else until - now, name
 
 
 class StateBook:

@@ -76,9 +76,11 @@ class MemoryStore(Store):
         for rows in by_item.values():
             rows.sort(key=lambda r: self._seq[r.id])
             for n, r in enumerate(rows):
-                if r.group_key is not None and last[r.group_key] is not r:
-                    continue  # its window's last member stands for it
                 at = r.next_attempt_at if now is None else now
+                if r.group_key is not None and (last[r.group_key] is not r or any(
+                        o.group_key == r.group_key and self._lease.get(o.id, 0.0) > at
+                        for o in rows if o is not r)):
+                    continue  # its window's last member stands for it, once none is sent
                 if not any(self._holds(h, r, at, last) for h in rows[:n]):
                     out.append(r)
         return [*out, *members]

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from bridge.errors import StorageError, StorageFileGone, StorageFull, StorageInUse
 from bridge.models import (
+    COALESCED,
     BatchInfo,
     BatchStatus,
     Delivery,
@@ -165,8 +166,10 @@ def insert_statements(deliveries: list[NewDelivery], now: float) -> list[tuple[s
                        _pack(d.payload),
                        Status.DEAD.value if d.error else Status.PENDING.value,
                        now + d.delay, d.error, now, now, now, d.group_key,
-                       # Not due yet and outside a digest: later ones of its item wait.
-                       1 if d.delay > 0 and d.group_key is None else None)
+                       # Not due yet and outside a digest, or in a coalescing window
+                       # (it holds once closed): later ones of its item may have to wait.
+                       1 if (d.delay > 0 if d.group_key is None
+                             else d.group_key.startswith(COALESCED)) else None)
         chunks.append((_insert_sql(len(part)), params))
     return chunks
 

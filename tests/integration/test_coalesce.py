@@ -5,6 +5,7 @@ real intake, sequencer, dispatcher and an HTTP receiver."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -165,7 +166,45 @@ async def test_a_window_waiting_for_a_retry_holds_back_its_shipment_s_next_windo
         # t2 went while t1's first window was still failing (the receiver fails it until
         # then, 60 times at most).
         assert failed < 60
-        counts = await bridges[0].rt.store.counts()
-        assert counts == {"pending": 0, "delivered": 3, "dead": 0}
+
+        async def settled() -> bool:  # outcomes are written a moment after the answers
+            return await bridges[0].rt.store.counts() == {"pending": 0, "delivered": 3,
+                                                           "dead": 0}
+        await eventually(settled, timeout=10, what="every window marked delivered")
         for bridge in bridges:
             await bridge.client.close()  # before the database is dropped
+
+
+async def test_an_error_change_never_shares_a_window_with_the_change_after_it() -> None:
+    """An error change goes at once; the next change of its shipment, in the same batch,
+    opens a window. Routed within one millisecond (the clock stands still here), the two
+    once got the same window id, and the error change waited for the window's close."""
+    from bridge.config import BridgeConfig
+    from bridge.metrics import Metrics
+    from bridge.models import InboxBatch
+    from bridge.outbox import from_url
+    from bridge.routing.router import Router, compile_routes
+    from bridge.runtime import build_sinks
+    from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
+
+    config = BridgeConfig.model_validate({
+        "sinks": {"chat": {"type": "console", "message": "{{ item.status }}"}},
+        "routes": [{"name": "r", "kind": "tracking", "to": "chat", "coalesce": "60s"}]})
+    store = from_url("memory://")
+    await store.open()
+    now = 1_700_000_000.0
+    book = state_book(config.state)
+    assert book is not None
+    sequencer = Sequencer(store, Router(compile_routes(config, build_sinks(config))),
+                          Metrics(), lambda: None, 86400.0, clock=lambda: now,
+                          state=StateKeeping(store, book, 86400.0))
+    body = {"tracking": [snapshot("t1", 3, error_at=3), snapshot("t1", 4, error_at=3)]}
+    await store.append(InboxBatch("b" * 32, now, 2, json.dumps(body).encode()))
+    await sequencer.sequence(await store.waiting(TAKE))
+    [error] = await store.claim("chat", 10, now, 30)  # at once, alone
+    assert error.payload["text"] == "OUT_FOR_DELIVERY"  # its step 3 failed
+    assert await store.claim_group("chat", error.group_key or "", 10, now, 30) == []
+    await store.complete([error.id], now)
+    assert await store.claim("chat", 10, now + 59, 30) == []  # the next change waits
+    [held] = await store.claim("chat", 10, now + 60, 30)
+    assert held.payload["text"] == "EXCEPTION"

@@ -180,3 +180,47 @@ async def test_deliveries_of_a_sink_no_longer_configured_are_said_at_start(
     assert (warning.__dict__["sink"], warning.__dict__["pending"]) == ("erp", 3)
     assert warning.__dict__["sinks"] == ["hook"]
     await client.close()
+
+
+async def test_a_lease_run_out_behind_a_window_in_retry_makes_no_busy_loop(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    """A delivery claimed while an earlier window was open, its replica gone mid-send (the
+    lease runs out), and the window closed since and waiting for a retry: next_due names
+    the past lease, the claim takes nothing (the window holds it back). The dispatcher then
+    waits for its poll, not 10 ms at a time until the retry."""
+    from bridge.models import COALESCED, NewDelivery
+
+    rt = build_runtime(write_config(tmp_path, CONFIG.format(
+        db=tmp_path / "b.db", url="http://127.0.0.1:9/never", concurrency=1)))
+    store = rt.store
+    await store.open()
+    t = time.time() - 100
+
+    def window(n: int, until: float) -> NewDelivery:
+        return NewDelivery(id=f"dlv_{n:032x}", sink="hook", route=f"r{n}", item_uuid="A",
+                           kind="tracking", payload={"body": "{}"}, batch_id="b",
+                           group_key=f"{COALESCED}r{n}>hook>A>{until:.3f}", delay=until - t)
+
+    await store.enqueue([window(1, t + 60), window(2, t + 10)], t)  # two routes' windows
+    assert [d.id for d in await store.claim("hook", 10, t + 10, 30)] == [f"dlv_{2:032x}"]
+    [first] = await store.claim("hook", 10, t + 60, 30)  # the 60 s window, closed
+    await store.retry_at(first.id, time.time() + 300, "HTTP 503", t + 61)
+    assert await store.claim("hook", 10, time.time(), 30) == []
+    due = await store.next_due("hook")
+    assert due is not None and due < time.time()  # the run-out lease: the case itself
+
+    claims: list[float] = []
+    real_claim = store.claim
+
+    async def counted(sink: str, limit: int, now: float, lease: float) -> list[Delivery]:
+        claims.append(now)
+        return await real_claim(sink, limit, now, lease)
+
+    store.claim = counted  # type: ignore[method-assign]
+    await rt.dispatcher.start()
+    try:
+        await asyncio.sleep(2.5)
+    finally:
+        await rt.dispatcher.stop()
+        await store.close()
+    assert 1 <= len(claims) <= 6, len(claims)  # about one a second (IDLE_POLL)

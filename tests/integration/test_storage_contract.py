@@ -539,6 +539,44 @@ async def test_an_open_window_holds_nothing_back(box: Store) -> None:
     assert ids(await box.claim("s", 10, 105.0, 300)) == ["d0002"]
 
 
+async def test_a_closed_window_goes_before_later_deliveries_due_before_it(box: Store) -> None:
+    """The window (d0001) closed at 110, never tried; d0002..d0005, its shipment's later
+    changes on another route, fell due before it while it was open. A claim of one takes
+    the window first, however many fell due before it."""
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    for i in range(2, 6):
+        await box.enqueue([about(i, "A")], 100.0 + i)
+    assert ids(await box.claim("s", 1, 120.0, 30)) == ["d0001"]
+
+
+async def test_a_window_claimed_and_lost_mid_send_is_taken_again_whole(box: Store) -> None:
+    """Its last member by claim, the rest by claim_group moments later, then the replica
+    dies: the window goes again once every member's lease has run out, as one message."""
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    last = window(2, "A", 110.0, 105.0)
+    await box.enqueue([last], 105.0)
+    assert ids(await box.claim("s", 10, 110.0, 30)) == ["d0002"]  # lease until 140
+    assert ids(await box.claim_group("s", last.group_key or "", 500, 110.004, 30)) == [
+        "d0001"]  # lease until 140.004
+    assert await claim_window(box, 140.001) == []  # not the last member alone
+    assert await claim_window(box, 140.005) == ["d0001", "d0002"]
+
+
+async def test_a_change_stored_after_its_window_was_claimed_waits_for_that_send(
+    box: Store
+) -> None:
+    """The sequencer behind: a change routed before its window closed is stored after the
+    window was claimed. It is the window's last member now, and waits for the send in
+    flight (then goes as a message of its own, or with the window if that send failed)."""
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    assert ids(await box.claim("s", 10, 110.0, 30)) == ["d0001"]
+    await box.enqueue([window(2, "A", 110.0, 109.5)], 110.5)  # due at 111
+    assert await box.claim("s", 10, 111.0, 30) == []
+    await box.retry_at("d0001", 120.0, "HTTP 503", 112.0)
+    # That send failed: the window goes again whole, as its last change's message (due).
+    assert await claim_window(box, 113.0) == ["d0001", "d0002"]
+
+
 async def test_next_due_ignores_deliveries_held_back(box: Store) -> None:
     await box.enqueue([about(1, "A"), about(2, "A")], 100.0)
     await box.claim("s", 10, 100.0, 30)

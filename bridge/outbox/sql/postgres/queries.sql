@@ -16,8 +16,10 @@ ON CONFLICT (id) DO NOTHING RETURNING 1
 -- this sink is pending, in flight, waiting for a retry or not yet due (deliveries_by_item).
 -- A coalescing window (group_key 'coalesce:...') takes its place in that order as one
 -- delivery, at its last member (the change its message is rendered from): only that member
--- is a candidate (claim_group brings the others), it waits like any other, and from its
--- close on (due, in flight or waiting for a retry) it holds back its item's later
+-- is a candidate (claim_group brings the others), and only while no other member of its
+-- window is in flight (a change stored after its window was claimed waits for that send).
+-- It waits like any other, and from its close on (due, in flight or waiting for a retry)
+-- it holds back its item's later
 -- deliveries (deliveries_windows). A member that is not its window's last holds nothing
 -- back: a window never waits for a delivery that waits for it. Deliveries made while a
 -- window is open are not held by it: they go as they fall due.
@@ -33,7 +35,8 @@ WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d
               AND (d.group_key IS NOT NULL AND d.group_key NOT LIKE 'coalesce:%'  -- a digest's
                   OR (d.group_key IS NULL OR NOT EXISTS (
                       SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
-                      AND f.sink = d.sink AND f.group_key = d.group_key AND f.seq > d.seq))
+                      AND f.sink = d.sink AND f.group_key = d.group_key
+                      AND (f.seq > d.seq OR f.lease_until > $2)))
                   AND NOT EXISTS (
                       SELECT 1 FROM deliveries AS e WHERE e.status = 'pending'
                       AND e.group_key IS NULL AND e.item_uuid = d.item_uuid AND e.sink = d.sink
@@ -90,10 +93,11 @@ SELECT MIN(t) FROM (
         SELECT d.next_attempt_at AS t FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = $1
         AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
-        AND (d.group_key IS NOT NULL AND d.group_key NOT LIKE 'coalesce:%'  -- as in claim
-            OR (d.group_key IS NULL OR NOT EXISTS (
+        AND (d.group_key IS NOT NULL AND d.group_key NOT LIKE 'coalesce:%'  -- as in claim,
+            OR (d.group_key IS NULL OR NOT EXISTS (  -- at the time d falls due
                 SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
-                AND f.group_key = d.group_key AND f.seq > d.seq))
+                AND f.group_key = d.group_key
+                AND (f.seq > d.seq OR f.lease_until > d.next_attempt_at)))
             AND NOT EXISTS (
                 SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.group_key IS NULL
                 AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq)

@@ -35,11 +35,13 @@ WHERE enqueued_at > :now
 -- first candidate is taken.
 -- A coalescing window (group_key 'coalesce:...') takes its place in that order as one
 -- delivery, at its last member (the change its message is rendered from): only that member
--- is a candidate (claim_group brings the others), it waits like any other, and once
--- claimed it is marked and holds back its item's later deliveries until the window is
--- settled. A marked member that is no longer its window's last holds nothing back: a
--- window never waits for a delivery that waits for it. Deliveries made while a window is
--- open are not held by it: they go as they fall due.
+-- is a candidate (claim_group brings the others), and only while no other member of its
+-- window is in flight (a change stored after its window was claimed waits for that send).
+-- It waits like any other; its members are marked when stored, and from the window's close
+-- on (due, claimed, or tried) it holds back its item's later deliveries until it is
+-- settled. A member that is not its window's last holds nothing back: a window never waits
+-- for a delivery that waits for it. Deliveries made while a window is open are not held
+-- by it: they go as they fall due.
 -- Digest members neither wait nor hold back: a digest goes out when its window closes.
 UPDATE deliveries SET attempts = attempts + 1, lease_until = :lease_until, updated_at = :now,
     holds_item = CASE WHEN group_key IS NULL OR group_key GLOB 'coalesce:*' THEN 1 END
@@ -51,13 +53,16 @@ WHERE seq IN (
         AND (d.group_key IS NOT NULL AND d.group_key NOT GLOB 'coalesce:*'  -- a digest's
             OR (d.group_key IS NULL OR NOT EXISTS (
                 SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
-                AND f.group_key = d.group_key AND f.seq > d.seq))
+                AND f.group_key = d.group_key AND (f.seq > d.seq OR f.lease_until > :now)))
             AND NOT EXISTS (
                 SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
                 AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
-                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key AND NOT EXISTS (
-                    SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
-                    AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
+                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key
+                     AND (e.next_attempt_at <= :now OR e.lease_until IS NOT NULL
+                          OR e.last_error IS NOT NULL)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                         AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
         ORDER BY d.next_attempt_at, d.seq LIMIT 4 * :limit) AS candidates
     -- One per item, `limit` at most, the first ones: the dispatcher claims again at once
     -- only after a full claim, and an item often has several deliveries due together.
@@ -107,16 +112,20 @@ SELECT MIN(t) FROM (
         SELECT d.next_attempt_at AS t FROM deliveries AS d
         WHERE d.status = 'pending' AND d.sink = :sink
         AND (d.lease_until IS NULL OR d.lease_until <= d.next_attempt_at)
-        AND (d.group_key IS NOT NULL AND d.group_key NOT GLOB 'coalesce:*'  -- as in claim
-            OR (d.group_key IS NULL OR NOT EXISTS (
+        AND (d.group_key IS NOT NULL AND d.group_key NOT GLOB 'coalesce:*'  -- as in claim,
+            OR (d.group_key IS NULL OR NOT EXISTS (  -- at the time d falls due
                 SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = d.sink
-                AND f.group_key = d.group_key AND f.seq > d.seq))
+                AND f.group_key = d.group_key
+                AND (f.seq > d.seq OR f.lease_until > d.next_attempt_at)))
             AND NOT EXISTS (
                 SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
                 AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
-                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key AND NOT EXISTS (
-                    SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
-                    AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
+                AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key
+                     AND (e.next_attempt_at <= d.next_attempt_at OR e.lease_until IS NOT NULL
+                          OR e.last_error IS NOT NULL)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
+                         AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
         ORDER BY d.next_attempt_at, d.seq LIMIT 1) AS unleased
     UNION ALL
     SELECT MIN(lease_until) FROM deliveries
