@@ -34,7 +34,16 @@ from bridge.config import StateConfig
 from bridge.errors import PayloadError
 from bridge.logs import log_failure
 from bridge.metrics import Metrics
-from bridge.models import Batch, Failed, InboxBatch, Item, NewDelivery, Outcome, Sequenced
+from bridge.models import (
+    COALESCED,
+    Batch,
+    Failed,
+    InboxBatch,
+    Item,
+    NewDelivery,
+    Outcome,
+    Sequenced,
+)
 from bridge.outbox.base import Inbox, ShipmentStates
 from bridge.parse import Verification, parse_request
 from bridge.pressure import Pressure
@@ -126,6 +135,16 @@ def parse_stored(row: InboxBatch) -> Batch:
     return parsed
 
 
+def _due_at_close(deliveries: list[NewDelivery], lag: float) -> None:
+    """A coalescing window closes at a time of the sequencer's clock, reckoned when its
+    change was routed; the outbox counts a delivery's wait from when it is stored, `lag`
+    later. Its members are due at the close itself: a window that has closed is seen so,
+    and holds its shipment's later deliveries back, however far the settles lag."""
+    for d in deliveries:
+        if d.delay > 0 and d.group_key is not None and d.group_key.startswith(COALESCED):
+            d.delay = max(0.0, d.delay - lag)
+
+
 def summary_of(plans: list[ItemPlan]) -> str:
     return orjson.dumps([_summary(p) for p in plans]).decode()
 
@@ -160,8 +179,10 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._swept_at = 0.0
-        # Per batch routed and not yet settled: its items' verdicts, for its log line.
+        # Per batch routed and not yet settled: its items' verdicts, for its log line, and
+        # when its coalescing windows were reckoned (see _settle).
         self._verdicts: dict[str, dict[str, int]] = {}
+        self._routed_at: dict[str, float] = {}
         self.pressure = pressure or Pressure()
         self._idle = asyncio.Event()  # the last request in flight is done
         self.pressure.on_idle(self._idle.set)
@@ -234,13 +255,22 @@ class Sequencer:
         """Route `taken` and settle it in transactions of about SETTLE_ROWS deliveries
         (SETTLE_ROWS_IDLE while no request is in flight); the next transaction's routing
         overlaps the previous one's commit."""
-        parsed = [(row, self._parse(row)) for row in taken]
+        parsed = []
+        turn = time.perf_counter()
+        for row in taken:
+            parsed.append((row, self._parse(row)))
+            if time.perf_counter() - turn > YIELD_AFTER:
+                # Large bodies take long to parse (256 of 1 MiB: seconds): requests, and
+                # the sequencer lock's heartbeat (replicas), must not wait for all of them.
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
         if not await self._load_states([b for _, b in parsed if isinstance(b, Batch)]):
             return
         try:
             await self._sequence(parsed)
         finally:
             self._verdicts.clear()  # of batches routed and then not settled (a failed settle)
+            self._routed_at.clear()
             if self.state is not None:
                 self.state.book.trim(STATES_IN_MEMORY)
 
@@ -321,6 +351,7 @@ class Sequencer:
 
     async def _route(self, row: InboxBatch, batch: Batch) -> Outcome:
         book = self.state.book if self.state is not None else None
+        routed_at = self._routed_at[row.id] = self.clock()
         try:
             plans = []
             turn = time.perf_counter()
@@ -329,7 +360,7 @@ class Sequencer:
                 if book is not None:
                     seen = book.observe(item, replay=row.rerouted)
                     if self._coalescing and not row.rerouted:  # a replay opens no window
-                        hold = book.holder(item, self.clock())
+                        hold = book.holder(item, routed_at)
                 plans.append(plan_item(self.router, item, batch, seen, row.rerouted, hold))
                 slice_ = YIELD_AFTER_BUSY if self.pressure.busy else YIELD_AFTER
                 if time.perf_counter() - turn > slice_:
@@ -363,6 +394,10 @@ class Sequencer:
     async def _settle(self, rows: list[InboxBatch], outcomes: list[Outcome]) -> bool:
         now = self.clock()
         verdicts = [self._verdicts.pop(r.id, {}) for r in rows]
+        for row, outcome in zip(rows, outcomes, strict=True):
+            routed_at = self._routed_at.pop(row.id, now)
+            if isinstance(outcome, Sequenced) and now > routed_at:
+                _due_at_close(outcome.deliveries, now - routed_at)
         try:
             results = await self.inbox.settle(outcomes, now)
         except Exception as exc:

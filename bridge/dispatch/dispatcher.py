@@ -75,6 +75,7 @@ class Dispatcher:
         self.metrics = metrics
         self.clock = clock
         self._wake = {name: asyncio.Event() for name in sinks}
+        self._claimed_at: dict[str, float] = {}  # the `now` of each sink's last claim
         self._inflight: dict[str, dict[str, asyncio.Task[None]]] = {name: {} for name in sinks}
         # Claimed, not yet started (with when they were claimed): at most a slot's worth each.
         self._ready: dict[str, collections.deque[tuple[float, list[Delivery]]]] = {
@@ -283,9 +284,9 @@ class Dispatcher:
             log_failure(log, "giving back claims failed", exc, {"sink": sink.name})
 
     async def _claim(self, name: str, count: int) -> list[Delivery]:
+        now = self._claimed_at[name] = self.clock()
         try:
-            return await self.outbox.claim(name, count, self.clock(),
-                                           self.outbox.lease_seconds)
+            return await self.outbox.claim(name, count, now, self.outbox.lease_seconds)
         except Exception as exc:
             log_failure(log, "claiming deliveries failed", exc, {"sink": name})
             await asyncio.sleep(IDLE_POLL)
@@ -363,14 +364,13 @@ class Dispatcher:
             return IDLE_POLL
         if due is None:
             return IDLE_POLL
-        wait = due - self.clock()
-        if wait <= 0:
-            # Due already, yet the claim just took nothing: a lease run out on a delivery
-            # that a window closed since holds back (next_due leaves leases unchecked, see
+        if due <= self._claimed_at.get(name, due):
+            # Due already when the claim took nothing: a lease run out on a delivery that a
+            # window closed since holds back (next_due leaves leases unchecked, see
             # queries.sql), or another replica was quicker. The poll looks again; a wake-up
             # (a delivery stored or settled) comes sooner.
             return IDLE_POLL
-        return min(IDLE_POLL, max(0.01, wait))
+        return min(IDLE_POLL, max(0.01, due - self.clock()))
 
     async def _deliver(self, sink: Sink, chunk: list[Delivery], probe: bool = False) -> None:
         started = time.monotonic()

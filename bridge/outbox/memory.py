@@ -89,8 +89,13 @@ class MemoryStore(Store):
         """Whether `h`, earlier than `r` in its item's order, holds `r` back at `at`."""
         if h.group_key is None:
             return True
-        return (h.group_key != r.group_key and last[h.group_key] is h
-                and (h.next_attempt_at <= at or h.id in self._lease or h.last_error is not None))
+        if h.group_key == r.group_key or last[h.group_key] is not h:
+            return False
+        # Its window has closed: its last member is due, or a member was claimed or tried.
+        return h.next_attempt_at <= at or any(
+            o.group_key == h.group_key and o.status is Status.PENDING
+            and (o.id in self._lease or o.last_error is not None)
+            for o in self._rows.values() if o.sink == h.sink)
 
     def _due(self, sink: str, now: float) -> list[Delivery]:
         rows = [r for r in self._unblocked(sink, now)

@@ -208,3 +208,56 @@ async def test_an_error_change_never_shares_a_window_with_the_change_after_it() 
     assert await store.claim("chat", 10, now + 59, 30) == []  # the next change waits
     [held] = await store.claim("chat", 10, now + 60, 30)
     assert held.payload["text"] == "EXCEPTION"
+
+
+async def test_a_change_routed_after_a_lagging_window_closed_waits_for_it() -> None:
+    """The sequencer lags: a change that joined a window before its close is settled after
+    it. The window has closed all the same (its members are due at the close, not a window
+    after they were stored): the next change's other delivery waits for its message."""
+    from bridge.config import BridgeConfig
+    from bridge.metrics import Metrics
+    from bridge.models import InboxBatch
+    from bridge.outbox import from_url
+    from bridge.routing.router import Router, compile_routes
+    from bridge.runtime import build_sinks
+    from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
+
+    config = BridgeConfig.model_validate({
+        "sinks": {"chat": {"type": "console", "message": "{{ item.status }}"}},
+        "routes": [{"name": "held", "kind": "tracking", "to": "chat", "coalesce": "10s"},
+                   {"name": "plain", "kind": "tracking", "to": "chat"}]})
+    store = from_url("memory://")
+    await store.open()
+    clock = {"now": 1000.0, "lag": 0.0}
+    book = state_book(config.state)
+    assert book is not None
+    sequencer = Sequencer(store, Router(compile_routes(config, build_sinks(config))),
+                          Metrics(), lambda: None, 86400.0, clock=lambda: clock["now"],
+                          state=StateKeeping(store, book, 86400.0))
+    settle = sequencer._settle
+
+    async def settled_late(rows: list[InboxBatch], outcomes: list[Any]) -> bool:
+        clock["now"] += clock["lag"]  # the take's settle comes `lag` after its routing
+        return await settle(rows, outcomes)
+
+    sequencer._settle = settled_late  # type: ignore[method-assign]
+
+    async def take(n: int, upto: int, at: float, lag: float = 0.0) -> None:
+        clock["now"], clock["lag"] = at, lag
+        body = json.dumps({"tracking": [snapshot("t1", upto)]}).encode()
+        await store.append(InboxBatch(f"{n:032x}", at, 1, body))
+        await sequencer.sequence(await store.waiting(TAKE))
+
+    await take(1, 0, 1000.0)  # opens the window: it closes at 1010
+    await take(2, 1, 1008.5, lag=4.5)  # joins it, settled at 1013
+    await take(3, 2, 1013.5)  # after the close: a window of its own, and its plain send
+    sent = []
+    while claimed := await store.claim("chat", 10, 1013.6, 30):
+        for d in list(claimed):
+            if d.group_key is not None:
+                claimed += await store.claim_group("chat", d.group_key, 500, 1013.6, 30)
+        sent.append(sorted((d.route, d.payload["text"]) for d in claimed))
+        await store.complete([d.id for d in claimed], 1013.6)
+    # Change 3's window is open still; its plain send goes after the first window's message.
+    assert sent[-1] == [("plain", STATUSES[2])], sent
+    assert [("held", STATUSES[0]), ("held", STATUSES[1])] in sent

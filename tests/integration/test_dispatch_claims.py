@@ -224,3 +224,26 @@ async def test_a_lease_run_out_behind_a_window_in_retry_makes_no_busy_loop(
         await rt.dispatcher.stop()
         await store.close()
     assert 1 <= len(claims) <= 6, len(claims)  # about one a second (IDLE_POLL)
+
+
+async def test_a_delivery_due_just_after_an_empty_claim_is_looked_for_at_once(
+        tmp_path: Path) -> None:
+    """Only what was due when the claim took nothing makes the dispatcher wait for its poll
+    (the case above); a delivery falling due between the claim and next_due is claimed
+    in 10 ms, as before."""
+    from bridge.models import NewDelivery
+
+    rt = build_runtime(write_config(tmp_path, CONFIG.format(
+        db=tmp_path / "b.db", url="http://127.0.0.1:9/never", concurrency=1)))
+    await rt.store.open()
+    try:
+        await rt.store.enqueue([NewDelivery(
+            id=f"dlv_{1:032x}", sink="hook", route="all", item_uuid="A", kind="tracking",
+            payload={"body": "{}"}, batch_id="b", delay=0.002)], 100.0)  # due at 100.002
+        clock = {"now": 100.0}
+        rt.dispatcher.clock = lambda: clock["now"]
+        assert await rt.dispatcher._claim("hook", 10) == []
+        clock["now"] = 100.003  # next_due answers after it fell due
+        assert await rt.dispatcher._idle_timeout("hook") < 0.1
+    finally:
+        await rt.store.close()

@@ -577,6 +577,23 @@ async def test_a_change_stored_after_its_window_was_claimed_waits_for_that_send(
     assert await claim_window(box, 113.0) == ["d0001", "d0002"]
 
 
+async def test_a_window_in_flight_holds_its_shipment_s_later_deliveries(box: Store) -> None:
+    """The window (closed at 110) is claimed; a change that joined it before the close is
+    stored later, beside a later delivery of the shipment at the sink. While the window's
+    send is in flight the window is closed, whatever its newest member's due time says (a
+    sequencer before 1cdb63b's follow-up stored it due later): neither goes beside it."""
+    await box.enqueue([window(1, "A", 110.0, 100.0)], 100.0)
+    assert ids(await box.claim("s", 10, 110.0, 30)) == ["d0001"]
+    late = window(2, "A", 110.0, 110.5)
+    late.delay = 0.5  # due at 111
+    await box.enqueue([late, about(3, "A")], 110.5)
+    assert await box.claim("s", 10, 110.6, 30) == []
+    await box.complete(["d0001"], 110.7)
+    assert ids(await box.claim("s", 10, 111.0, 30)) == ["d0002"]
+    await box.complete(["d0002"], 111.1)
+    assert ids(await box.claim("s", 10, 111.2, 30)) == ["d0003"]
+
+
 async def test_next_due_ignores_deliveries_held_back(box: Store) -> None:
     await box.enqueue([about(1, "A"), about(2, "A")], 100.0)
     await box.claim("s", 10, 100.0, 30)

@@ -18,8 +18,8 @@ ON CONFLICT (id) DO NOTHING RETURNING 1
 -- delivery, at its last member (the change its message is rendered from): only that member
 -- is a candidate (claim_group brings the others), and only while no other member of its
 -- window is in flight (a change stored after its window was claimed waits for that send).
--- It waits like any other, and from its close on (due, in flight or waiting for a retry)
--- it holds back its item's later
+-- It waits like any other, and from its close on (its last member due, or any member in
+-- flight or tried) it holds back its item's later
 -- deliveries (deliveries_windows). A member that is not its window's last holds nothing
 -- back: a window never waits for a delivery that waits for it. Deliveries made while a
 -- window is open are not held by it: they go as they fall due.
@@ -46,8 +46,10 @@ WHERE seq IN (SELECT d.seq FROM deliveries AS d WHERE d.status = 'pending' AND d
                       AND w.group_key LIKE 'coalesce:%' AND w.item_uuid = d.item_uuid
                       AND w.sink = d.sink AND w.seq < d.seq
                       AND w.group_key IS DISTINCT FROM d.group_key
-                      AND (w.next_attempt_at <= $2 OR w.lease_until IS NOT NULL
-                           OR w.last_error IS NOT NULL)
+                      AND (w.next_attempt_at <= $2 OR EXISTS (  -- closed: due, or tried
+                          SELECT 1 FROM deliveries AS g WHERE g.status = 'pending'
+                          AND g.sink = w.sink AND g.group_key = w.group_key
+                          AND (g.lease_until IS NOT NULL OR g.last_error IS NOT NULL)))
                       AND (w.group_key IS NULL OR NOT EXISTS (  -- a subplan too, as above
                           SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
                           AND f.sink = w.sink AND f.group_key = w.group_key
@@ -106,8 +108,10 @@ SELECT MIN(t) FROM (
                 SELECT 1 FROM deliveries AS w WHERE w.status = 'pending'
                 AND w.group_key LIKE 'coalesce:%' AND w.item_uuid = d.item_uuid
                 AND w.sink = d.sink AND w.seq < d.seq AND w.group_key IS DISTINCT FROM d.group_key
-                AND (w.next_attempt_at <= d.next_attempt_at OR w.lease_until IS NOT NULL
-                     OR w.last_error IS NOT NULL)
+                AND (w.next_attempt_at <= d.next_attempt_at OR EXISTS (
+                    SELECT 1 FROM deliveries AS g WHERE g.status = 'pending'
+                    AND g.sink = w.sink AND g.group_key = w.group_key
+                    AND (g.lease_until IS NOT NULL OR g.last_error IS NOT NULL)))
                 AND (w.group_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM deliveries AS f WHERE f.status = 'pending' AND f.sink = w.sink
                     AND f.group_key = w.group_key AND f.seq > w.seq))))

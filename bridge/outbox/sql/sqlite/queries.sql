@@ -38,7 +38,8 @@ WHERE enqueued_at > :now
 -- is a candidate (claim_group brings the others), and only while no other member of its
 -- window is in flight (a change stored after its window was claimed waits for that send).
 -- It waits like any other; its members are marked when stored, and from the window's close
--- on (due, claimed, or tried) it holds back its item's later deliveries until it is
+-- on (its last member due, or any member claimed or tried) it holds back its item's later
+-- deliveries until it is
 -- settled. A member that is not its window's last holds nothing back: a window never waits
 -- for a delivery that waits for it. Deliveries made while a window is open are not held
 -- by it: they go as they fall due.
@@ -58,8 +59,10 @@ WHERE seq IN (
                 SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
                 AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
                 AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key
-                     AND (e.next_attempt_at <= :now OR e.lease_until IS NOT NULL
-                          OR e.last_error IS NOT NULL)
+                     AND (e.next_attempt_at <= :now OR EXISTS (  -- closed: due, or tried
+                         SELECT 1 FROM deliveries AS g WHERE g.status = 'pending'
+                         AND g.sink = e.sink AND g.group_key = e.group_key
+                         AND (g.lease_until IS NOT NULL OR g.last_error IS NOT NULL)))
                      AND NOT EXISTS (
                          SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
                          AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
@@ -121,8 +124,10 @@ SELECT MIN(t) FROM (
                 SELECT 1 FROM deliveries AS e WHERE e.status = 'pending' AND e.holds_item = 1
                 AND e.item_uuid = d.item_uuid AND e.sink = d.sink AND e.seq < d.seq
                 AND (e.group_key IS NULL OR e.group_key IS NOT d.group_key
-                     AND (e.next_attempt_at <= d.next_attempt_at OR e.lease_until IS NOT NULL
-                          OR e.last_error IS NOT NULL)
+                     AND (e.next_attempt_at <= d.next_attempt_at OR EXISTS (
+                         SELECT 1 FROM deliveries AS g WHERE g.status = 'pending'
+                         AND g.sink = e.sink AND g.group_key = e.group_key
+                         AND (g.lease_until IS NOT NULL OR g.last_error IS NOT NULL)))
                      AND NOT EXISTS (
                          SELECT 1 FROM deliveries AS f WHERE f.status = 'pending'
                          AND f.sink = e.sink AND f.group_key = e.group_key AND f.seq > e.seq))))
