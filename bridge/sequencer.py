@@ -259,7 +259,8 @@ class Sequencer:
         turn = time.perf_counter()
         for row in taken:
             parsed.append((row, self._parse(row)))
-            if time.perf_counter() - turn > YIELD_AFTER:
+            if time.perf_counter() - turn > (YIELD_AFTER_BUSY if self.pressure.busy
+                                             else YIELD_AFTER):
                 # Large bodies take long to parse (256 of 1 MiB: seconds): requests, and
                 # the sequencer lock's heartbeat (replicas), must not wait for all of them.
                 await asyncio.sleep(0)
