@@ -141,6 +141,47 @@ async def _metric(session: aiohttp.ClientSession, url: str, name: str) -> float 
     return None
 
 
+async def _sequencer_of(session: aiohttp.ClientSession,
+                        replicas: list[BridgeProcess]) -> BridgeProcess:
+    """The replica that says it holds the sequencer (polled for up to 10 s)."""
+    for _ in range(100):
+        active = [await _metric(session, r.url, "bridge_sequencer_active") for r in replicas]
+        if 1.0 in active:
+            return replicas[active.index(1.0)]
+        await asyncio.sleep(0.1)
+    raise AssertionError("neither replica says it is the sequencer")
+
+
+async def _all_delivered(dsn: str, accepted: int) -> tuple[int, list[Any]]:
+    """Wait until all `accepted` batches are sequenced and every delivery delivered; the
+    deliveries stored and the batches in the order they were sequenced."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async def all_done() -> bool:
+            rows = await conn.fetch("SELECT status, COUNT(*) AS n FROM inbox GROUP BY status")
+            pending = await conn.fetchval(
+                "SELECT COUNT(*) FROM deliveries WHERE status <> 'delivered'")
+            return {r["status"]: r["n"] for r in rows} == {"sequenced": accepted} \
+                and pending == 0
+        await eventually(all_done, timeout=180, what="every accepted item delivered")
+        stored = int(await conn.fetchval("SELECT COUNT(*) FROM deliveries"))
+        # Posted through both replicas at once, the batches were accepted (and so
+        # sequenced) in an order of their own: what is news depends on it.
+        bodies = await conn.fetch("SELECT body FROM inbox ORDER BY sequenced_at, seq")
+        return stored, [json.loads(bytes(r["body"])) for r in bodies]
+    finally:
+        await conn.close()
+
+
+def _each_change_once(batches: list[Any], stored: int, in_sequence: list[Any],
+                      receiver: Receiver, logs: list[Path]) -> None:
+    assert sorted(map(json.dumps, in_sequence)) == sorted(map(json.dumps, batches))
+    assert stored == notified_items(in_sequence) == len({r.headers["webhook-id"]
+                                                       for r in receiver.requests})
+    lines = _sequenced_lines(logs[0]) + _sequenced_lines(logs[1])
+    assert max(lines.values()) == 1  # no batch sequenced twice
+
+
 async def test_replica_holding_the_sequencer_killed_mid_load(
     tmp_path: Path, aiohttp_server: Any
 ) -> None:
@@ -162,15 +203,7 @@ async def test_replica_holding_the_sequencer_killed_mid_load(
             posted = await asyncio.gather(*(_post_all(replicas[i % 2].url, [batch])
                                             for i, batch in enumerate(batches[:24])))
             ids = [i for one in posted for i in one]
-            holder = None
-            for _ in range(100):
-                active = [await _metric(session, r.url, "bridge_sequencer_active")
-                          for r in replicas]
-                if 1.0 in active:
-                    holder = replicas[active.index(1.0)]
-                    break
-                await asyncio.sleep(0.1)
-            assert holder is not None, "neither replica says it is the sequencer"
+            holder = await _sequencer_of(session, replicas)
             survivor = b if holder is a else a
             conn = await asyncpg.connect(dsn)
             try:
@@ -187,31 +220,10 @@ async def test_replica_holding_the_sequencer_killed_mid_load(
             await eventually(survivor_sequences, timeout=15, what="the other replica takes over")
             took_over = time.monotonic() - killed
             ids += await _post_all(survivor.url, batches[24:])
-
-            conn = await asyncpg.connect(dsn)
-            try:
-                async def all_done() -> bool:
-                    rows = await conn.fetch("SELECT status, COUNT(*) AS n FROM inbox "
-                                            "GROUP BY status")
-                    pending = await conn.fetchval(
-                        "SELECT COUNT(*) FROM deliveries WHERE status <> 'delivered'")
-                    return ({r["status"]: r["n"] for r in rows} == {"sequenced": len(ids)}
-                            and pending == 0)
-                await eventually(all_done, timeout=180, what="every accepted item delivered")
-                stored = await conn.fetchval("SELECT COUNT(*) FROM deliveries")
-                # Posted through both replicas at once, the batches were accepted (and so
-                # sequenced) in an order of their own: what is news depends on it.
-                bodies = await conn.fetch("SELECT body FROM inbox ORDER BY sequenced_at, seq")
-                in_sequence = [json.loads(bytes(r["body"])) for r in bodies]
-            finally:
-                await conn.close()
+            stored, in_sequence = await _all_delivered(dsn, len(ids))
     assert waiting > 0  # it died with work left to sequence
     assert took_over < 15  # "within seconds": the lock goes with the dead connection
-    assert sorted(map(json.dumps, in_sequence)) == sorted(map(json.dumps, batches))
-    assert stored == notified_items(in_sequence) == len({r.headers["webhook-id"]
-                                                       for r in receiver.requests})
-    lines = _sequenced_lines(logs[0]) + _sequenced_lines(logs[1])
-    assert max(lines.values()) == 1  # no batch sequenced twice
+    _each_change_once(batches, stored, in_sequence, receiver, logs)
 
 
 async def test_replica_holding_the_sequencer_frozen_mid_load_is_taken_over(
@@ -239,15 +251,7 @@ async def test_replica_holding_the_sequencer_frozen_mid_load_is_taken_over(
             posted = await asyncio.gather(*(_post_all(replicas[i % 2].url, [batch])
                                             for i, batch in enumerate(batches[:24])))
             ids = [i for one in posted for i in one]
-            holder = None
-            for _ in range(100):
-                active = [await _metric(session, r.url, "bridge_sequencer_active")
-                          for r in replicas]
-                if 1.0 in active:
-                    holder = replicas[active.index(1.0)]
-                    break
-                await asyncio.sleep(0.1)
-            assert holder is not None, "neither replica says it is the sequencer"
+            holder = await _sequencer_of(session, replicas)
             survivor = b if holder is a else a
             assert holder.proc is not None
             holder.proc.send_signal(signal.SIGSTOP)
@@ -263,31 +267,12 @@ async def test_replica_holding_the_sequencer_frozen_mid_load_is_taken_over(
                 ids += await _post_all(survivor.url, batches[24:])
             finally:
                 holder.proc.send_signal(signal.SIGCONT)
-
-            conn = await asyncpg.connect(dsn)
-            try:
-                async def all_done() -> bool:
-                    rows = await conn.fetch("SELECT status, COUNT(*) AS n FROM inbox "
-                                            "GROUP BY status")
-                    pending = await conn.fetchval(
-                        "SELECT COUNT(*) FROM deliveries WHERE status <> 'delivered'")
-                    return ({r["status"]: r["n"] for r in rows} == {"sequenced": len(ids)}
-                            and pending == 0)
-                await eventually(all_done, timeout=180, what="every accepted item delivered")
-                stored = await conn.fetchval("SELECT COUNT(*) FROM deliveries")
-                bodies = await conn.fetch("SELECT body FROM inbox ORDER BY sequenced_at, seq")
-                in_sequence = [json.loads(bytes(r["body"])) for r in bodies]
-            finally:
-                await conn.close()
+            stored, in_sequence = await _all_delivered(dsn, len(ids))
             # The resumed replica keeps serving, now as a contender.
             assert await _metric(session, holder.url, "bridge_sequencer_active") == 0.0
     # Silent since its last statement, up to a heartbeat before it was stopped.
     assert SEQUENCER_SILENT_FOR - SEQUENCER_HEARTBEAT <= took_over < SEQUENCER_SILENT_FOR + 10
-    assert sorted(map(json.dumps, in_sequence)) == sorted(map(json.dumps, batches))
-    assert stored == notified_items(in_sequence) == len({r.headers["webhook-id"]
-                                                       for r in receiver.requests})
-    lines = _sequenced_lines(logs[0]) + _sequenced_lines(logs[1])
-    assert max(lines.values()) == 1  # no batch sequenced twice
+    _each_change_once(batches, stored, in_sequence, receiver, logs)
     said = [json.loads(x) for log in logs for x in log.read_text().splitlines()
             if x.startswith("{")]
     assert any(x.get("msg", "").startswith("the sequencer's holder was silent") for x in said)

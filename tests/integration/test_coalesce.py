@@ -7,12 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 from aiohttp import web
 
+from bridge.config import BridgeConfig
+from bridge.metrics import Metrics
+from bridge.models import InboxBatch
+from bridge.outbox import Store, from_url
+from bridge.routing.router import Router, compile_routes
+from bridge.runtime import build_sinks
+from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
 from tests.conftest import BridgeFactory, require_service
 from tests.helpers import postgres
 from tests.helpers.bridge import eventually
@@ -175,29 +183,29 @@ async def test_a_window_waiting_for_a_retry_holds_back_its_shipment_s_next_windo
             await bridge.client.close()  # before the database is dropped
 
 
+async def _console_sequencer(routes: list[dict[str, Any]], clock: Callable[[], float]
+                             ) -> tuple[Store, Sequencer]:
+    """The real sequencer with shipment state on a memory store, `routes` to a console
+    sink rendering each item's status, on the given clock."""
+    config = BridgeConfig.model_validate({
+        "sinks": {"chat": {"type": "console", "message": "{{ item.status }}"}},
+        "routes": routes})
+    store = from_url("memory://")
+    await store.open()
+    book = state_book(config.state)
+    assert book is not None
+    return store, Sequencer(store, Router(compile_routes(config, build_sinks(config))),
+                            Metrics(), lambda: None, 86400.0, clock=clock,
+                            state=StateKeeping(store, book, 86400.0))
+
+
 async def test_an_error_change_never_shares_a_window_with_the_change_after_it() -> None:
     """An error change goes at once; the next change of its shipment, in the same batch,
     opens a window. Routed within one millisecond (the clock stands still here), the two
     once got the same window id, and the error change waited for the window's close."""
-    from bridge.config import BridgeConfig
-    from bridge.metrics import Metrics
-    from bridge.models import InboxBatch
-    from bridge.outbox import from_url
-    from bridge.routing.router import Router, compile_routes
-    from bridge.runtime import build_sinks
-    from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
-
-    config = BridgeConfig.model_validate({
-        "sinks": {"chat": {"type": "console", "message": "{{ item.status }}"}},
-        "routes": [{"name": "r", "kind": "tracking", "to": "chat", "coalesce": "60s"}]})
-    store = from_url("memory://")
-    await store.open()
     now = 1_700_000_000.0
-    book = state_book(config.state)
-    assert book is not None
-    sequencer = Sequencer(store, Router(compile_routes(config, build_sinks(config))),
-                          Metrics(), lambda: None, 86400.0, clock=lambda: now,
-                          state=StateKeeping(store, book, 86400.0))
+    store, sequencer = await _console_sequencer(
+        [{"name": "r", "kind": "tracking", "to": "chat", "coalesce": "60s"}], lambda: now)
     body = {"tracking": [snapshot("t1", 3, error_at=3), snapshot("t1", 4, error_at=3)]}
     await store.append(InboxBatch("b" * 32, now, 2, json.dumps(body).encode()))
     await sequencer.sequence(await store.waiting(TAKE))
@@ -214,26 +222,10 @@ async def test_a_change_routed_after_a_lagging_window_closed_waits_for_it() -> N
     """The sequencer lags: a change that joined a window before its close is settled after
     it. The window has closed all the same (its members are due at the close, not a window
     after they were stored): the next change's other delivery waits for its message."""
-    from bridge.config import BridgeConfig
-    from bridge.metrics import Metrics
-    from bridge.models import InboxBatch
-    from bridge.outbox import from_url
-    from bridge.routing.router import Router, compile_routes
-    from bridge.runtime import build_sinks
-    from bridge.sequencer import TAKE, Sequencer, StateKeeping, state_book
-
-    config = BridgeConfig.model_validate({
-        "sinks": {"chat": {"type": "console", "message": "{{ item.status }}"}},
-        "routes": [{"name": "held", "kind": "tracking", "to": "chat", "coalesce": "10s"},
-                   {"name": "plain", "kind": "tracking", "to": "chat"}]})
-    store = from_url("memory://")
-    await store.open()
     clock = {"now": 1000.0, "lag": 0.0}
-    book = state_book(config.state)
-    assert book is not None
-    sequencer = Sequencer(store, Router(compile_routes(config, build_sinks(config))),
-                          Metrics(), lambda: None, 86400.0, clock=lambda: clock["now"],
-                          state=StateKeeping(store, book, 86400.0))
+    store, sequencer = await _console_sequencer(
+        [{"name": "held", "kind": "tracking", "to": "chat", "coalesce": "10s"},
+         {"name": "plain", "kind": "tracking", "to": "chat"}], lambda: clock["now"])
     settle = sequencer._settle
 
     async def settled_late(rows: list[InboxBatch], outcomes: list[Any]) -> bool:
